@@ -1,0 +1,371 @@
+"""The typed configuration tree of megappo.
+
+Every field carries its documentation in the string literal that follows it; the
+config reference (``python -m megappo.config --markdown``) is generated from these
+strings, so they are the one place a knob is explained.
+
+Names follow the upstream projects where they name a knob: the RL knobs follow ROLL's
+LitePPO page and AReaL's ``adv_norm`` (see ``../shared/seeds``), the parallel sizes and
+optimizer fields follow Megatron-core, and ``rollout.sglang`` is passed through to
+SGLang's ``ServerArgs`` unchanged.
+
+``None`` on an optional field means "not set"; where such a field falls back to
+another, its docstring says to which.  The tree is frozen after loading: code reads it,
+never writes it (see ``loader.load_config``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+NormLevel = Literal["group", "batch", "none"]
+LossAggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+KLKind = Literal["kl", "abs", "mse", "low_var_kl", "full"]
+AdvEstimator = Literal["gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
+Preset = Literal["none", "ppo", "grpo", "liteppo", "dr_grpo", "reinforce_pp_baseline"]
+
+
+@dataclass(frozen=True)
+class FP8Config:
+    format: Optional[Literal["e4m3", "hybrid"]] = None
+    """FP8 data format through Transformer Engine (Megatron's ``fp8``); None disables FP8.
+    ``hybrid`` uses E4M3 forward and E5M2 for gradients. Needs TE and an FP8-capable GPU
+    (Hopper or newer); asking for it without either is an error."""
+    recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    """FP8 scaling recipe (Megatron's ``fp8_recipe``): delayed scaling with an amax
+    history, per-tensor current scaling, 128x128 block scaling, or MX block scaling (Blackwell)."""
+    amax_history_len: int = 1024
+    """Length of the amax history for the ``delayed`` recipe (Megatron's ``fp8_amax_history_len``)."""
+    amax_compute_algo: Literal["max", "most_recent"] = "max"
+    """How the ``delayed`` recipe reduces its amax history (Megatron's ``fp8_amax_compute_algo``)."""
+    param_gather: bool = False
+    """Keep parameters in FP8 for the distributed optimizer's all-gather (Megatron's ``fp8_param_gather``)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hf_path: Optional[str] = None
+    """HuggingFace model directory (``config.json`` + safetensors) for the actor, the
+    reference and, unless ``critic_hf_path`` is set, the critic trunk. Loaded directly at
+    model build; no offline conversion is needed. Required unless ``load_megatron`` is set."""
+    critic_hf_path: Optional[str] = None
+    """HF directory for the critic trunk; None uses ``hf_path``. The value head is new
+    (see ``value_head_init_std``)."""
+    load_megatron: Optional[str] = None
+    """A Megatron distributed checkpoint written by ``tools/convert_hf_to_megatron.py`` to
+    load the actor from instead of ``hf_path``'s weights (``hf_path`` still gives the config
+    and tokenizer)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Parameter and compute dtype: ``auto`` is bfloat16 mixed precision (fp32 master weights)
+    on GPU and float32 on CPU."""
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """Megatron layer spec: ``local`` (plain torch, works on CPU) or ``transformer_engine``;
+    ``auto`` uses Transformer Engine on GPU when it is installed and local otherwise."""
+    fp8: FP8Config = field(default_factory=FP8Config)
+    """FP8 training through Transformer Engine."""
+    recompute_granularity: Optional[Literal["full", "selective"]] = None
+    """Activation recomputation (Megatron's ``recompute_granularity``); None keeps activations."""
+    recompute_num_layers: int = 1
+    """Layers per recomputation chunk when ``recompute_granularity`` is ``full``."""
+    attention_dropout: float = 0.0
+    """Attention dropout during training; RL fine-tuning normally uses 0."""
+    hidden_dropout: float = 0.0
+    """Hidden-state dropout during training; RL fine-tuning normally uses 0."""
+    value_head_init_std: float = 0.0
+    """Standard deviation of the critic's new value head init (normal, zero bias); 0 gives a
+    zero head so the first values are exactly 0."""
+    reference_on_cpu: bool = False
+    """Keep the frozen reference model's weights on CPU between uses and move them to the
+    device only for its forward pass (saves GPU memory, costs a copy per step)."""
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel size (Megatron). Must divide the attention heads and the KV heads."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel size (Megatron). Must divide the number of layers."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Interleaved (virtual) pipeline chunks per stage; needs pipeline size > 1."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs TP > 1 and the Transformer Engine spec)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend: ``auto`` is NCCL on GPU and gloo on CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the trainer runs: ``auto`` is CUDA when a GPU is visible, else CPU."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    engine: Literal["embedded", "sglang", "sglang_server"] = "embedded"
+    """Rollout engine: ``embedded`` (plain torch in the trainer process; the CPU default),
+    ``sglang`` (colocated ``sglang.Engine``) or ``sglang_server`` (external servers by URL)."""
+    num_return_sequences_in_group: int = 1
+    """Responses sampled per prompt (the group size G of GRPO/LitePPO)."""
+    response_length: int = 512
+    """Maximum new tokens per response; longer responses are truncated (finish reason ``length``)."""
+    temperature: float = 1.0
+    """Sampling temperature; the trainer applies the same temperature to its log-probs."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 disables)."""
+    top_k: int = -1
+    """Top-k sampling (-1 disables)."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Extra token ids that end a response (the tokenizer's EOS always does)."""
+    weight_sync_bucket_mb: int = 512
+    """Size of the buckets the actor's weights are streamed to the engine in; the extra
+    memory of a sync is about one bucket."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device of the embedded engine: ``auto`` follows ``parallel.device``."""
+    sglang: dict[str, Any] = field(default_factory=dict)
+    """Extra ``sglang.srt.server_args.ServerArgs`` fields (e.g. ``mem_fraction_static``,
+    ``tp_size``), passed through unchanged and checked against SGLang's own dataclass."""
+    server_urls: list[str] = field(default_factory=list)
+    """Base URLs of external SGLang servers for ``engine: sglang_server``."""
+    server_timeout_s: float = 600.0
+    """Timeout of every call to an external server; a hang becomes an error naming the server."""
+    eval_temperature: float = 0.0
+    """Sampling temperature of evaluation (0 is greedy)."""
+
+
+@dataclass(frozen=True)
+class AdvNormConfig:
+    mean_level: NormLevel = "group"
+    """Population the baseline mean of outcome scores is taken over: ``group`` (responses to
+    one prompt), ``batch`` (the global batch) or ``none``."""
+    std_level: NormLevel = "group"
+    """Population the standard deviation of the raw outcome scores is taken over (Bessel
+    corrected): ``group``, ``batch`` or ``none`` (do not divide)."""
+    eps: float = 1e-6
+    """Added to the standard deviation before dividing."""
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    preset: Preset = "none"
+    """Named algorithm; expands to knob values before the recipe's and command line's own
+    settings, which win. ``ppo``: GAE with a critic; ``grpo``: group mean and std,
+    seq-mean-token-mean; ``liteppo``: group mean, batch std, token-mean, no critic;
+    ``dr_grpo``: group mean, no std, seq-mean-token-sum-norm; ``reinforce_pp_baseline``:
+    group-mean baseline then global whitening."""
+    adv_estimator: AdvEstimator = "grpo"
+    """Advantage estimator: ``gae`` (needs the critic), ``grpo`` (outcome scores normalized
+    by ``adv_norm``), ``rloo`` (leave-one-out group mean), ``reinforce_pp`` and
+    ``reinforce_pp_baseline`` (token-level discounted returns with KL, whitened)."""
+    adv_norm: AdvNormConfig = field(default_factory=AdvNormConfig)
+    """Mean and std levels of outcome-advantage normalization (LitePPO: group / batch)."""
+    batch_std_of: Literal["raw", "group_centered"] = "raw"
+    """For ``std_level: batch``: the std of the raw scores (the LitePPO paper, verl, ROLL) or
+    of the group-centred scores (AReaL)."""
+    loss_agg_mode: LossAggMode = "token-mean"
+    """How per-token losses become a scalar: ``token-mean`` over all valid tokens of the
+    global batch; ``seq-mean-token-sum``; ``seq-mean-token-mean``; ``seq-mean-token-sum-norm``
+    (token sums divided by ``rollout.response_length``, Dr.GRPO)."""
+    gamma: float = 1.0
+    """Discount factor of GAE and REINFORCE++ returns."""
+    lambd: float = 0.95
+    """GAE lambda."""
+    pg_clip: float = 0.2
+    """PPO ratio clip epsilon, used for both sides unless ``pg_clip_low``/``pg_clip_high`` are set."""
+    pg_clip_low: Optional[float] = None
+    """Lower clip epsilon (ratio >= 1 - pg_clip_low); None uses ``pg_clip``."""
+    pg_clip_high: Optional[float] = None
+    """Upper clip epsilon (ratio <= 1 + pg_clip_high, clip-higher); None uses ``pg_clip``."""
+    dual_clip_loss: bool = False
+    """Dual-clip PPO (Ye et al. 2020): bound the loss of negative-advantage tokens by ``dual_clip_c`` x |A|."""
+    dual_clip_c: float = 3.0
+    """The dual-clip constant c (> 1)."""
+    value_clip: Optional[float] = None
+    """Clip range of the value update around the old values (PPO style); None disables."""
+    value_loss_coef: float = 1.0
+    """Scale of the critic loss."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient of the actor loss."""
+    kl_penalty: KLKind = "kl"
+    """Per-token KL estimator to the reference: ``kl`` (k1), ``abs``, ``mse`` (k2),
+    ``low_var_kl`` (k3, clamped) or ``full`` (exact over the vocabulary)."""
+    use_kl_loss: bool = False
+    """Add ``kl_loss_coef`` x KL(actor || reference) to the actor loss."""
+    kl_loss_coef: float = 0.001
+    """Coefficient of the KL loss term."""
+    add_token_level_kl: bool = False
+    """Subtract the KL coefficient x per-token KL from the token rewards (in-reward KL)."""
+    init_kl_coef: float = 0.2
+    """Initial (or fixed) coefficient of the in-reward KL."""
+    target_kl: Optional[float] = None
+    """Target KL of the adaptive controller (Ziegler et al. 2019); None keeps the coefficient fixed."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive KL controller."""
+    whiten_advantages: bool = False
+    """Whiten advantages (masked, global mean and std over valid tokens) after estimation."""
+    advantage_clip: Optional[float] = None
+    """Clip advantages to [-advantage_clip, advantage_clip]; None disables."""
+    reward_clip: Optional[float] = None
+    """Clip rewards to [-reward_clip, reward_clip] before normalization; None disables."""
+    reward_norm: Literal["batch", "group", "running", "none"] = "none"
+    """Reward normalization before advantage estimation (the running statistics are checkpointed)."""
+    reward_shift: bool = False
+    """With ``reward_norm``: only subtract the mean."""
+    reward_scale: bool = False
+    """With ``reward_norm``: only divide by the standard deviation."""
+    overlong_filter: bool = False
+    """Zero the loss of truncated responses (finish reason ``length``)."""
+    overlong_buffer_len: Optional[int] = None
+    """DAPO soft overlong penalty: penalize linearly within this many tokens before
+    ``rollout.response_length``; None disables."""
+    overlong_penalty_factor: float = 1.0
+    """Maximum penalty of the soft overlong punishment."""
+    tis_clip: Optional[float] = None
+    """Truncated importance sampling: weight each token's loss by min(pi_old/pi_rollout,
+    tis_clip) to correct the trainer/engine mismatch; None disables."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop groups whose rewards are all equal and sample more prompts to fill the batch."""
+    max_sampling_rounds: int = 4
+    """With ``dynamic_sampling``: most generation rounds per step before training on what there is."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+    critic_warmup_steps: int = 0
+    """Steps at the start that train only the critic."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_path: Optional[str] = None
+    """Training prompts: a ``.jsonl`` or ``.parquet`` file."""
+    eval_path: Optional[str] = None
+    """Held-out prompts for periodic evaluation; None disables evaluation."""
+    prompt_key: str = "prompt"
+    """Field holding the prompt (a string, or a list of chat messages)."""
+    answer_key: str = "answer"
+    """Field holding the reference answer given to the reward function."""
+    tokenizer_path: Optional[str] = None
+    """Tokenizer directory; None uses ``model.hf_path``."""
+    apply_chat_template: Literal["auto", "on", "off"] = "auto"
+    """Wrap prompts in the tokenizer's chat template: ``auto`` when the tokenizer has one."""
+    system_prompt: Optional[str] = None
+    """System message prepended when the chat template is applied."""
+    prompt_length: int = 512
+    """Maximum prompt tokens; longer prompts are skipped and counted in the log."""
+    shuffle: bool = True
+    """Shuffle the prompts every epoch with the run seed."""
+    max_eval_samples: Optional[int] = None
+    """Evaluate on at most this many held-out prompts."""
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    fn: str = "gsm8k"
+    """Reward function: ``math_verify`` (MATH-style, ``\\boxed{}``), ``gsm8k`` (``#### answer``
+    exact match), or a user function given as ``module:function``."""
+    format_reward: float = 0.0
+    """Extra reward for a well-formed answer (added to the correctness score)."""
+    timeout_s: float = 10.0
+    """Per-response timeout; a reward function that exceeds it or raises scores 0 and is counted."""
+    num_workers: int = 2
+    """Worker processes that run the reward function."""
+    correct_score: float = 1.0
+    """Score of a correct answer."""
+    incorrect_score: float = 0.0
+    """Score of an incorrect answer."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-6
+    """Actor peak learning rate."""
+    critic_lr: Optional[float] = None
+    """Critic peak learning rate; None uses ``lr``."""
+    min_lr: float = 0.0
+    """Final learning rate of the cosine decay."""
+    lr_warmup_steps: int = 0
+    """Optimizer steps of linear warmup."""
+    lr_decay_style: Literal["constant", "cosine"] = "constant"
+    """Learning-rate schedule after warmup."""
+    lr_decay_steps: Optional[int] = None
+    """Optimizer steps over which cosine decays; None uses the run's total optimizer steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    """RL steps (one rollout batch each)."""
+    rollout_batch_size: int = 32
+    """Prompts per RL step (global, over all data-parallel ranks)."""
+    mini_batch_size: Optional[int] = None
+    """Prompts per optimizer step (global); None is one optimizer step per epoch over the whole rollout batch."""
+    max_tokens_per_microbatch: int = 8192
+    """Token budget of one micro-batch per data-parallel rank (prompt + response tokens)."""
+    packed_sequences: bool = False
+    """Remove padding by packing sequences into one row per micro-batch (needs the TE spec);
+    off, micro-batches are right-padded."""
+    seed: int = 1234
+    """Seed of data order, sampling and initialization."""
+    run_dir: str = "runs/default"
+    """Directory of metrics, TensorBoard logs and (by default) checkpoints."""
+    eval_every: int = 0
+    """Evaluate every N steps (and at step 0 and at the end); 0 disables."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: Optional[str] = None
+    """Checkpoint directory; None uses ``<train.run_dir>/checkpoints``."""
+    save_every: int = 0
+    """Save a training checkpoint every N steps (and at the end); 0 only at the end."""
+    keep_last: int = 2
+    """Checkpoints kept; older ones are deleted after a new one is complete."""
+    resume: Literal["auto", "never"] = "auto"
+    """``auto`` resumes from the ``latest`` checkpoint of the checkpoint directory when there is one."""
+    save_hf_every: int = 0
+    """Also write the actor in HF format every N steps; 0 disables."""
+    save_hf_at_end: bool = True
+    """Write the final actor in HF format (``<run_dir>/hf``)."""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    """Write TensorBoard scalars to ``<run_dir>/tensorboard``."""
+    console_every: int = 1
+    """Print a metrics line every N steps."""
+    progress_bar: bool = True
+    """Show progress bars (steps, rollout) on rank 0 when attached to a terminal."""
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log level of the ``megappo`` logger."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The actor, critic and reference models."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Process layout: tensor, pipeline and data parallelism."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """The rollout engine and sampling."""
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    """Advantages, losses and their tricks."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompt datasets."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward functions."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The RL loop."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Training checkpoints."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics and logs."""

@@ -1,0 +1,298 @@
+"""Checks of a loaded config as a whole: ranges, parallel layout, combinations.
+
+`validate` runs inside `load_config`: every problem is a `ConfigError` naming the fields and
+values involved; a setting that has no effect in this combination is a logged warning (and
+returned). `check_runnable` adds what only a training run needs (model and data paths that
+exist); ``--dry-run`` calls it with ``strict=False`` so those become warnings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from functools import reduce
+from typing import Any, Callable, Optional
+
+from megappo.config.errors import ConfigError
+from megappo.config.presets import uses_critic
+from megappo.config.schema import Config
+
+log = logging.getLogger("megappo.config")
+_DEFAULTS = Config()
+
+
+def get(cfg: Any, path: str) -> Any:
+    """The value at a dotted path (``get(cfg, "algo.adv_norm.std_level")``)."""
+    return reduce(getattr, path.split("."), cfg)
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    """DP = world / (TP x PP); a `ConfigError` when the world does not split evenly."""
+    tp = cfg.parallel.tensor_model_parallel_size
+    pp = cfg.parallel.pipeline_model_parallel_size
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1, got {world_size}")
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size x "
+            f"parallel.pipeline_model_parallel_size = {tp} x {pp} = {tp * pp}"
+        )
+    return world_size // (tp * pp)
+
+
+def read_hf_config(path: Optional[str]) -> Optional[dict[str, Any]]:
+    """The model's ``config.json`` as a dict, or None when it is not there or not readable."""
+    if not path:
+        return None
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    data = data.get("text_config", data) if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+# (field, lower bound, inclusive?) for numbers that must stay in range; None values skip.
+_LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
+    *((p, 1, True) for p in (
+        "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
+        "parallel.virtual_pipeline_model_parallel_size", "rollout.num_return_sequences_in_group",
+        "rollout.response_length", "rollout.weight_sync_bucket_mb", "data.prompt_length",
+        "data.max_eval_samples", "train.steps", "train.rollout_batch_size", "train.mini_batch_size",
+        "train.max_tokens_per_microbatch", "algo.ppo_epochs", "algo.max_sampling_rounds",
+        "algo.kl_horizon", "algo.overlong_buffer_len", "reward.num_workers", "checkpoint.keep_last",
+        "logging.console_every", "model.recompute_num_layers", "model.fp8.amax_history_len",
+        "optim.lr_decay_steps",
+    )),
+    *((p, 0, True) for p in (
+        "train.eval_every", "checkpoint.save_every", "checkpoint.save_hf_every", "optim.lr_warmup_steps",
+        "algo.critic_warmup_steps", "optim.lr", "optim.critic_lr", "optim.min_lr", "optim.weight_decay",
+        "optim.clip_grad", "algo.entropy_coef", "algo.kl_loss_coef", "algo.init_kl_coef",
+        "algo.value_loss_coef", "algo.overlong_penalty_factor", "algo.adv_norm.eps",
+        "model.value_head_init_std", "model.attention_dropout", "model.hidden_dropout",
+        "rollout.eval_temperature", "algo.gamma", "algo.lambd", "optim.adam_beta1", "optim.adam_beta2",
+    )),
+    *((p, 0, False) for p in (
+        "rollout.temperature", "rollout.server_timeout_s", "reward.timeout_s", "optim.adam_eps",
+        "algo.advantage_clip", "algo.reward_clip", "algo.value_clip", "algo.tis_clip", "algo.target_kl",
+        "rollout.top_p", "algo.pg_clip", "algo.pg_clip_low", "algo.pg_clip_high",
+    )),
+)
+
+# (field, upper bound, inclusive?)
+_UPPER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
+    ("rollout.top_p", 1.0, True), ("algo.gamma", 1.0, True), ("algo.lambd", 1.0, True),
+    ("algo.pg_clip", 1.0, False), ("algo.pg_clip_low", 1.0, False), ("algo.pg_clip_high", 1.0, False),
+    ("optim.adam_beta1", 1.0, False), ("optim.adam_beta2", 1.0, False),
+    ("model.attention_dropout", 1.0, False), ("model.hidden_dropout", 1.0, False),
+)
+
+
+def _check_ranges(cfg: Config) -> None:
+    for path, low, inclusive in _LOWER_BOUNDS:
+        value = get(cfg, path)
+        if value is not None and (value < low if inclusive else value <= low):
+            raise ConfigError(f"{path} must be {'>=' if inclusive else '>'} {low}, got {value}")
+    for path, high, inclusive in _UPPER_BOUNDS:
+        value = get(cfg, path)
+        if value is not None and (value > high if inclusive else value >= high):
+            raise ConfigError(f"{path} must be {'<=' if inclusive else '<'} {high}, got {value}")
+    if cfg.rollout.top_k != -1 and cfg.rollout.top_k < 1:
+        raise ConfigError(f"rollout.top_k must be -1 (disabled) or >= 1, got {cfg.rollout.top_k}")
+
+
+def _check_parallel(cfg: Config, world_size: Optional[int]) -> None:
+    par = cfg.parallel
+    tp, pp, vpp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.virtual_pipeline_model_parallel_size
+    if vpp is not None and pp == 1:
+        raise ConfigError(
+            f"parallel.virtual_pipeline_model_parallel_size={vpp} needs parallel.pipeline_model_parallel_size > 1 (got 1)"
+        )
+    if par.sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1 (got 1)")
+    for what, path in (("model.hf_path", cfg.model.hf_path), ("model.critic_hf_path", cfg.model.critic_hf_path)):
+        hf = read_hf_config(path)
+        if hf is None:
+            continue
+        where = f"of {what}={path}"
+        heads = hf.get("num_attention_heads")
+        kv_heads = hf.get("num_key_value_heads") or heads
+        layers = hf.get("num_hidden_layers")
+        for name, n in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
+            if isinstance(n, int) and n % tp:
+                raise ConfigError(f"parallel.tensor_model_parallel_size={tp} does not divide {name}={n} {where}")
+        if isinstance(layers, int) and layers % (pp * (vpp or 1)):
+            what_pp = f"pipeline_model_parallel_size={pp}" + (f" x virtual_pipeline_model_parallel_size={vpp}" if vpp else "")
+            raise ConfigError(f"parallel.{what_pp} = {pp * (vpp or 1)} does not divide num_hidden_layers={layers} {where}")
+    if world_size is None:
+        return
+    dp = data_parallel_size(cfg, world_size)
+    n = cfg.rollout.num_return_sequences_in_group
+    for path in ("train.rollout_batch_size", "train.mini_batch_size"):
+        prompts = get(cfg, path)
+        if prompts is not None and (prompts * n) % dp:
+            raise ConfigError(
+                f"{path} x rollout.num_return_sequences_in_group = {prompts} x {n} = {prompts * n} responses "
+                f"do not split over data-parallel size {dp} (world size {world_size} / (TP {tp} x PP {pp}))"
+            )
+
+
+def _check_algo(cfg: Config) -> None:
+    algo, n = cfg.algo, cfg.rollout.num_return_sequences_in_group
+    mini, rollout_bs = cfg.train.mini_batch_size, cfg.train.rollout_batch_size
+    if mini is not None and rollout_bs % mini:
+        raise ConfigError(f"train.mini_batch_size={mini} does not divide train.rollout_batch_size={rollout_bs}")
+    if algo.dual_clip_loss and algo.dual_clip_c <= 1:
+        raise ConfigError(f"algo.dual_clip_c must be > 1 with algo.dual_clip_loss=true, got {algo.dual_clip_c}")
+    if n == 1:
+        group_levels = [
+            f"algo.adv_norm.{name}=group" for name in ("mean_level", "std_level") if getattr(algo.adv_norm, name) == "group"
+        ]
+        if algo.adv_estimator == "grpo" and group_levels:
+            raise ConfigError(
+                f"{' and '.join(group_levels)} with rollout.num_return_sequences_in_group=1: a group of one response "
+                "has std NaN and a centred score of 0; sample several responses per prompt or use level 'batch'"
+            )
+        if algo.adv_estimator in ("rloo", "reinforce_pp_baseline"):
+            raise ConfigError(
+                f"algo.adv_estimator={algo.adv_estimator} subtracts a group baseline and needs "
+                "rollout.num_return_sequences_in_group >= 2 (got 1)"
+            )
+        if algo.reward_norm == "group":
+            raise ConfigError("algo.reward_norm=group needs rollout.num_return_sequences_in_group >= 2 (got 1)")
+        if algo.dynamic_sampling:
+            raise ConfigError(
+                "algo.dynamic_sampling=true drops groups whose rewards are all equal, which is every group of "
+                "rollout.num_return_sequences_in_group=1"
+            )
+    if algo.add_token_level_kl and algo.adv_estimator in ("grpo", "rloo"):
+        raise ConfigError(
+            f"algo.add_token_level_kl=true needs a token-level estimator (gae, reinforce_pp, reinforce_pp_baseline); "
+            f"algo.adv_estimator={algo.adv_estimator} uses one outcome score per response: use algo.use_kl_loss instead"
+        )
+    if algo.overlong_buffer_len is not None and algo.overlong_buffer_len >= cfg.rollout.response_length:
+        raise ConfigError(
+            f"algo.overlong_buffer_len={algo.overlong_buffer_len} must be < rollout.response_length={cfg.rollout.response_length}"
+        )
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(f"optim.min_lr={cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}")
+
+
+def _check_backends(cfg: Config) -> None:
+    model, par, rollout = cfg.model, cfg.parallel, cfg.rollout
+    if model.fp8.format is not None:
+        if model.transformer_impl == "local":
+            raise ConfigError(
+                f"model.fp8.format={model.fp8.format} needs Transformer Engine: set model.transformer_impl to "
+                "'transformer_engine' or 'auto' (it is 'local')"
+            )
+        if par.device == "cpu":
+            raise ConfigError(f"model.fp8.format={model.fp8.format} needs an FP8-capable GPU, but parallel.device=cpu")
+    if model.transformer_impl == "local":
+        for path in ("parallel.sequence_parallel", "train.packed_sequences"):
+            if get(cfg, path):
+                raise ConfigError(f"{path}=true needs the Transformer Engine layer spec, but model.transformer_impl=local")
+    if rollout.engine == "sglang_server" and not rollout.server_urls:
+        raise ConfigError("rollout.engine=sglang_server needs rollout.server_urls (the servers' base URLs)")
+    if rollout.engine != "embedded" and par.device == "cpu":
+        raise ConfigError(f"rollout.engine={rollout.engine} needs GPUs (SGLang has no CPU build); use engine 'embedded'")
+
+
+def _no_critic(cfg: Config) -> bool:
+    return not uses_critic(cfg)
+
+
+_CRITIC = "there is no critic (only algo.adv_estimator=gae trains one)"
+
+# (setting, ignored-when, why): a warning when the setting differs from its default but has no effect.
+_IGNORED: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
+    ("algo.dual_clip_c", lambda c: not c.algo.dual_clip_loss, "algo.dual_clip_loss is false"),
+    ("algo.reward_shift", lambda c: c.algo.reward_norm == "none", "algo.reward_norm is none"),
+    ("algo.reward_scale", lambda c: c.algo.reward_norm == "none", "algo.reward_norm is none"),
+    ("algo.kl_loss_coef", lambda c: not c.algo.use_kl_loss, "algo.use_kl_loss is false"),
+    ("algo.init_kl_coef", lambda c: not c.algo.add_token_level_kl, "algo.add_token_level_kl is false"),
+    ("algo.target_kl", lambda c: not c.algo.add_token_level_kl, "algo.add_token_level_kl is false"),
+    ("algo.kl_horizon", lambda c: c.algo.target_kl is None, "algo.target_kl is not set (fixed KL coefficient)"),
+    ("algo.lambd", lambda c: c.algo.adv_estimator != "gae", "only algo.adv_estimator=gae uses lambda"),
+    ("algo.batch_std_of", lambda c: c.algo.adv_norm.std_level != "batch" or c.algo.adv_estimator != "grpo",
+     "it applies to algo.adv_estimator=grpo with algo.adv_norm.std_level=batch"),
+    ("algo.max_sampling_rounds", lambda c: not c.algo.dynamic_sampling, "algo.dynamic_sampling is false"),
+    ("algo.overlong_penalty_factor", lambda c: c.algo.overlong_buffer_len is None, "algo.overlong_buffer_len is not set"),
+    ("algo.value_clip", _no_critic, _CRITIC),
+    ("algo.value_loss_coef", _no_critic, _CRITIC),
+    ("algo.critic_warmup_steps", _no_critic, _CRITIC),
+    ("optim.critic_lr", _no_critic, _CRITIC),
+    ("model.critic_hf_path", _no_critic, _CRITIC),
+    ("model.value_head_init_std", _no_critic, _CRITIC),
+    ("rollout.server_urls", lambda c: c.rollout.engine != "sglang_server", "rollout.engine is not sglang_server"),
+    ("rollout.sglang", lambda c: c.rollout.engine == "embedded", "rollout.engine is embedded"),
+    ("rollout.device", lambda c: c.rollout.engine != "embedded", "only the embedded engine uses it"),
+    ("model.recompute_num_layers", lambda c: c.model.recompute_granularity != "full", "model.recompute_granularity is not full"),
+    ("model.fp8.recipe", lambda c: c.model.fp8.format is None, "model.fp8.format is not set"),
+    ("model.fp8.amax_history_len", lambda c: c.model.fp8.format is None, "model.fp8.format is not set"),
+    ("model.fp8.amax_compute_algo", lambda c: c.model.fp8.format is None, "model.fp8.format is not set"),
+    ("model.fp8.param_gather", lambda c: c.model.fp8.format is None, "model.fp8.format is not set"),
+    ("optim.min_lr", lambda c: c.optim.lr_decay_style == "constant", "optim.lr_decay_style is constant"),
+    ("optim.lr_decay_steps", lambda c: c.optim.lr_decay_style == "constant", "optim.lr_decay_style is constant"),
+    ("train.eval_every", lambda c: c.data.eval_path is None, "data.eval_path is not set"),
+    ("data.max_eval_samples", lambda c: c.data.eval_path is None, "data.eval_path is not set"),
+)
+
+
+def ignored_settings(cfg: Config) -> list[str]:
+    """One message per setting that is changed from its default but has no effect."""
+    out = []
+    for path, ignored, why in _IGNORED:
+        value = get(cfg, path)
+        if value != get(_DEFAULTS, path) and ignored(cfg):
+            out.append(f"{path}={value!r} is ignored: {why}")
+    if cfg.algo.adv_estimator in ("gae", "rloo", "reinforce_pp"):
+        levels = (cfg.algo.adv_norm.mean_level, cfg.algo.adv_norm.std_level)
+        defaults = (_DEFAULTS.algo.adv_norm.mean_level, _DEFAULTS.algo.adv_norm.std_level)
+        if levels not in (("none", "none"), defaults):
+            out.append(
+                f"algo.adv_norm levels {levels} are ignored: algo.adv_estimator={cfg.algo.adv_estimator} "
+                "does not use outcome normalization"
+            )
+    return out
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> list[str]:
+    """Raise `ConfigError` for the first problem found; log and return the warnings.
+    ``world_size`` (when given) checks the TP x PP x DP layout and the batch split."""
+    _check_ranges(cfg)
+    _check_parallel(cfg, world_size)
+    _check_algo(cfg)
+    _check_backends(cfg)
+    warnings = ignored_settings(cfg)
+    for message in warnings:
+        log.warning(message)
+    return warnings
+
+
+def check_runnable(cfg: Config, *, strict: bool) -> list[str]:
+    """What a training run needs beyond a valid config: a model and training data that
+    exist. ``strict`` raises `ConfigError`; otherwise (``--dry-run``) the problems are
+    logged as warnings and returned."""
+    problems = []
+    if cfg.model.hf_path is None:
+        problems.append("model.hf_path is not set: training needs the model's HF directory (config and tokenizer)")
+    for path in ("model.hf_path", "model.critic_hf_path", "data.tokenizer_path"):
+        value = get(cfg, path)
+        if value is not None and not os.path.isdir(value):
+            problems.append(f"{path}={value!r} is not a directory")
+    if cfg.model.load_megatron is not None and not os.path.exists(cfg.model.load_megatron):
+        problems.append(f"model.load_megatron={cfg.model.load_megatron!r} does not exist")
+    if cfg.data.train_path is None:
+        problems.append("data.train_path is not set: training needs a .jsonl or .parquet file of prompts")
+    for path in ("data.train_path", "data.eval_path"):
+        value = get(cfg, path)
+        if value is not None and not os.path.isfile(value):
+            problems.append(f"{path}={value!r} is not a file")
+    if strict and problems:
+        raise ConfigError("; ".join(problems))
+    for message in problems:
+        log.warning(message)
+    return problems

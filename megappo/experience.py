@@ -1,0 +1,129 @@
+"""One step's experience: prompts -> sampled responses -> scores, as typed tensors.
+
+Shape legend: B = responses of this data-parallel rank (prompts x group size),
+S = prompt + response positions, T = response positions (max response length of the batch).
+
+Placement: each data-parallel replica owns one rollout engine on its first rank (TP rank 0,
+PP stage 0). That rank generates and scores its replica's prompts, then broadcasts the
+result to the other ranks of its model-parallel group, so every rank builds the same
+``Experience``. ``generate`` and ``score`` run only where ``engine`` is not None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megappo.models.batch import TokenBatch
+
+
+@dataclass
+class Experience:
+    """What the RL step learns from, for this rank's share of the global batch."""
+
+    batch: TokenBatch
+    rollout_logprobs_BT: torch.Tensor
+    scores_B: torch.Tensor
+    correct_B: torch.Tensor
+    truncated_B: torch.Tensor
+    group_ids_B: torch.Tensor
+    response_texts: list[str] = field(default_factory=list)
+    reward_errors: int = 0
+    reward_timeouts: int = 0
+    # Filled in by the step:
+    old_logprobs_BT: torch.Tensor | None = None
+    ref_logprobs_BT: torch.Tensor | None = None
+    values_BT: torch.Tensor | None = None
+    advantages_BT: torch.Tensor | None = None
+    returns_BT: torch.Tensor | None = None
+    loss_mask_BT: torch.Tensor | None = None
+
+    @property
+    def mask_BT(self) -> torch.Tensor:
+        return self.batch.response_mask_BT
+
+    def __len__(self) -> int:
+        return self.scores_B.shape[0]
+
+    def select(self, rows: torch.Tensor) -> "Experience":
+        """The rows ``rows`` of every per-response tensor (a mini-batch)."""
+        picked = {}
+        for name in ("rollout_logprobs_BT", "scores_B", "correct_B", "truncated_B", "group_ids_B",
+                     "old_logprobs_BT", "ref_logprobs_BT", "values_BT", "advantages_BT", "returns_BT", "loss_mask_BT"):
+            value = getattr(self, name)
+            picked[name] = None if value is None else value[rows]
+        texts = [self.response_texts[i] for i in rows.tolist()] if self.response_texts else []
+        return replace(self, batch=self.batch.select(rows), response_texts=texts, **picked)
+
+
+def pad_right(rows: list[list[float]] | list[list[int]], width: int, value, dtype) -> torch.Tensor:
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for i, row in enumerate(rows):
+        if row:
+            out[i, : len(row)] = torch.tensor(row, dtype=dtype)
+    return out
+
+
+def build_experience(payload: dict[str, Any]) -> Experience:
+    """Tensors from the broadcastable payload of ``generate_and_score``."""
+    prompts, responses = payload["prompt_ids"], payload["response_ids"]
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    width_S = max(len(s) for s in seqs)
+    width_T = max(1, max(len(r) for r in responses))
+    batch = TokenBatch(
+        input_ids_BS=pad_right(seqs, width_S, 0, torch.long),
+        prompt_lens_B=torch.tensor([len(p) for p in prompts], dtype=torch.long),
+        response_lens_B=torch.tensor([len(r) for r in responses], dtype=torch.long),
+    )
+    return Experience(
+        batch=batch,
+        rollout_logprobs_BT=pad_right(payload["logprobs"], width_T, 0.0, torch.float32),
+        scores_B=torch.tensor(payload["scores"], dtype=torch.float32),
+        correct_B=torch.tensor(payload["correct"], dtype=torch.bool),
+        truncated_B=torch.tensor(payload["truncated"], dtype=torch.bool),
+        group_ids_B=torch.tensor(payload["group_ids"], dtype=torch.long),
+        response_texts=payload["texts"],
+        reward_errors=payload["reward_errors"],
+        reward_timeouts=payload["reward_timeouts"],
+    )
+
+
+def generate_and_score(engine, prompts, params, reward_fn, tokenizer, *, group_offset: int) -> dict[str, Any]:
+    """On an engine rank: sample ``params.n`` responses per prompt and score them.
+
+    Returns plain Python lists so the result can be broadcast to the model-parallel group.
+    ``group_offset`` makes group ids unique over data-parallel ranks.
+    """
+    samples = engine.generate([p.prompt_ids for p in prompts], params)
+    out = {k: [] for k in ("prompt_ids", "response_ids", "logprobs", "truncated", "group_ids", "texts", "answers", "prompts")}
+    for i, (prompt, group) in enumerate(zip(prompts, samples)):
+        for sample in group:
+            out["prompt_ids"].append(list(prompt.prompt_ids))
+            out["response_ids"].append(list(sample.token_ids))
+            out["logprobs"].append(list(sample.logprobs))
+            out["truncated"].append(sample.finish_reason == "length")
+            out["group_ids"].append(group_offset + i)
+            out["texts"].append(tokenizer.decode(sample.token_ids, skip_special_tokens=True))
+            out["answers"].append(prompt.answer)
+            out["prompts"].append(prompt.text)
+    result = reward_fn.score(out["texts"], out["answers"], out["prompts"])
+    out.update(
+        scores=list(result.scores),
+        correct=[bool(c) for c in result.correct],
+        reward_errors=result.num_errors,
+        reward_timeouts=result.num_timeouts,
+    )
+    del out["answers"], out["prompts"]
+    return out
+
+
+def broadcast_from_engine_rank(payload, *, engine_rank: int, group) -> Any:
+    """Send the engine rank's Python payload to every rank of its model-parallel group."""
+    if group is None or dist.get_world_size(group) == 1:
+        return payload
+    box = [payload]
+    dist.broadcast_object_list(box, src=engine_rank, group=group)
+    return box[0]

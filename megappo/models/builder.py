@@ -1,0 +1,254 @@
+"""Megatron-core models from a ``ModelSpec``: the TransformerConfig, the layer spec, the
+GPT model of one pipeline stage, and the critic's value head.
+
+Model construction never touches process groups (STYLE point 6): it reads the TP/PP
+sizes and ranks from Megatron's ``parallel_state`` after ``megappo.parallel.init_parallel``.
+
+Layer specs: ``local`` (plain torch; the only one that runs on CPU) or
+``transformer_engine`` (fused TE modules; needed for FP8). The two name their norm weights
+differently (``input_layernorm.weight`` vs ``self_attention.linear_qkv.layer_norm_weight``);
+the weight mapping in ``megappo.weights`` reads which one a model uses from
+``model.megappo_transformer_impl``.
+
+Critic value head: the LM head is replaced by ``ValueHead``, a replicated
+``Linear(hidden, 1)`` (with bias), initialized N(0, ``value_head_init_std``) with zero bias;
+std 0 gives a zero head, so the first values are exactly 0 and GAE starts from the
+Monte-Carlo returns.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from megappo.models.spec import ModelSpec
+
+log = logging.getLogger("megappo")
+
+Role = Literal["actor", "critic", "reference"]
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to build, beyond the architecture (from ``cfg.model`` and ``cfg.parallel``)."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None
+    dtype: torch.dtype = torch.float32
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    fp8_format: str | None = None
+    fp8_recipe: str = "delayed"
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
+    fp8_param: bool = False
+    recompute_granularity: str | None = None
+    recompute_num_layers: int = 1
+    sequence_parallel: bool = False
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    use_cpu_initialization: bool = True
+    value_head_init_std: float = 0.0
+
+
+def te_available() -> bool:
+    """Transformer Engine imports (never true on CPU machines: TE needs CUDA libraries)."""
+    try:
+        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def fp8_capable_gpu() -> bool:
+    """An FP8 tensor-core GPU is visible (compute capability 8.9 or newer: Ada, Hopper, Blackwell)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+def resolve_transformer_impl(requested: str, device: torch.device) -> str:
+    """``auto``: Transformer Engine on GPU when installed, else local. An explicit request
+    that cannot be met is an error that says what to install."""
+    if requested == "auto":
+        return "transformer_engine" if device.type == "cuda" and te_available() else "local"
+    if requested == "transformer_engine":
+        if device.type != "cuda":
+            raise ValueError("model.transformer_impl=transformer_engine needs a CUDA GPU; use local (or auto) on CPU")
+        if not te_available():
+            raise ValueError(
+                "model.transformer_impl=transformer_engine but Transformer Engine is not importable: "
+                "pip install megappo[te] (transformer-engine[pytorch]) in a CUDA environment, or use local"
+            )
+    return requested
+
+
+def check_fp8(opts: BuildOptions) -> None:
+    """FP8 needs the TE spec, TE itself and an FP8-capable GPU; name what is missing."""
+    if opts.fp8_format is None:
+        return
+    missing = []
+    if not te_available():
+        missing.append("Transformer Engine (pip install megappo[te], i.e. transformer-engine[pytorch])")
+    if not fp8_capable_gpu():
+        missing.append("an FP8-capable GPU (compute capability >= 8.9: Ada, Hopper or Blackwell)")
+    if opts.transformer_impl != "transformer_engine":
+        missing.append("model.transformer_impl=transformer_engine (the local spec has no FP8 path)")
+    if opts.fp8_recipe == "mxfp8" and torch.cuda.is_available() and torch.cuda.get_device_capability() < (10, 0):
+        missing.append("a Blackwell GPU for fp8 recipe mxfp8 (use delayed, tensorwise or blockwise on Hopper)")
+    if missing:
+        raise ValueError(f"model.fp8.format={opts.fp8_format} needs " + " and ".join(missing))
+
+
+def transformer_config(spec: ModelSpec, opts: BuildOptions):
+    """The Megatron ``TransformerConfig`` for ``spec`` under ``opts``."""
+    from megatron.core.transformer import TransformerConfig
+
+    spec.check_parallel(opts.tp, opts.pp, opts.vpp)
+    check_fp8(opts)
+    if opts.sequence_parallel and opts.transformer_impl != "transformer_engine":
+        raise ValueError("parallel.sequence_parallel needs model.transformer_impl=transformer_engine (the local spec's torch norms do not support it)")
+    bf16 = opts.dtype == torch.bfloat16
+    fp8 = {}
+    if opts.fp8_format is not None:
+        fp8 = dict(
+            fp8=opts.fp8_format,
+            fp8_recipe=opts.fp8_recipe,
+            fp8_amax_history_len=opts.fp8_amax_history_len,
+            fp8_amax_compute_algo=opts.fp8_amax_compute_algo,
+            fp8_param=opts.fp8_param,
+        )
+    recompute = {}
+    if opts.recompute_granularity == "full":
+        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=opts.recompute_num_layers)
+    elif opts.recompute_granularity == "selective":
+        recompute = dict(recompute_granularity="selective")
+    return TransformerConfig(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_kv_heads,
+        kv_channels=spec.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=spec.qkv_bias,
+        qk_layernorm=spec.qk_norm,
+        # HF's sliding window W lets a token see itself and the W-1 tokens before it.
+        window_size=(spec.sliding_window - 1, 0) if spec.sliding_window else None,
+        init_method_std=spec.initializer_range,
+        attention_dropout=opts.attention_dropout,
+        hidden_dropout=opts.hidden_dropout,
+        tensor_model_parallel_size=opts.tp,
+        pipeline_model_parallel_size=opts.pp,
+        virtual_pipeline_model_parallel_size=opts.vpp,
+        sequence_parallel=opts.sequence_parallel,
+        params_dtype=opts.dtype,
+        pipeline_dtype=opts.dtype,
+        bf16=bf16,
+        use_cpu_initialization=opts.use_cpu_initialization,
+        # Fusions off: the local spec on CPU has none, and results must match transformers.
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        attention_softmax_in_fp32=True,
+        # Variable-length micro-batches through the pipeline schedules.
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",  # unused by dense models; allgather rejects variable_seq_lengths
+        deallocate_pipeline_outputs=True,
+        **fp8,
+        **recompute,
+    )
+
+
+def layer_spec(spec: ModelSpec, opts: BuildOptions):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if opts.transformer_impl == "transformer_engine":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
+
+
+class ValueHead(torch.nn.Module):
+    """The critic's head: hidden [S, B, H] -> values [S, B, 1], replicated on TP ranks.
+
+    Called the way GPTModel calls its output layer, so it slots in as ``output_layer``.
+    """
+
+    def __init__(self, hidden_size: int, init_std: float, dtype: torch.dtype):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(1, hidden_size, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+        self.sequence_parallel = False
+        with torch.no_grad():
+            if init_std > 0:
+                self.weight.normal_(0.0, init_std)
+            else:
+                self.weight.zero_()
+
+    def forward(self, hidden_states, weight=None, runtime_gather_output=None):
+        return F.linear(hidden_states, self.weight, self.bias), None
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, {}, sharded_offsets)
+
+
+def build_model(spec: ModelSpec, role: Role, opts: BuildOptions, *, vp_stage: int | None = None):
+    """One pipeline stage (or one virtual chunk, ``vp_stage``) of a Megatron GPT model.
+
+    ``role`` actor / reference: the LM head over the (TP-padded) vocabulary;
+    ``critic``: the value head instead. The reference is built frozen (no grads).
+    """
+    from megatron.core import parallel_state as mpu
+    from megatron.core.models.gpt import GPTModel
+
+    if role not in ("actor", "critic", "reference"):
+        raise ValueError(f"role must be actor, critic or reference; got {role!r}")
+    config = transformer_config(spec, opts)
+    pre = mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    post = mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    tie = spec.tie_word_embeddings and role != "critic"
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(spec, opts),
+        vocab_size=spec.padded_vocab_size(opts.tp),
+        max_sequence_length=spec.max_position_embeddings,
+        pre_process=pre,
+        post_process=post,
+        parallel_output=True,
+        share_embeddings_and_output_weights=tie,
+        position_embedding_type="rope",
+        rotary_base=int(spec.rope_theta) if float(spec.rope_theta).is_integer() else spec.rope_theta,
+        vp_stage=vp_stage,
+    )
+    # Megatron's RoPE knows only Llama-3 scaling with fixed factors; set the exact
+    # frequencies transformers uses for this config instead.
+    model.rotary_pos_emb.inv_freq = spec.rope_inv_freq().to(model.rotary_pos_emb.inv_freq.device)
+    if role == "critic" and post:
+        model.output_layer = ValueHead(spec.hidden_size, opts.value_head_init_std, opts.dtype)
+    if role == "reference":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+    model.megappo_spec = spec
+    model.megappo_role = role
+    model.megappo_transformer_impl = opts.transformer_impl
+    return model
+
+
+def build_model_chunks(spec: ModelSpec, role: Role, opts: BuildOptions) -> list:
+    """All model chunks of this rank: one, or ``vpp`` with interleaved pipelining."""
+    if opts.vpp is None:
+        return [build_model(spec, role, opts)]
+    return [build_model(spec, role, opts, vp_stage=i) for i in range(opts.vpp)]

@@ -1,0 +1,177 @@
+"""The few patches megatron-core 0.16.1 needs to run forward, backward, the optimizer and
+distributed checkpointing on a CPU (gloo) process group.
+
+Megatron-core assumes CUDA in a handful of places. Each patch below names the call site
+and why it is safe. They are applied by ``megappo.parallel.init_parallel`` only when the
+trainer's device is the CPU; nothing else in megappo knows about them. They touch private
+internals of the pinned version, so ``apply()`` checks the version and the attributes it
+replaces and fails loudly when megatron-core changes under it.
+
+Measured on 2 cores (see ``shared/notes/megatron-cpu.md``): a global TorchFunctionMode that
+rewrites every ``cuda`` device made forward/backward ~13x slower, so instead each module
+with a literal ``device="cuda"`` gets a thin stand-in for its module-level ``torch`` whose
+tensor factories map CUDA devices to the CPU; every other attribute is the real torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import types
+
+import torch
+
+SUPPORTED_MEGATRON = ("0.16.",)
+
+# Modules whose own code builds tensors with a literal device="cuda" on the paths megappo uses:
+#   pipeline_parallel.schedules      total_num_tokens counter of every schedule
+#   distributed.param_and_grad_buffer warm-up tensor of the grad buffers
+#   optimizer.optimizer              found_inf / _scale tensors of the FP32 and mixed-precision optimizers
+#   optimizer.clip_grads             the gradient-norm all-reduce buffers
+#   transformer.utils                the default causal and sliding-window masks
+#   pipeline_parallel.p2p_communication  torch.cuda.synchronize() around the shape exchange
+_CUDA_LITERAL_MODULES = (
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.transformer.utils",
+)
+_FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "ones_like", "empty_like")
+
+_applied = False
+
+
+def _cpu_device(device):
+    if device is None:
+        return None
+    if isinstance(device, int):
+        return torch.device("cpu")
+    if isinstance(device, str) and device.startswith("cuda"):
+        return torch.device("cpu")
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+def _cpu_factory(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _CpuTorch(types.ModuleType):
+    """A module-local ``torch`` whose tensor factories put CUDA tensors on the CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in _FACTORIES:
+            setattr(self, name, _cpu_factory(getattr(torch, name)))
+        self.cuda = _CpuCuda()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+class _CpuCuda(types.ModuleType):
+    """``torch.cuda`` as seen by the patched modules: synchronization is a no-op on CPU."""
+
+    def __init__(self):
+        super().__init__("torch.cuda")
+        self.synchronize = lambda *a, **k: None
+        self.empty_cache = lambda *a, **k: None
+        self.current_device = lambda: torch.device("cpu")
+        self.stream = lambda *a, **k: contextlib.nullcontext()
+        self.nvtx = types.SimpleNamespace(range_push=lambda *a, **k: None, range_pop=lambda *a, **k: None)
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+def _patch_rng_tracker():
+    """Megatron's model-parallel RNG tracker saves and restores ``torch.cuda`` generator
+    states to fork dropout / init randomness per TP rank. On CPU the same forking is done
+    on the CPU generator: the tracked states become CPU generator states."""
+    rnd = importlib.import_module("megatron.core.tensor_parallel.random")
+    for name in ("_get_cuda_rng_state", "_set_cuda_rng_state", "CudaRNGStatesTracker", "initialize_rng_tracker"):
+        if not hasattr(rnd, name):
+            raise RuntimeError(f"megatron-core changed: tensor_parallel.random.{name} is gone; update megappo/parallel/cpu_patches.py")
+
+    rnd._get_cuda_rng_state = lambda device=None, clone=False, graph_safe=False: torch.get_rng_state()
+    rnd._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+
+    class CpuRNGStatesTracker(rnd.CudaRNGStatesTracker):
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+    rnd.CudaRNGStatesTracker = CpuRNGStatesTracker
+    rnd.initialize_rng_tracker(force_reset=True)
+    # model_parallel_cuda_manual_seed seeds torch.cuda as well; on a CPU build that call is
+    # queued lazily and never runs, so it needs no patch.
+
+
+def _patch_causal_masks():
+    """``get_default_causal_mask`` (used when attention_mask is None) builds its mask with
+    device="cuda" and is imported by name into fused_softmax."""
+    tutils = importlib.import_module("megatron.core.transformer.utils")
+    fsoft = importlib.import_module("megatron.core.fusions.fused_softmax")
+
+    @functools.lru_cache(maxsize=8)
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+    tutils.get_default_causal_mask = get_default_causal_mask
+    fsoft.get_default_causal_mask = get_default_causal_mask
+
+
+def apply() -> None:
+    """Apply every CPU patch once. Call before building models or optimizers."""
+    global _applied
+    if _applied:
+        return
+    import megatron.core
+
+    version = getattr(megatron.core, "__version__", "unknown")
+    if not version.startswith(SUPPORTED_MEGATRON):
+        raise RuntimeError(
+            f"megatron-core {version} is not supported on CPU; the CPU patches were written for "
+            f"{', '.join(v + 'x' for v in SUPPORTED_MEGATRON)} (pip install megatron-core==0.16.1)"
+        )
+    if torch.cuda.is_available():
+        raise RuntimeError("megappo.parallel.cpu_patches must not be applied when CUDA is available")
+
+    # torch.cuda.current_device() is used as device= at ~100 call sites (attention buffers,
+    # TP all-gather outputs, rotary embeddings, p2p shape exchange). On a CPU-only torch build
+    # every such call raises, so answering with the CPU device changes no working behaviour.
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    # Tensor.cuda() moves the shared embedding to the device before the first/last-stage
+    # all-reduce (LanguageModule.setup_embeddings_and_output_layer), and dist_checkpointing's
+    # shard exchange does the same; on a CPU-only build it raises, so the tensor stays put.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+    cpu_torch = _CpuTorch()
+    for name in _CUDA_LITERAL_MODULES:
+        mod = importlib.import_module(name)
+        if getattr(mod, "torch", None) is not torch:
+            raise RuntimeError(f"megatron-core changed: {name} no longer imports torch as a module global")
+        mod.torch = cpu_torch
+
+    _patch_rng_tracker()
+    _patch_causal_masks()
+    _applied = True

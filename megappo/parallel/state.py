@@ -1,0 +1,167 @@
+"""Process-group initialization: the one place megappo touches torch.distributed setup and
+Megatron's ``parallel_state``.
+
+Under ``torchrun`` the rendezvous comes from the environment (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT). A plain ``python`` process becomes a world of one
+on a private TCP port, so tools and tests run the same code without a launcher.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("megappo")
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Where this process sits in the TP x PP x DP grid."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    vpp: int | None
+    device: torch.device
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+
+_LAYOUT: ParallelLayout | None = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto``: CUDA when a GPU is visible, else CPU. ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("parallel.device is 'cuda' but no CUDA GPU is visible (set parallel.device=cpu or auto)")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device != "cpu":
+        raise ValueError(f"parallel.device must be one of auto, cpu, cuda; got {device!r}")
+    return torch.device("cpu")
+
+
+def init_parallel(
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    *,
+    seed: int = 1234,
+    device: str = "auto",
+    backend: str = "auto",
+    timeout_minutes: int = 30,
+) -> ParallelLayout:
+    """Initialize torch.distributed and Megatron's model-parallel groups; idempotent.
+
+    Applies the CPU patches for megatron-core when the device is the CPU. Raises
+    ``ValueError`` when the world size is not a multiple of ``tp * pp``.
+    """
+    global _LAYOUT
+    if _LAYOUT is not None:
+        if (_LAYOUT.tp, _LAYOUT.pp, _LAYOUT.vpp) != (tp, pp, vpp):
+            raise RuntimeError(f"parallel state already initialized as TP={_LAYOUT.tp} PP={_LAYOUT.pp}")
+        return _LAYOUT
+
+    dev = resolve_device(device)
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cpu":
+        from megappo.parallel import cpu_patches
+
+        cpu_patches.apply()
+        # Two cores shared by every rank: more intra-op threads only contend.
+        if "OMP_NUM_THREADS" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
+    else:
+        torch.cuda.set_device(dev)
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=dev if dev.type == "cuda" else None,
+        )
+    world = dist.get_world_size()
+    if world % (tp * pp) != 0:
+        raise ValueError(
+            f"world size {world} is not a multiple of tensor_model_parallel_size x "
+            f"pipeline_model_parallel_size = {tp} x {pp}"
+        )
+    if vpp is not None and pp == 1:
+        raise ValueError("virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size > 1")
+
+    from megatron.core import parallel_state as mpu
+    from megatron.core import tensor_parallel
+
+    mpu.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    _LAYOUT = ParallelLayout(
+        rank=dist.get_rank(),
+        world_size=world,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        tp=tp,
+        pp=pp,
+        dp=world // (tp * pp),
+        tp_rank=mpu.get_tensor_model_parallel_rank(),
+        pp_rank=mpu.get_pipeline_model_parallel_rank(),
+        dp_rank=mpu.get_data_parallel_rank(),
+        vpp=vpp,
+        device=dev,
+    )
+    log.debug("parallel layout: %s", _LAYOUT)
+    return _LAYOUT
+
+
+def get_layout() -> ParallelLayout:
+    if _LAYOUT is None:
+        raise RuntimeError("megappo.parallel.init_parallel() has not been called")
+    return _LAYOUT
+
+
+def destroy_parallel() -> None:
+    """Tear down Megatron's groups and the default process group (tests, tools)."""
+    global _LAYOUT
+    from megatron.core import parallel_state as mpu
+
+    mpu.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _LAYOUT = None

@@ -1,0 +1,330 @@
+"""Everything a run is built from, in one place: the parallel layout, the models, the
+rollout engine, data, rewards, checkpoints and metrics, wired from the config.
+
+``Trainer`` (``megappo/trainer.py``) keeps the loop; this module keeps the plumbing each
+phase needs (which rank generates, how a batch is split into mini-batches, how a
+checkpoint is laid out), so the loop reads as the algorithm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from megappo.config import Config, config_to_dict, uses_critic
+from megappo.experience import Experience, generate_and_score
+from megappo.models.spec import ModelSpec
+from megappo.parallel import groups
+
+log = logging.getLogger("megappo")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of the vocabulary, so a resume with another tokenizer is caught."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+class PhaseTimer:
+    """``with timer("rollout"): ...`` per phase; ``metrics()`` gives seconds, fractions, tokens/s."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+    def metrics(self, tokens: int = 0) -> dict[str, float]:
+        total = time.perf_counter() - self.start
+        out = {f"time/{k}": v for k, v in self.seconds.items()}
+        out["time/step"] = total
+        if tokens:
+            out["perf/tokens_per_s"] = tokens / max(total, 1e-9)
+        return out
+
+
+@dataclass
+class RunComponents:
+    cfg: Config
+    layout: object
+    spec: ModelSpec
+    hf_config: dict
+    tokenizer: object
+    actor: object
+    critic: object | None
+    reference: object | None
+    engine: object | None
+    reward_fn: object | None
+    data: object
+    eval_items: list
+    ckpt: object
+    metrics: object
+    _calls: int = 0
+
+    # -- generation ---------------------------------------------------------------------
+
+    def sampling_params(self, *, eval_mode: bool = False):
+        from megappo.rollout import SamplingParams
+
+        r = self.cfg.rollout
+        eos = self.tokenizer.eos_token_id
+        stop = sorted(set(r.stop_token_ids) | ({eos} if eos is not None else set()))
+        return SamplingParams(
+            n=1 if eval_mode else r.num_return_sequences_in_group,
+            temperature=r.eval_temperature if eval_mode else r.temperature,
+            top_p=1.0 if eval_mode else r.top_p,
+            top_k=-1 if eval_mode else r.top_k,
+            max_new_tokens=r.response_length,
+            stop_token_ids=stop,
+            seed=self.cfg.train.seed + self.layout.dp_rank,
+        )
+
+    def generate_batch(self, *, dynamic: bool, max_rounds: int) -> dict:
+        """On an engine rank: this replica's prompts, sampled and scored. With dynamic
+        sampling (DAPO), groups whose scores are all equal are dropped and more prompts are
+        sampled, up to ``max_rounds`` rounds (the same number on every replica, so the data
+        cursors stay in step); a batch still short is topped up with dropped groups."""
+        params = self.sampling_params()
+        kept, dropped, rounds, target = [], [], 0, None
+        errors = timeouts = 0
+        while True:
+            prompts = self.data.next_batch()
+            target = target or len(prompts)
+            rounds += 1
+            self._calls += 1
+            seed = self.cfg.train.seed * 1_000_003 + self._calls * 7919 + self.layout.dp_rank
+            payload = generate_and_score(
+                self.engine, prompts, _with_seed(params, seed), self.reward_fn, self.tokenizer,
+                group_offset=(self.layout.dp_rank * max_rounds + rounds - 1) * len(prompts),
+            )
+            errors += payload["reward_errors"]
+            timeouts += payload["reward_timeouts"]
+            for g in _split_groups(payload, params.n):
+                (kept if not dynamic or len(set(g["scores"])) > 1 else dropped).append(g)
+            if groups.all_engines_done(not dynamic or len(kept) >= target or rounds >= max_rounds):
+                break
+        out = _join_groups((kept + dropped)[:target])
+        out.update(rounds=rounds, reward_errors=errors, reward_timeouts=timeouts, kept_groups=min(len(kept), target))
+        return out
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy (``rollout.eval_temperature``) accuracy on the held-out prompts."""
+        if not self.eval_items:
+            return {}
+        correct = torch.zeros(2, dtype=torch.float64)
+        if self.engine is not None:
+            mine = self.eval_items[self.layout.dp_rank :: self.layout.dp]
+            if mine:
+                payload = generate_and_score(self.engine, mine, self.sampling_params(eval_mode=True), self.reward_fn, self.tokenizer, group_offset=0)
+                correct += torch.tensor([sum(payload["correct"]), len(payload["correct"])], dtype=torch.float64)
+            correct = groups.engines_sum(correct)
+        if self.engine is None or correct[1] == 0:
+            return {}
+        return {"eval/accuracy": float(correct[0] / correct[1]), "eval/num_samples": float(correct[1])}
+
+    def minibatches(self, num_rows: int) -> list[torch.Tensor]:
+        """Row indices of each mini-batch of this rank's batch (contiguous, whole groups)."""
+        t, n = self.cfg.train, self.cfg.rollout.num_return_sequences_in_group
+        if t.mini_batch_size is None:
+            return [torch.arange(num_rows)]
+        rows = t.mini_batch_size * n // self.layout.dp
+        return [torch.arange(s, min(s + rows, num_rows)) for s in range(0, num_rows, rows)]
+
+    def rollout_metrics(self, exp: Experience) -> dict[str, float]:
+        from megappo.algo import moment_sums, moments_from_sums
+        from megappo.rollout import mismatch_metrics
+
+        scores = groups.dp_sum(moment_sums(exp.scores_B))
+        mean, var = moments_from_sums(scores)
+        lens = exp.batch.response_lens_B.double()
+        len_sums = groups.dp_sum(moment_sums(lens))
+        acc = groups.dp_sum(torch.tensor([exp.correct_B.double().sum(), float(len(exp))]))
+        trunc = groups.dp_sum(torch.tensor([exp.truncated_B.double().sum()]))
+        errs = groups.dp_sum(torch.tensor([float(exp.reward_errors), float(exp.reward_timeouts)]))
+        out = {
+            "reward/mean": float(mean),
+            "reward/std": float(var.clamp(min=0).sqrt()),
+            "reward/accuracy": float(acc[0] / acc[1]),
+            "reward/errors": float(errs[0]),
+            "reward/timeouts": float(errs[1]),
+            "response_length/mean": float(len_sums[1] / len_sums[0]),
+            "response_length/max": float(groups.dp_max(lens.max().reshape(1))[0]),
+            "response_length/truncated_frac": float(trunc[0] / acc[1]),
+        }
+        mm = mismatch_metrics(exp.old_logprobs_BT, exp.rollout_logprobs_BT, exp.mask_BT.float())
+        out.update(groups.dp_mean_metrics({k: float(v) for k, v in mm.items()}))
+        return out
+
+    def sync_weights(self):
+        from megappo.rollout import sync_weights
+
+        return sync_weights(self.actor.models, self.engine, self.layout, bucket_mb=self.cfg.rollout.weight_sync_bucket_mb)
+
+    # -- checkpoints --------------------------------------------------------------------
+
+    def _policies(self) -> dict:
+        return {name: p for name, p in (("actor", self.actor), ("critic", self.critic)) if p is not None}
+
+    def save_checkpoint(self, step: int, objective) -> None:
+        t0 = time.perf_counter()
+        self.ckpt.save(
+            step,
+            policies=self._policies(),
+            extra={"step": step, "data": self.data.state_dict(), "objective": objective.state_dict()},
+            config_dict=config_to_dict(self.cfg),
+            spec_dict=self.spec.to_dict(),
+            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
+        )
+        log.info("checkpoint step %d saved in %.1f s", step, time.perf_counter() - t0)
+
+    def resume(self, objective) -> int:
+        """Load the latest checkpoint when ``checkpoint.resume`` is auto; returns its step (0 if none)."""
+        if self.cfg.checkpoint.resume != "auto" or self.ckpt.latest() is None:
+            return 0
+        extra = self.ckpt.load(
+            self.ckpt.latest(),
+            policies=self._policies(),
+            spec_dict=self.spec.to_dict(),
+            tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer),
+        )
+        self.data.load_state_dict(extra["data"])
+        objective.load_state_dict(extra["objective"])
+        log.info("resumed from %s at step %d", self.ckpt.latest(), extra["step"])
+        return int(extra["step"])
+
+    def save_hf(self, tag: str) -> None:
+        from megappo.weights import save_hf
+
+        out = os.path.join(self.cfg.train.run_dir, "hf", tag)
+        tok_dir = self.cfg.data.tokenizer_path or self.cfg.model.hf_path
+        save_hf(self.actor.models, out, hf_config=self.hf_config, tokenizer_dir=tok_dir)
+        log.info("actor saved in HF format to %s", out)
+
+    # -- misc ---------------------------------------------------------------------------
+
+    def timer(self) -> PhaseTimer:
+        return PhaseTimer()
+
+    def progress(self, iterable, desc: str):
+        from megappo.metrics import progress
+
+        return progress(iterable, desc=desc, enabled=self.cfg.logging.progress_bar and self.layout.rank == 0)
+
+    def close(self) -> None:
+        if self.reward_fn is not None:
+            self.reward_fn.close()
+        if self.engine is not None:
+            self.engine.shutdown()
+        self.metrics.close()
+
+
+def _with_seed(params, seed: int):
+    from dataclasses import replace
+
+    return replace(params, seed=int(seed % (2**31 - 1)))
+
+
+_PER_RESPONSE = ("prompt_ids", "response_ids", "logprobs", "truncated", "group_ids", "texts", "scores", "correct")
+
+
+def _split_groups(payload: dict, n: int) -> list[dict]:
+    """The per-response lists of a payload, cut into groups of ``n`` (one prompt each)."""
+    size = len(payload["scores"])
+    return [{k: payload[k][i : i + n] for k in _PER_RESPONSE} for i in range(0, size, n)]
+
+
+def _join_groups(chosen: list[dict]) -> dict:
+    return {k: [x for g in chosen for x in g[k]] for k in _PER_RESPONSE}
+
+
+def build_components(cfg: Config) -> RunComponents:
+    """Initialize the process groups and build every component of a run from ``cfg``."""
+    from transformers import AutoTokenizer
+
+    from megappo.checkpoint import CheckpointManager
+    from megappo.data import PromptDataset, PromptLoader, RewardFunction
+    from megappo.metrics import MetricsLogger
+    from megappo.models import build_policy
+    from megappo.parallel.state import init_parallel
+    from megappo.rollout import build_engine
+    from megappo.weights import load_hf_into_model
+
+    p = cfg.parallel
+    layout = init_parallel(
+        p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size,
+        seed=cfg.train.seed, device=p.device, backend=p.backend,
+    )
+    seed_everything(cfg.train.seed)
+    if cfg.model.hf_path is None:
+        raise ValueError("model.hf_path must name a HuggingFace model directory")
+    spec = ModelSpec.from_hf_dir(cfg.model.hf_path)
+    with open(os.path.join(cfg.model.hf_path, "config.json")) as f:
+        hf_config = json.load(f)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer_path or cfg.model.hf_path)
+
+    actor = build_policy(cfg, spec, "actor", layout)
+    load_hf_into_model(actor.models, cfg.model.hf_path)
+    critic = reference = None
+    if uses_critic(cfg):
+        critic_dir = cfg.model.critic_hf_path or cfg.model.hf_path
+        critic = build_policy(cfg, ModelSpec.from_hf_dir(critic_dir), "critic", layout)
+        load_hf_into_model(critic.models, critic_dir)
+    if cfg.algo.use_kl_loss or cfg.algo.add_token_level_kl:
+        reference = build_policy(cfg, spec, "reference", layout)
+        load_hf_into_model(reference.models, cfg.model.hf_path)
+
+    engine = reward_fn = None
+    if groups.is_engine_rank():
+        engine = build_engine(cfg.rollout, hf_dir=cfg.model.hf_path, hf_config=hf_config, layout=layout)
+        reward_fn = RewardFunction.from_config(cfg.reward)
+
+    if cfg.data.train_path is None:
+        raise ValueError("data.train_path must name a .jsonl or .parquet file of prompts")
+    train_set = PromptDataset.from_config(cfg.data, tokenizer, path=cfg.data.train_path)
+    data = PromptLoader(
+        train_set,
+        global_batch_size=cfg.train.rollout_batch_size,
+        dp_rank=layout.dp_rank,
+        dp_size=layout.dp,
+        seed=cfg.train.seed,
+        shuffle=cfg.data.shuffle,
+    )
+    eval_items = []
+    if cfg.data.eval_path and cfg.train.eval_every:
+        eval_set = PromptDataset.from_config(cfg.data, tokenizer, path=cfg.data.eval_path)
+        eval_items = list(eval_set)[: cfg.data.max_eval_samples]
+
+    ckpt = CheckpointManager(cfg.checkpoint.dir or os.path.join(cfg.train.run_dir, "checkpoints"), keep_last=cfg.checkpoint.keep_last)
+    metrics = MetricsLogger(cfg.train.run_dir, tensorboard=cfg.logging.tensorboard, console_every=cfg.logging.console_every, rank=layout.rank)
+    if layout.rank == 0:
+        os.makedirs(cfg.train.run_dir, exist_ok=True)
+        with open(os.path.join(cfg.train.run_dir, "config.yaml"), "w") as f:
+            from megappo.config import config_to_yaml
+
+            f.write(config_to_yaml(cfg))
+    return RunComponents(cfg, layout, spec, hf_config, tokenizer, actor, critic, reference, engine, reward_fn, data, eval_items, ckpt, metrics)
