@@ -5,7 +5,8 @@
 #
 # Every pip call sees PIP_CONSTRAINT=constraints.txt, which pins torch==2.13.0: an unpinned
 # torch would pull the newest CUDA build (GBs). On these machines that pin resolves to the
-# local CPU wheel. Installation runs once per change of setup.py / constraints.txt (stamp file).
+# local CPU wheel; elsewhere pass TORCH_INDEX=https://download.pytorch.org/whl/cpu to get the
+# CPU build. Installation runs once per change of setup.py / constraints.txt (stamp file).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,6 +14,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+TORCH_INDEX ?=
 
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -30,7 +32,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): setup.py constraints.txt | $(PY)
-	$(PY) -m pip install --no-input torch==2.13.0
+	$(PY) -m pip install --no-input torch==2.13.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(PY) -m pip install --no-input -e '.[test]'
 	touch $@
 

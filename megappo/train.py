@@ -108,8 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     from megappo.trainer import run  # imports torch and Megatron: only for real runs
 
-    run(cfg)
-    return 0
+    return int(run(cfg) or 0)  # the trainer's status (e.g. its preemption code)
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def test_training_hands_the_config_to_the_trainer(tmp_path: Path, monkeypatch: p
     data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
     seen = []
     fake = types.ModuleType("megappo.trainer")
-    fake.run = seen.append
+    fake.run = lambda cfg: seen.append(cfg) or 0
     monkeypatch.setitem(sys.modules, "megappo.trainer", fake)
     argv = [f"model.hf_path={model}", f"data.train_path={data}", "algo.preset=liteppo", "rollout.num_return_sequences_in_group=2"]
     assert main(argv) == 0
@@ -102,6 +102,8 @@ def test_training_hands_the_config_to_the_trainer(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main([*argv, "parallel.tensor_model_parallel_size=2"]) == 0  # 2 ranks = TP 2 x DP 1
     assert main([*argv, "parallel.tensor_model_parallel_size=4"]) == 2  # needs 4 ranks (and 4 heads is fine)
+    fake.run = lambda cfg: 124  # the trainer's status is the process's (a preemption code, say)
+    assert main(argv) == 124
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -103,8 +103,9 @@ class RolloutConfig:
     engine: Literal["embedded", "sglang", "sglang_server"] = "embedded"
     """Rollout engine: ``embedded`` (plain torch in the trainer process; the CPU default),
     ``sglang`` (colocated ``sglang.Engine``) or ``sglang_server`` (external servers by URL)."""
-    num_return_sequences_in_group: int = 1
-    """Responses sampled per prompt (the group size G of GRPO/LitePPO)."""
+    num_return_sequences_in_group: int = 8
+    """Responses sampled per prompt (the group size G of GRPO/LitePPO); group-level
+    statistics need at least 2."""
     response_length: int = 512
     """Maximum new tokens per response; longer responses are truncated (finish reason ``length``)."""
     temperature: float = 1.0

@@ -30,6 +30,11 @@ SUPPORTED_MEGATRON = ("0.16.",)
 #   optimizer.optimizer              found_inf / _scale tensors of the FP32 and mixed-precision optimizers
 #   optimizer.clip_grads             the gradient-norm all-reduce buffers
 #   transformer.utils                the default causal and sliding-window masks
+#   utils                            local_multi_tensor_l2_norm, the gradient norm (clip_grad) without apex/TE
+#   dist_checkpointing.*             torch.cuda.synchronize() before writing (filesystem_async, async_utils,
+#                                    fully_parallel, tensor_aware_state_dict), the save-verification flags
+#                                    (state_dict_saver), and the shard-exchange buffers of fully parallel
+#                                    loading (exchange_utils, mapping's ShardedTensor.init_data("cuda"))
 #   pipeline_parallel.p2p_communication  torch.cuda.synchronize() around the shape exchange
 _CUDA_LITERAL_MODULES = (
     "megatron.core.pipeline_parallel.p2p_communication",
@@ -39,6 +44,14 @@ _CUDA_LITERAL_MODULES = (
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.transformer.utils",
+    "megatron.core.utils",
+    "megatron.core.dist_checkpointing.mapping",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.tensor_aware_state_dict",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
 )
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "ones_like", "empty_like")
 
@@ -140,6 +153,58 @@ def _patch_causal_masks():
     fsoft.get_default_causal_mask = get_default_causal_mask
 
 
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+@contextlib.contextmanager
+def _cuda_type_names():
+    """While active, ``Tensor.type()`` (no arguments) names CPU float tensors as their CUDA
+    counterparts; conversions (``type(dtype)``) are untouched."""
+    orig = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = orig(self)
+            return _CUDA_TYPE_NAMES.get(name, name)
+        return orig(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = orig
+
+
+def _with_cuda_type_names(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _cuda_type_names():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _patch_tensor_type_checks():
+    """The optimizers sort parameters by ``param.type()`` strings and accept only
+    ``'torch.cuda.*Tensor'`` (``clip_grad_by_total_norm_fp32`` asserts it; the distributed
+    and the mixed-precision optimizer raise ``TypeError`` on anything else). Only these
+    three calls see CPU tensors under their CUDA names, and only while they run."""
+    clip = importlib.import_module("megatron.core.optimizer.clip_grads")
+    opt = importlib.import_module("megatron.core.optimizer.optimizer")
+    dopt = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    if opt.clip_grad_by_total_norm_fp32 is not clip.clip_grad_by_total_norm_fp32:
+        raise RuntimeError("megatron-core changed: optimizer.clip_grad_by_total_norm_fp32 is not clip_grads'")
+    clip.clip_grad_by_total_norm_fp32 = opt.clip_grad_by_total_norm_fp32 = _with_cuda_type_names(
+        clip.clip_grad_by_total_norm_fp32
+    )
+    for cls in (dopt.DistributedOptimizer, opt.Float16OptimizerWithFloat16Params):
+        cls.__init__ = _with_cuda_type_names(cls.__init__)
+
+
 def apply() -> None:
     """Apply every CPU patch once. Call before building models or optimizers."""
     global _applied
@@ -174,4 +239,5 @@ def apply() -> None:
 
     _patch_rng_tracker()
     _patch_causal_masks()
+    _patch_tensor_type_checks()
     _applied = True

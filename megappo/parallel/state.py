@@ -132,6 +132,10 @@ def init_parallel(
         virtual_pipeline_model_parallel_size=vpp,
         distributed_timeout_minutes=timeout_minutes,
     )
+    # As Megatron-LM: the CPU generator initializes the weights (use_cpu_initialization), so
+    # it is seeded, per pipeline stage so that stages do not repeat each other's layers;
+    # ranks of one stage get the same seed and hence the same full weights to shard.
+    torch.manual_seed(seed + 100 * mpu.get_pipeline_model_parallel_rank())
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     _LAYOUT = ParallelLayout(
         rank=dist.get_rank(),
@@ -156,12 +160,16 @@ def get_layout() -> ParallelLayout:
     return _LAYOUT
 
 
-def destroy_parallel() -> None:
-    """Tear down Megatron's groups and the default process group (tests, tools)."""
+def destroy_parallel(*, keep_process_group: bool = False) -> None:
+    """Tear down Megatron's groups and the default process group (tests, tools).
+
+    ``keep_process_group`` keeps torch.distributed up, so that ``init_parallel`` can lay
+    the same processes out differently (tests compare TP / PP layouts in one launch).
+    """
     global _LAYOUT
     from megatron.core import parallel_state as mpu
 
     mpu.destroy_model_parallel()
-    if dist.is_initialized():
+    if dist.is_initialized() and not keep_process_group:
         dist.destroy_process_group()
     _LAYOUT = None

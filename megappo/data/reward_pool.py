@@ -1,0 +1,327 @@
+"""Worker processes that run reward functions with a per-item timeout (stdlib only).
+
+Why processes: ``math-verify`` and sympy can run for minutes on adversarial input, and
+``math-verify`` times itself out with ``signal.alarm``, which only works in a process's
+main thread. Each item therefore runs in the main thread of a pool worker, under two
+timeouts:
+
+1. In the worker, a ``SIGALRM`` timer raises ``ItemTimeout`` (a ``BaseException``, so a
+   reward function's own ``except Exception`` cannot swallow it) after ``timeout_s``. This
+   ends pure-Python hangs (sympy, a ``time.sleep``) cheaply; the worker stays alive.
+2. In the parent, a watchdog gives every item ``timeout_s + kill_grace_s``, counted from
+   when it was handed to a started pool (a fresh pool's workers first import their
+   modules, which takes seconds with sympy). An item still running then
+   is stuck where signals cannot reach it (a long C call, a function that blocked
+   ``SIGALRM``): every worker is killed, the pool is dropped and recreated on demand, and
+   the other in-flight items are run again.
+
+The pool uses the ``spawn`` start method: forking a process that runs torch.distributed,
+CUDA or NCCL threads can deadlock the child. Workers import only what they are told to
+(``preload``) plus, by pickle, the module of the function they run; this module and
+``megappo.data.rewards`` import neither torch nor Megatron, and the parent's ``__main__``
+is not re-imported in the workers (see ``_main_module_hidden``).
+
+At most ``num_workers`` items are in flight, so an item's clock starts when it is handed
+to an idle worker, not while it waits in a queue.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import importlib
+import importlib.util
+import logging
+import multiprocessing
+import signal
+import sys
+import time
+import weakref
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+Status = Literal["ok", "error", "timeout"]
+
+STARTUP_ALLOWANCE_S = 120.0
+"""How long fresh workers may take to start (spawn an interpreter, import the preloads)
+before the pool is declared unable to start."""
+
+_MAX_CRASH_RETRIES = 1
+"""A worker that dies (segfault, ``os._exit``) breaks the whole pool and every in-flight
+item fails with it; each such item is retried this many times before it counts as an error."""
+
+
+class ItemTimeout(BaseException):
+    """Raised inside a worker by the item's SIGALRM timer."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one item: ``value`` is the function's return value (``None`` unless
+    ``status == "ok"``); ``message`` says what went wrong otherwise."""
+
+    status: Status
+    value: Any = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Preload:
+    """A module a worker imports at start: by name, or from a ``.py`` file under ``name``
+    (so that functions pickled by reference to ``name`` resolve in the worker)."""
+
+    name: str
+    file: Optional[str] = None
+
+
+def import_preload(preload: Preload) -> Any:
+    """Import ``preload`` into ``sys.modules`` (idempotent) and return the module."""
+    if preload.name in sys.modules:
+        return sys.modules[preload.name]
+    if preload.file is None:
+        return importlib.import_module(preload.name)
+    spec = importlib.util.spec_from_file_location(preload.name, preload.file)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load a Python module from {preload.file}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[preload.name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[preload.name]
+        raise
+    return module
+
+
+def _init_worker(sys_path: list[str], preloads: Sequence[Preload], quiet_loggers: Sequence[str]) -> None:
+    sys.path[:] = sys_path
+    # The parent handles Ctrl-C; a worker that also died of it would break the pool mid-call.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in quiet_loggers:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for preload in preloads:
+        import_preload(preload)
+
+
+def _noop() -> None:
+    pass
+
+
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Make ``spawn`` children skip re-importing the parent's ``__main__``.
+
+    ``multiprocessing.spawn`` has every child import the parent's main module (by
+    ``__spec__.name`` or ``__file__``). Under ``torchrun -m megappo.train`` that loads the
+    trainer's imports into each reward worker; under ``python -`` or an embedded
+    interpreter the file does not exist and the worker dies. Reward workers need nothing
+    from ``__main__`` (functions are looked up by module name), so the two attributes are
+    hidden while the workers are started.
+    """
+    main = sys.modules.get("__main__")
+    saved = {name: main.__dict__[name] for name in ("__spec__", "__file__") if main is not None and name in main.__dict__}
+    try:
+        if main is not None:
+            main.__spec__ = None
+            main.__dict__.pop("__file__", None)
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    raise ItemTimeout()
+
+
+def run_item(fn: Callable[..., Any], args: tuple, timeout_s: float) -> Outcome:
+    """Run ``fn(*args)`` under a SIGALRM timer (only valid in a process's main thread)."""
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        return Outcome("ok", fn(*args))
+    except ItemTimeout:
+        return Outcome("timeout", message=f"exceeded {timeout_s:g} s")
+    except (Exception, SystemExit) as error:
+        return Outcome("error", message=f"{type(error).__name__}: {error}")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _stop(executor: ProcessPoolExecutor) -> None:
+    """Shut ``executor`` down without waiting on a stuck task: idle workers exit, the rest
+    are killed. ProcessPoolExecutor has no public way to stop a running task before
+    Python 3.14 (``kill_workers``); its ``_processes`` map is the only handle on them."""
+    processes = list((getattr(executor, "_processes", None) or {}).values())
+    executor.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.join(timeout=0.5)
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=10)
+
+
+@dataclass
+class _Task:
+    index: int
+    args: tuple
+    crashes: int = 0
+    deadline: Optional[float] = None
+    """When the parent's watchdog gives up on it; None until the workers have started."""
+
+
+class RewardWorkerPool:
+    """A small, lazily started, reusable pool of ``spawn`` workers (see the module docstring).
+
+    ``run(fn, items)`` returns one ``Outcome`` per item, in order; it never raises for a
+    failing, hanging or crashing item (only when the workers cannot start at all). ``fn``
+    must be picklable by reference (a module-level function of a module the workers can
+    import); the parent's ``sys.path`` is handed to every worker, and ``preload`` modules
+    (e.g. loaded from a file) are imported by each worker before it takes work.
+    """
+
+    def __init__(
+        self,
+        num_workers: int,
+        timeout_s: float,
+        *,
+        kill_grace_s: Optional[float] = None,
+        preload: Sequence[Preload] = (),
+        quiet_loggers: Sequence[str] = (),
+    ) -> None:
+        if num_workers < 1:
+            raise ValueError(f"reward.num_workers must be >= 1, got {num_workers}")
+        if timeout_s <= 0:
+            raise ValueError(f"reward.timeout_s must be > 0, got {timeout_s}")
+        self.num_workers = num_workers
+        self.timeout_s = timeout_s
+        self.kill_grace_s = max(2.0, 0.5 * timeout_s) if kill_grace_s is None else kill_grace_s
+        self._preload = tuple(preload)
+        self._quiet_loggers = tuple(quiet_loggers)
+        self._executor: Optional[ProcessPoolExecutor] = None
+        self._finalizer: Optional[weakref.finalize] = None
+        self._warmup: list[Future] = []
+        self._created = 0.0
+        self.restarts = 0
+        """How many times the pool was killed and dropped (hung or crashed workers)."""
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            executor = ProcessPoolExecutor(
+                max_workers=self.num_workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(list(sys.path), self._preload, self._quiet_loggers),
+            )
+            self._finalizer = weakref.finalize(self, _stop, executor)
+            # A spawn executor starts a worker per submit while none is idle: start them all
+            # now, with the parent's __main__ hidden. Their no-op answers say the pool is up.
+            with _main_module_hidden():
+                self._warmup = [executor.submit(_noop) for _ in range(self.num_workers)]
+            self._created = time.monotonic()
+            self._executor = executor
+        return self._executor
+
+    def _started(self) -> bool:
+        """Whether the workers answer; raises when they could not start."""
+        if not all(future.done() for future in self._warmup):
+            if time.monotonic() - self._created > STARTUP_ALLOWANCE_S:
+                raise RuntimeError(f"reward workers did not start within {STARTUP_ALLOWANCE_S:g} s")
+            return False
+        errors = [future.exception() for future in self._warmup]
+        if errors and all(error is not None for error in errors):
+            raise RuntimeError(
+                f"reward workers failed to start (did an import fail in the worker?): {type(errors[0]).__name__}: {errors[0]}"
+            )
+        return True
+
+    def _drop_pool(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()  # stops the workers, once
+        self._executor = None
+        self._finalizer = None
+        self._warmup = []
+
+    def run(self, fn: Callable[..., Any], items: Sequence[tuple]) -> list[Outcome]:
+        try:
+            return self._run(fn, items)
+        except BaseException:
+            self._drop_pool()  # e.g. Ctrl-C: leave no worker running a task behind
+            raise
+
+    def _run(self, fn: Callable[..., Any], items: Sequence[tuple]) -> list[Outcome]:
+        outcomes: list[Optional[Outcome]] = [None] * len(items)
+        pending = collections.deque(_Task(index, tuple(args)) for index, args in enumerate(items))
+        running: dict[Future, _Task] = {}
+        while pending or running:
+            self._submit(fn, pending, running)
+            waiting_for = list(running) + [f for f in self._warmup if not f.done()]
+            deadlines = [task.deadline for task in running.values() if task.deadline is not None]
+            limit = min(deadlines) if deadlines else self._created + STARTUP_ALLOWANCE_S
+            done, _ = wait(waiting_for, timeout=max(0.0, limit - time.monotonic()), return_when=FIRST_COMPLETED)
+            crashed: list[_Task] = []
+            for future in done:
+                if future not in running:
+                    continue  # a warm-up answer
+                task = running.pop(future)
+                try:
+                    outcomes[task.index] = future.result()
+                except BrokenProcessPool:
+                    crashed.append(task)
+            if crashed:
+                # Every in-flight item fails with the pool; collect them so none is left behind.
+                rest, _ = wait(list(running) + self._warmup, timeout=10.0)
+                crashed += [running.pop(future) for future in rest if future in running]
+                self._started()  # raises when no worker ever started
+                for task in crashed:
+                    task.crashes += 1
+                    if task.crashes > _MAX_CRASH_RETRIES:
+                        outcomes[task.index] = Outcome("error", message="the reward worker died while running it")
+                    else:
+                        pending.appendleft(task)
+            elif self._started():
+                self._start_clocks(running)
+            now = time.monotonic()
+            expired = [future for future, task in running.items() if task.deadline is not None and task.deadline <= now]
+            for future in expired:
+                task = running.pop(future)
+                outcomes[task.index] = Outcome(
+                    "timeout", message=f"still running after {self.timeout_s + self.kill_grace_s:g} s; worker killed"
+                )
+            if expired or crashed:
+                for task in running.values():  # innocent items die with the pool: run them again
+                    task.deadline = None
+                    pending.appendleft(task)
+                running.clear()
+                self._drop_pool()
+                self.restarts += 1
+                logger.warning("reward worker pool restarted: %s", "a worker hung" if expired else "a worker died")
+        assert all(outcome is not None for outcome in outcomes)
+        return outcomes  # type: ignore[return-value]
+
+    def _submit(self, fn: Callable[..., Any], pending: collections.deque, running: dict[Future, _Task]) -> None:
+        """Fill idle workers. An item that has crashed a worker before runs alone, so that
+        a second crash is its own and not a bystander's."""
+        while pending and len(running) < self.num_workers:
+            if any(task.crashes for task in running.values()) or (pending[0].crashes and running):
+                return
+            task = pending.popleft()
+            future = self._pool().submit(run_item, fn, task.args, self.timeout_s)
+            running[future] = task
+            if self._started():
+                self._start_clocks(running)
+
+    def _start_clocks(self, running: dict[Future, _Task]) -> None:
+        deadline = time.monotonic() + self.timeout_s + self.kill_grace_s
+        for task in running.values():
+            if task.deadline is None:
+                task.deadline = deadline
+
+    def close(self) -> None:
+        """Stop the workers (killing any that still run); the pool restarts on the next ``run``."""
+        self._drop_pool()

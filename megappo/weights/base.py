@@ -1,0 +1,440 @@
+"""The engine shared by every model family: a declarative table of which HF tensors make up
+which Megatron tensor, and the pure functions that apply it to one rank's shard.
+
+A family (``llama.py``, ``qwen2.py``, ...) is a ``FamilyTable``: a list of ``TensorRule``.
+Each rule names one Megatron tensor, the HF tensors it is made of, how they are fused
+(``identity``, ``qkv``, ``concat``) and along which dimension every HF input is split over
+tensor-parallel ranks. Everything else (TP shards, vocabulary padding, pipeline stages,
+virtual chunks, tied embeddings, the critic, local vs Transformer Engine names) is handled
+here once, so a new family is a new table. A mixture-of-experts family would add rules whose
+names carry an ``{expert}`` field and a plan step that expands it (and splits experts over
+expert-parallel ranks); dense families never see it.
+
+Why fusing and sharding commute: every HF input of a fused tensor is split into contiguous
+chunks along ``tp_dim``, and rank r's Megatron shard is ``fuse(chunk_r(inputs))``:
+- QKV: Megatron's ``linear_qkv`` rows are grouped per KV head (query group g: its q heads,
+  then its k head, then its v head). Query groups ``[r*G/tp, (r+1)*G/tp)`` live on rank r,
+  and their q, k and v rows are contiguous chunks of ``q_proj``, ``k_proj``, ``v_proj``.
+- SwiGLU fc1: rank r holds ``[gate_r; up_r]``, so the full fc1 is not a contiguous split
+  of ``[gate; up]``, but fusing the chunks is.
+Exporting does the inverse per shard (split each shard, concatenate the pieces of every HF
+tensor along ``tp_dim``), so one rule serves load, export and weight sync.
+
+Vocabulary rows are padded to a multiple of TP (``ModelSpec.padded_vocab_size``): padded
+rows are zero on load and dropped on export.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import torch
+
+from megappo.models.spec import ModelSpec
+
+Fuse = Literal["identity", "qkv", "concat"]
+Condition = Literal["qkv_bias", "qk_norm", "untied_head", "tied_head_copy"]
+Stage = Literal["first", "last", "layer"]
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """One Megatron tensor and the HF tensors it is made of.
+
+    ``megatron``: the name under the model (``stage`` first / last) or under
+    ``decoder.layers.N.`` (``stage`` layer). ``hf``: HF names; ``{layer}`` is the global
+    layer number. ``tp_dim``: the dimension every HF input is split along over TP ranks
+    (None: replicated). ``vocab``: rows are the vocabulary (padded to a multiple of TP).
+    ``when``: present only under this condition. ``te_name``: the name under the
+    Transformer Engine layer spec when it differs (norms fused into the next linear).
+    ``export``: False for a copy that another rule already exports (the tied head).
+    ``shapes``: each HF input's shape in symbols of the spec (``vocab``, ``hidden``, ``ffn``,
+    ``q`` = heads x head_dim, ``kv`` = KV heads x head_dim, ``head_dim``).
+    """
+
+    megatron: str
+    hf: tuple[str, ...]
+    shapes: tuple[tuple[str, ...], ...]
+    stage: Stage = "layer"
+    fuse: Fuse = "identity"
+    tp_dim: int | None = None
+    vocab: bool = False
+    when: Condition | None = None
+    te_name: str | None = None
+    export: bool = True
+
+
+@dataclass(frozen=True)
+class FamilyTable:
+    """How one HF model family maps onto Megatron's GPTModel."""
+
+    family: str
+    architectures: tuple[str, ...]
+    rules: tuple[TensorRule, ...]
+    ignored_hf: tuple[str, ...] = (r"\.rotary_emb\.inv_freq$",)
+    """Regexes of HF tensors that carry no weights (older checkpoints store RoPE buffers)."""
+    config_problems: Callable[[dict], list[str]] = field(default=lambda cfg: [])
+    """Settings the HF config may have that this mapping cannot represent, as messages."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which part of the model one rank's module holds: TP rank, layers, first / last stage."""
+
+    tp: int = 1
+    tp_rank: int = 0
+    first_layer: int = 0
+    num_layers: int | None = None
+    pre_process: bool = True
+    post_process: bool = True
+
+    def layers(self, spec: ModelSpec) -> range:
+        n = spec.num_layers - self.first_layer if self.num_layers is None else self.num_layers
+        return range(self.first_layer, self.first_layer + n)
+
+    @classmethod
+    def of_stage(
+        cls,
+        spec: ModelSpec,
+        *,
+        tp: int = 1,
+        tp_rank: int = 0,
+        pp: int = 1,
+        pp_rank: int = 0,
+        vpp: int | None = None,
+        vp_stage: int | None = None,
+    ) -> "Placement":
+        """Megatron's even split: chunk c of stage p holds layers ``[(c*pp + p) * n, ...)``
+        with ``n = L / (pp * vpp)``."""
+        spec.check_parallel(tp, pp, vpp)
+        chunks, chunk = vpp or 1, vp_stage or 0
+        n = spec.num_layers // (pp * chunks)
+        return cls(
+            tp=tp,
+            tp_rank=tp_rank,
+            first_layer=(chunk * pp + pp_rank) * n,
+            num_layers=n,
+            pre_process=pp_rank == 0 and chunk == 0,
+            post_process=pp_rank == pp - 1 and chunk == chunks - 1,
+        )
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A rule resolved for one module: its local Megatron name and concrete HF names."""
+
+    megatron: str
+    hf: tuple[str, ...]
+    rule: TensorRule
+    layer: int | None
+
+
+def _holds(rule: TensorRule, spec: ModelSpec, role: str, placement: Placement) -> bool:
+    if rule.stage == "first" and not placement.pre_process:
+        return False
+    if rule.stage == "last" and not placement.post_process:
+        return False
+    if rule.when == "qkv_bias":
+        return spec.qkv_bias
+    if rule.when == "qk_norm":
+        return spec.qk_norm
+    tied = spec.tie_word_embeddings and role != "critic"
+    if rule.when == "untied_head":
+        return role != "critic" and not tied
+    if rule.when == "tied_head_copy":
+        # A tied head is the embedding itself on a stage that holds both; a last stage
+        # without the embedding keeps its own copy (Megatron syncs it by all-reduce).
+        return tied and not placement.pre_process
+    return True
+
+
+def plan(
+    table: FamilyTable,
+    spec: ModelSpec,
+    placement: Placement,
+    *,
+    role: str = "actor",
+    transformer_impl: str = "local",
+) -> list[Entry]:
+    """Every Megatron tensor of this module that comes from HF, in a fixed order (the same
+    on every TP rank: export gathers in this order)."""
+    te = transformer_impl == "transformer_engine"
+    out: list[Entry] = []
+    glob = [r for r in table.rules if r.stage != "layer"]
+    for rule in (r for r in glob if r.stage == "first"):
+        if _holds(rule, spec, role, placement):
+            out.append(Entry(_name(rule, te), rule.hf, rule, None))
+    for local, layer in enumerate(placement.layers(spec)):
+        for rule in (r for r in table.rules if r.stage == "layer"):
+            if _holds(rule, spec, role, placement):
+                hf = tuple(n.format(layer=layer) for n in rule.hf)
+                out.append(Entry(f"decoder.layers.{local}.{_name(rule, te)}", hf, rule, layer))
+    for rule in (r for r in glob if r.stage == "last"):
+        if _holds(rule, spec, role, placement):
+            out.append(Entry(_name(rule, te), rule.hf, rule, None))
+    return out
+
+
+def _name(rule: TensorRule, te: bool) -> str:
+    return rule.te_name if te and rule.te_name else rule.megatron
+
+
+def expected_hf_shapes(table: FamilyTable, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Every tensor a complete HF checkpoint of ``spec`` holds, with its shape."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    full = Placement()
+    for e in plan(table, spec, full, role="actor"):
+        if not e.rule.export:
+            continue
+        for name, shape in zip(e.hf, _hf_shapes(e.rule, spec)):
+            shapes[name] = shape
+    return shapes
+
+
+def _hf_shapes(rule: TensorRule, spec: ModelSpec) -> list[tuple[int, ...]]:
+    sizes = {
+        "vocab": spec.vocab_size,
+        "hidden": spec.hidden_size,
+        "ffn": spec.ffn_hidden_size,
+        "q": spec.num_attention_heads * spec.head_dim,
+        "kv": spec.num_kv_heads * spec.head_dim,
+        "head_dim": spec.head_dim,
+    }
+    return [tuple(sizes[d] for d in shape) for shape in rule.shapes]
+
+
+# ---- fusing ---------------------------------------------------------------------------
+
+
+def fuse(rule: TensorRule, spec: ModelSpec, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The Megatron tensor (or TP shard) made of the given HF tensors (or their TP chunks)."""
+    if rule.fuse == "identity":
+        return parts[0]
+    if rule.fuse == "concat":
+        return torch.cat(list(parts), dim=rule.tp_dim or 0)
+    q, k, v = parts
+    d, per_group = spec.head_dim, spec.num_attention_heads // spec.num_kv_heads
+    groups = k.shape[0] // d
+    rest = tuple(q.shape[1:])
+    return torch.cat(
+        [q.reshape(groups, per_group * d, *rest), k.reshape(groups, d, *rest), v.reshape(groups, d, *rest)], dim=1
+    ).reshape(groups * (per_group + 2) * d, *rest)
+
+
+def split(rule: TensorRule, spec: ModelSpec, fused: torch.Tensor) -> list[torch.Tensor]:
+    """Inverse of ``fuse`` on one shard."""
+    if rule.fuse == "identity":
+        return [fused]
+    if rule.fuse == "concat":
+        return list(fused.chunk(len(rule.hf), dim=rule.tp_dim or 0))
+    d, per_group = spec.head_dim, spec.num_attention_heads // spec.num_kv_heads
+    rest = tuple(fused.shape[1:])
+    groups = fused.shape[0] // ((per_group + 2) * d)
+    grouped = fused.reshape(groups, (per_group + 2) * d, *rest)
+    q, k, v = grouped.split([per_group * d, d, d], dim=1)
+    return [q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)]
+
+
+# ---- one rank's shard <-> HF tensors ---------------------------------------------------
+
+Reader = Callable[[str, int | None, int, int], torch.Tensor]
+"""``read(hf_name, dim, start, stop)``: rows ``[start, stop)`` of the HF tensor along
+``dim`` (the whole tensor when ``dim`` is None)."""
+
+
+def shard_from_hf(entry: Entry, spec: ModelSpec, placement: Placement, read: Reader) -> torch.Tensor:
+    """This rank's shard of ``entry``'s Megatron tensor, reading only its chunk of each HF input."""
+    rule, tp, r = entry.rule, placement.tp, placement.tp_rank
+    parts = []
+    for name in entry.hf:
+        if rule.tp_dim is None:
+            parts.append(read(name, None, 0, 0))
+            continue
+        if rule.vocab:
+            rows = spec.padded_vocab_size(tp) // tp
+            start, stop = r * rows, (r + 1) * rows
+            real = read(name, 0, start, min(stop, spec.vocab_size)) if start < spec.vocab_size else None
+            pad = stop - max(start, spec.vocab_size)
+            if pad > 0:
+                zeros = torch.zeros(pad, spec.hidden_size, dtype=real.dtype if real is not None else torch.float32)
+                real = zeros if real is None else torch.cat([real, zeros])
+            parts.append(real)
+            continue
+        total = _hf_dim_size(rule, spec, name, entry)
+        if total % tp:
+            raise ValueError(f"{name}: dimension {rule.tp_dim} of size {total} does not split over TP={tp}")
+        chunk = total // tp
+        parts.append(read(name, rule.tp_dim, r * chunk, (r + 1) * chunk))
+    return fuse(rule, spec, parts)
+
+
+def _hf_dim_size(rule: TensorRule, spec: ModelSpec, name: str, entry: Entry) -> int:
+    shape = _hf_shapes(rule, spec)[entry.hf.index(name)]
+    return shape[rule.tp_dim]
+
+
+def hf_from_shards(entry: Entry, spec: ModelSpec, shards: Sequence[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """The full HF tensors of ``entry`` from its TP shards (in TP-rank order)."""
+    rule = entry.rule
+    pieces = [split(rule, spec, s) for s in shards]
+    out = []
+    for i, name in enumerate(entry.hf):
+        if rule.tp_dim is None or len(shards) == 1:
+            full = pieces[0][i]
+        else:
+            full = torch.cat([p[i] for p in pieces], dim=rule.tp_dim)
+        if rule.vocab:
+            full = full[: spec.vocab_size]
+        out.append((name, full))
+    return out
+
+
+# ---- pure functions on state dicts -----------------------------------------------------
+
+
+def dict_reader(hf_state: dict[str, torch.Tensor]) -> Reader:
+    def read(name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
+        if name not in hf_state:
+            raise KeyError(f"HF state has no tensor {name!r}")
+        t = hf_state[name]
+        return t if dim is None else t.narrow(dim, start, stop - start)
+
+    return read
+
+
+def hf_to_megatron_state(
+    hf_state: dict[str, torch.Tensor],
+    spec: ModelSpec,
+    placement: Placement | None = None,
+    *,
+    role: str = "actor",
+    transformer_impl: str = "local",
+    table: FamilyTable | None = None,
+) -> dict[str, torch.Tensor]:
+    """One rank's Megatron state (local layer numbers, its TP shard) from a full HF state
+    dict. The default placement is the whole model at TP=1 (global layer numbers)."""
+    table = table or table_for(spec)
+    placement = placement or Placement()
+    read = dict_reader(hf_state)
+    return {
+        e.megatron: shard_from_hf(e, spec, placement, read).clone()
+        for e in plan(table, spec, placement, role=role, transformer_impl=transformer_impl)
+    }
+
+
+def megatron_to_hf_state(
+    tp_states: dict[str, torch.Tensor] | Sequence[dict[str, torch.Tensor]],
+    spec: ModelSpec,
+    placement: Placement | None = None,
+    *,
+    role: str = "actor",
+    transformer_impl: str = "local",
+    table: FamilyTable | None = None,
+) -> dict[str, torch.Tensor]:
+    """The HF tensors (global layer numbers, vocabulary unpadded) of one pipeline chunk from
+    its Megatron states, one per TP rank in rank order (a single dict at TP=1).
+    ``placement.tp_rank`` is ignored."""
+    table = table or table_for(spec)
+    states = [tp_states] if isinstance(tp_states, dict) else list(tp_states)
+    placement = placement or Placement(tp=len(states))
+    if placement.tp != len(states):
+        raise ValueError(f"placement says TP={placement.tp} but {len(states)} TP states were given")
+    out = {}
+    for e in plan(table, spec, placement, role=role, transformer_impl=transformer_impl):
+        if e.rule.export:
+            out.update(hf_from_shards(e, spec, [s[e.megatron] for s in states]))
+    return out
+
+
+# ---- validation ------------------------------------------------------------------------
+
+
+def check_hf_tensors(
+    table: FamilyTable,
+    spec: ModelSpec,
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    source: str,
+    strict: bool = True,
+) -> list[str]:
+    """Compare a checkpoint's tensor names and shapes with what ``spec`` needs. Raises one
+    ``ValueError`` naming every missing tensor, shape mismatch and (``strict``) unexpected
+    tensor; returns the unexpected names it tolerated."""
+    expected = expected_hf_shapes(table, spec)
+    ignored = [re.compile(p) for p in table.ignored_hf]
+    problems = []
+    for name, shape in expected.items():
+        if name not in shapes:
+            problems.append(f"missing tensor {name} (expected shape {list(shape)})")
+        elif tuple(shapes[name]) != shape:
+            problems.append(f"{name}: shape {list(shapes[name])} in the checkpoint, config implies {list(shape)}")
+    unexpected = [n for n in shapes if n not in expected and not any(p.search(n) for p in ignored)]
+    if spec.tie_word_embeddings and "lm_head.weight" in unexpected:
+        # Some tied checkpoints store the head anyway; it equals the embedding.
+        unexpected.remove("lm_head.weight")
+    if strict:
+        problems += [f"unexpected tensor {n} (not used by a {table.family} model with this config)" for n in unexpected]
+    if problems:
+        shown = problems[:40] + ([f"... and {len(problems) - 40} more"] if len(problems) > 40 else [])
+        raise ValueError(f"{source}: the weights do not match the config:\n  " + "\n  ".join(shown))
+    return unexpected
+
+
+_SPEC_FIELDS_THAT_SHAPE_WEIGHTS = (
+    "family",
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_kv_heads",
+    "head_dim",
+    "vocab_size",
+    "tie_word_embeddings",
+    "qkv_bias",
+    "qk_norm",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_type",
+    "rope_factor",
+    "sliding_window",
+)
+
+
+def spec_differences(model_spec: ModelSpec, other: ModelSpec) -> list[str]:
+    """The architecture fields where two specs disagree, as ``field: a vs b`` strings."""
+    return [
+        f"{f}: {getattr(model_spec, f)!r} (model) vs {getattr(other, f)!r}"
+        for f in _SPEC_FIELDS_THAT_SHAPE_WEIGHTS
+        if getattr(model_spec, f) != getattr(other, f)
+    ]
+
+
+def check_config(table: FamilyTable, cfg: dict, *, source: str) -> None:
+    """Architecture name and family-specific settings of an HF ``config.json``."""
+    problems = []
+    archs = cfg.get("architectures") or []
+    bad = [a for a in archs if a not in table.architectures]
+    if bad:
+        problems.append(
+            f"unsupported architecture {', '.join(bad)} for model_type {table.family!r} "
+            f"(supported: {', '.join(table.architectures)})"
+        )
+    problems += table.config_problems(cfg)
+    if problems:
+        raise ValueError(f"{source}: " + "; ".join(problems))
+
+
+# ---- the family registry ---------------------------------------------------------------
+
+
+def table_for(spec_or_family: ModelSpec | str) -> FamilyTable:
+    """The mapping table of a family (``spec.family``)."""
+    from megappo.weights import llama, mistral, qwen2, qwen3
+
+    family = spec_or_family if isinstance(spec_or_family, str) else spec_or_family.family
+    tables = {t.family: t for t in (llama.TABLE, qwen2.TABLE, qwen3.TABLE, mistral.TABLE)}
+    if family not in tables:
+        raise ValueError(f"no weight mapping for model family {family!r} (supported: {', '.join(tables)})")
+    return tables[family]

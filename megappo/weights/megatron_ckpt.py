@@ -1,0 +1,139 @@
+"""A model as a Megatron distributed checkpoint (``megatron.core.dist_checkpointing``),
+loadable at any TP / PP / VPP: tensors are stored by global key and resharded on load.
+
+Layout of a model checkpoint written by ``save_megatron_model`` (and by
+``tools/convert_hf_to_megatron.py``)::
+
+    DIR/
+      metadata.json, common.pt, *.distcp   dist_checkpointing (torch_dist) files
+      megappo_model.json                   {"format", "role", "spec", "hf_config", "saved_layout"}
+
+``load_megatron_model`` checks ``megappo_model.json``'s spec against the models before
+loading. A training checkpoint's ``step_N/actor`` directory holds the same model keys
+(next to the optimizer's), so ``load_megatron_model`` reads it too, given the spec.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+from megappo.models.spec import ModelSpec
+from megappo.weights.base import spec_differences
+from megappo.weights.model_io import unwrap
+
+MODEL_META = "megappo_model.json"
+MODEL_FORMAT = "megappo-megatron-model/1"
+
+
+# Modules of dist_checkpointing with CUDA-only calls on the save / load paths megappo uses
+# (``torch.cuda.synchronize()`` before writing, ``device="cuda"`` buffers when validating).
+# TODO(lead): this belongs in megappo/parallel/cpu_patches.py (_CUDA_LITERAL_MODULES); it is
+# here only until then, and steps aside once those modules are patched there.
+_DIST_CKPT_CUDA_MODULES = (
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+)
+
+
+def cpu_dist_checkpointing() -> None:
+    """On a CPU-only torch, give dist_checkpointing's modules the CPU ``torch`` stand-in of
+    ``megappo.parallel.cpu_patches`` (idempotent; a no-op with CUDA)."""
+    import importlib
+
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    from megappo.parallel import cpu_patches
+
+    stand_in = None
+    for name in _DIST_CKPT_CUDA_MODULES:
+        mod = importlib.import_module(name)
+        if mod.torch is torch:
+            stand_in = stand_in or cpu_patches._CpuTorch()
+            mod.torch = stand_in
+
+
+def sharded_model_state(models: Sequence) -> dict[str, Any]:
+    """``{"model": ...}`` (or ``model0``, ``model1``, ... per virtual chunk) of the chunks'
+    ``sharded_state_dict``, as Megatron-LM lays out its checkpoints. The keys inside are
+    global, so a checkpoint saved with one VPP loads with another."""
+    chunks = [unwrap(m) for m in models]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(chunks)}
+
+
+def load_model_state(models: Sequence, state: dict[str, Any]) -> None:
+    """Copy the loaded ``sharded_model_state`` layout into the chunks (strict)."""
+    chunks = [unwrap(m) for m in models]
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for chunk, key in zip(chunks, keys):
+        chunk.load_state_dict(state[key], strict=True)
+
+
+def save_megatron_model(models: Sequence, out_dir: str | os.PathLike, *, hf_config: dict | None = None) -> None:
+    """Save this rank's chunks into the distributed checkpoint ``out_dir`` (collective over
+    all ranks; ``out_dir`` must be empty or absent) and the metadata file."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as mpu
+
+    cpu_dist_checkpointing()
+    chunks = [unwrap(m) for m in models]
+    out = os.fspath(out_dir)
+    if dist.get_rank() == 0:
+        if os.path.isdir(out) and os.listdir(out):
+            raise ValueError(f"{out} is not empty; refusing to write a checkpoint over it")
+        os.makedirs(out, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(sharded_model_state(chunks), out)
+    if dist.get_rank() == 0:
+        meta = {
+            "format": MODEL_FORMAT,
+            "role": chunks[0].megappo_role,
+            "spec": chunks[0].megappo_spec.to_dict(),
+            "hf_config": hf_config,
+            "saved_layout": {
+                "tp": mpu.get_tensor_model_parallel_world_size(),
+                "pp": mpu.get_pipeline_model_parallel_world_size(),
+                "vpp": len(chunks) if len(chunks) > 1 else None,
+            },
+        }
+        with open(os.path.join(out, MODEL_META), "w") as f:
+            json.dump(meta, f, indent=2)
+    dist.barrier()
+
+
+def read_model_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    path = os.path.join(ckpt_dir, MODEL_META)
+    if not os.path.isfile(path):
+        raise ValueError(f"{ckpt_dir}: no {MODEL_META} (not a model checkpoint written by megappo)")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {MODEL_FORMAT!r}")
+    return meta
+
+
+def check_spec(model_spec: ModelSpec, saved: dict, *, source: str) -> None:
+    """A checkpoint's architecture must be the model's: name every field that differs."""
+    diffs = spec_differences(model_spec, ModelSpec(**saved))
+    if diffs:
+        raise ValueError(f"{source}: the checkpoint's architecture differs from the model's: " + "; ".join(diffs))
+
+
+def load_megatron_model(models: Sequence, ckpt_dir: str | os.PathLike, *, spec_dict: dict | None = None) -> None:
+    """Load a model checkpoint (any saved layout) into this rank's chunks. The spec comes
+    from ``megappo_model.json`` or, for a training checkpoint's role directory, ``spec_dict``."""
+    from megatron.core import dist_checkpointing
+
+    cpu_dist_checkpointing()
+    chunks = [unwrap(m) for m in models]
+    if spec_dict is None:
+        spec_dict = read_model_meta(ckpt_dir)["spec"]
+    check_spec(chunks[0].megappo_spec, spec_dict, source=os.fspath(ckpt_dir))
+    state = dist_checkpointing.load(sharded_model_state(chunks), os.fspath(ckpt_dir))
+    load_model_state(chunks, state)

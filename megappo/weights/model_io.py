@@ -1,0 +1,151 @@
+"""HF weights into and out of this rank's Megatron model chunks.
+
+``load_hf_into_model`` validates an HF directory against the models' ``ModelSpec`` (the
+config, then every tensor's name and shape), then streams each rank's TP chunk of each
+tensor from safetensors straight into the parameters: peak memory is the model plus one
+tensor. ``iter_hf_tensors`` gathers the TP shards of this pipeline stage's parameters and
+yields full HF-named tensors with global layer numbers, one at a time (weight sync and HF
+export both use it).
+
+Load before the optimizer copies parameters (bf16 master weights, distributed optimizer),
+or call ``optimizer.reload_model_params()`` afterwards: this module writes only the
+model's parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterator, Sequence
+
+import torch
+
+from megappo.models.spec import ModelSpec
+from megappo.weights.base import (
+    Entry,
+    Placement,
+    check_config,
+    check_hf_tensors,
+    hf_from_shards,
+    plan,
+    shard_from_hf,
+    spec_differences,
+    table_for,
+)
+from megappo.weights.hf_io import HFCheckpoint
+
+log = logging.getLogger("megappo")
+
+
+def unwrap(model):
+    """The ``GPTModel`` inside DDP / Float16Module wrappers."""
+    while not hasattr(model, "megappo_spec") and hasattr(model, "module"):
+        model = model.module
+    if not hasattr(model, "megappo_spec"):
+        raise ValueError("expected a GPTModel built by megappo.models.builder.build_model (it has no megappo_spec)")
+    return model
+
+
+def placement_of(model) -> Placement:
+    """Where this chunk sits: TP rank from Megatron's parallel state, layers from the
+    chunk's own (global, 1-based) layer numbers."""
+    from megatron.core import parallel_state as mpu
+
+    layers = model.decoder.layers
+    numbers = [layer.layer_number - 1 for layer in layers]
+    first = numbers[0] if numbers else 0
+    assert numbers == list(range(first, first + len(numbers))), f"non-consecutive layers {numbers}"
+    return Placement(
+        tp=mpu.get_tensor_model_parallel_world_size(),
+        tp_rank=mpu.get_tensor_model_parallel_rank(),
+        first_layer=first,
+        num_layers=len(numbers),
+        pre_process=model.pre_process,
+        post_process=model.post_process,
+    )
+
+
+def _entries(model) -> tuple[ModelSpec, Placement, list[Entry], dict[str, torch.nn.Parameter]]:
+    spec = model.megappo_spec
+    placement = placement_of(model)
+    entries = plan(
+        table_for(spec), spec, placement, role=model.megappo_role, transformer_impl=model.megappo_transformer_impl
+    )
+    params = dict(model.named_parameters())
+    absent = [e.megatron for e in entries if e.megatron not in params]
+    assert not absent, f"the {spec.family} mapping names parameters the model lacks: {absent}"
+    covered = {e.megatron for e in entries}
+    # The critic's value head is new: it keeps its initialization.
+    uncovered = [n for n in params if n not in covered and not (model.megappo_role == "critic" and n.startswith("output_layer."))]
+    assert not uncovered, f"the {spec.family} mapping has no HF source for {uncovered}"
+    return spec, placement, entries, params
+
+
+def validate_hf_dir(spec: ModelSpec, ckpt: HFCheckpoint, *, strict: bool = True) -> list[str]:
+    """Check an HF directory against ``spec`` before converting: the config's family,
+    architecture and every field that shapes the weights, then each tensor's name and
+    shape. Raises ``ValueError`` naming every mismatch; returns tolerated unexpected names."""
+    cfg_path = os.path.join(ckpt.path, "config.json")
+    file_spec = ModelSpec.from_hf_config(ckpt.config, source=cfg_path)
+    table = table_for(file_spec)
+    check_config(table, ckpt.config, source=cfg_path)
+    diffs = spec_differences(spec, file_spec)
+    if diffs:
+        raise ValueError(f"{cfg_path} does not match the model being loaded: " + "; ".join(diffs))
+    return check_hf_tensors(table, spec, ckpt.shapes(), source=ckpt.path, strict=strict)
+
+
+@torch.no_grad()
+def load_hf_into_model(models: Sequence, hf_dir: str | os.PathLike, *, strict: bool = True) -> None:
+    """Fill this rank's model chunks from an HF directory (its TP shard of its layers).
+
+    ``strict``: tensors the model does not use are an error (else a warning). Missing
+    tensors, shape mismatches, an unsupported architecture or a config that disagrees
+    with the model are always errors. The critic's value head keeps its initialization.
+    """
+    chunks = [unwrap(m) for m in models]
+    if not chunks:
+        raise ValueError("load_hf_into_model needs at least one model chunk")
+    spec = chunks[0].megappo_spec
+    with HFCheckpoint(hf_dir) as ckpt:
+        unexpected = validate_hf_dir(spec, ckpt, strict=strict)
+        if unexpected:
+            log.warning("%s: ignoring %d tensors the model does not use: %s", ckpt.path, len(unexpected), unexpected[:5])
+        for model in chunks:
+            spec, placement, entries, params = _entries(model)
+            for e in entries:
+                shard = shard_from_hf(e, spec, placement, ckpt.read)
+                param = params[e.megatron]
+                if tuple(shard.shape) != tuple(param.shape):
+                    raise AssertionError(f"{e.megatron}: HF shard shape {tuple(shard.shape)} vs parameter {tuple(param.shape)}")
+                param.data.copy_(shard)
+
+
+@torch.no_grad()
+def iter_hf_tensors(models: Sequence, *, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, full_tensor)`` for this pipeline stage's weights (every chunk,
+    global layer numbers, vocabulary unpadded), one tensor at a time.
+
+    Collective over the tensor-parallel group of this stage: every TP rank must iterate to
+    the end, in step; each receives the same tensors. A tied head is yielded once (as the
+    embedding, by the first stage); the critic's value head is not an HF tensor and is
+    skipped. ``dtype``: cast to it (default: the parameter dtype).
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mpu
+
+    group = mpu.get_tensor_model_parallel_group()
+    tp = mpu.get_tensor_model_parallel_world_size()
+    for model in (unwrap(m) for m in models):
+        spec, _, entries, params = _entries(model)
+        for e in entries:
+            if not e.rule.export:
+                continue
+            local = params[e.megatron].detach()
+            if tp > 1 and e.rule.tp_dim is not None:
+                shards = [torch.empty_like(local) for _ in range(tp)]
+                dist.all_gather(shards, local.contiguous(), group=group)
+            else:
+                shards = [local]
+            for name, tensor in hf_from_shards(e, spec, shards):
+                yield name, tensor if dtype is None else tensor.to(dtype)

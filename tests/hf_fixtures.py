@@ -1,0 +1,197 @@
+"""Tiny random HuggingFace models for tests (nothing is downloaded).
+
+Import from a test module as ``from hf_fixtures import make_tiny_hf_model`` (pytest puts
+``tests/`` on ``sys.path``), or from a torchrun script after adding ``tests/`` to the path.
+
+``make_tiny_hf_model(tmp_path, family, ...)`` builds a transformers model from a config
+with seeded random weights (norm weights and biases randomized too, so a mapping that
+swaps or drops one is caught), saves it with ``save_pretrained`` in float32 and returns the
+directory. Families: llama, qwen2, qwen3, mistral. The signature is stable; add keyword
+arguments at the end only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+_ARCH = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+
+
+def tiny_hf_config(
+    family: str,
+    *,
+    tie: bool = False,
+    vocab: int = 101,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    hidden: int = 64,
+    ffn: int = 96,
+    head_dim: int | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A config.json dict for a tiny model of ``family`` (an odd vocabulary by default, so
+    TP=2 needs a padded row)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
+    cfg: dict[str, Any] = dict(
+        model_type=family,
+        architectures=[_ARCH[family]],
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tie,
+        hidden_act="silu",
+        initializer_range=0.02,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if family == "qwen3":
+        cfg["head_dim"] = head_dim or 16
+    elif head_dim is not None:
+        cfg["head_dim"] = head_dim
+    if family == "mistral":
+        cfg["sliding_window"] = None
+    cfg.update(extra)
+    return cfg
+
+
+def make_tiny_hf_model(
+    tmp_path: str | Path,
+    family: str,
+    *,
+    tie: bool = False,
+    vocab: int = 101,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    hidden: int = 64,
+    ffn: int = 96,
+    head_dim: int | None = None,
+    seed: int = 0,
+    max_shard_size: str | int | None = None,
+    name: str | None = None,
+    tokenizer: bool = False,
+    **extra: Any,
+) -> Path:
+    """Save a tiny random ``family`` model under ``tmp_path/name`` and return that path.
+
+    ``max_shard_size`` (e.g. ``"20KB"``) writes several safetensors shards and an index.
+    ``tokenizer`` also writes a character-level ``tokenizer.json`` (fast tokenizer).
+    ``extra`` goes into the config (e.g. ``attention_bias=True``).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = tiny_hf_config(
+        family, tie=tie, vocab=vocab, layers=layers, heads=heads, kv_heads=kv_heads,
+        hidden=hidden, ffn=ffn, head_dim=head_dim, **extra,
+    )
+    out = Path(tmp_path) / (name or f"{family}-{'tied' if tie else 'untied'}")
+    config = AutoConfig.for_model(**cfg)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for pname, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if pname.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            elif pname.endswith(".bias"):
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(0.05 * noise)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(out, **kwargs)
+    if tokenizer:
+        write_char_tokenizer(out, vocab)
+    return out
+
+
+def write_char_tokenizer(out: str | Path, vocab: int) -> None:
+    """A character-level fast tokenizer with ids < ``vocab`` (specials 0-2), saved in ``out``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)][: vocab - 3]
+    table = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab=table, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(out)
+
+
+def read_hf_state(path: str | Path) -> dict:
+    """Every tensor of a saved HF directory (all safetensors files), by name."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(f))
+    return state
+
+
+def read_config(path: str | Path) -> dict:
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+# ---- a shared zoo and a launcher for multi-rank scripts -------------------------------
+
+_ZOO: dict[str, Path] = {}
+
+
+def model_zoo() -> dict[str, Path]:
+    """Every family tied and untied (4 layers, vocabulary 103, so TP=2 pads a row and
+    PP=2 x VPP=2 has a layer per chunk), built once per test session in a temporary
+    directory. Keys: ``"{family}-tied"`` / ``"{family}-untied"``."""
+    if not _ZOO:
+        import atexit
+        import shutil
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix="megappo-zoo-"))
+        atexit.register(shutil.rmtree, root, True)
+        for family in FAMILIES:
+            for tie in (False, True):
+                path = make_tiny_hf_model(root, family, tie=tie, layers=4, vocab=103, tokenizer=True)
+                _ZOO[path.name] = path
+    return dict(_ZOO)
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_mp(script: str | Path, nproc: int, args: list[str], *, timeout: float = 600) -> None:
+    """Run a ``tests/mp`` script under ``torchrun --nproc-per-node nproc`` (a plain
+    ``python`` process when ``nproc`` is 1) with the repository and ``tests/`` importable;
+    raise ``AssertionError`` with the output's tail when it fails."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests"), env.get("PYTHONPATH", "")])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONWARNINGS"] = "ignore"
+    if nproc == 1:
+        cmd = [sys.executable, str(script), *args]
+    else:
+        torchrun = [sys.executable, "-m", "torch.distributed.run"]
+        cmd = [*torchrun, "--standalone", "--nproc-per-node", str(nproc), str(script), *args]
+    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}")

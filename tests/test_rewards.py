@@ -1,0 +1,176 @@
+"""Reward functions (megappo.data.rewards): registry, scores, errors, timeouts, user functions.
+
+The worker pools are module-scoped fixtures: spawning workers (and importing sympy for
+math_verify) is the expensive part, and reusing a pool across calls is itself under test.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import textwrap
+
+import pytest
+
+from megappo.config.schema import RewardConfig
+from megappo.data.rewards import RewardFunction, gsm8k_reward, resolve_reward
+
+USER_MODULE = textwrap.dedent(
+    '''
+    import os, signal, sys, time
+
+    def length_score(response, answer, prompt):
+        return len(response) / 10
+
+    def flaky(response, answer, prompt):
+        if response == "boom":
+            raise RuntimeError("kaboom")
+        if response == "slow":
+            time.sleep(60)
+        if response == "exit":
+            sys.exit(1)
+        if response == "nan":
+            return float("nan")
+        if response == "text":
+            return "yes"
+        return response == answer
+
+    def stubborn(response, answer, prompt):
+        if response == "stuck":  # a hang that no signal ends: only killing the worker does
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+            time.sleep(60)
+        if response == "die":
+            os._exit(3)
+        return True
+
+    def imported_modules(response, answer, prompt):
+        return float(sum(name in sys.modules for name in ("torch", "transformers", "megatron", "math_verify")))
+
+    exact = lambda response, answer, prompt: response.strip() == answer
+    '''
+)
+
+
+@pytest.fixture(scope="module")
+def user_module(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("user_rewards")
+    (directory / "my_rewards.py").write_text(USER_MODULE)
+    sys.path.insert(0, str(directory))
+    yield directory
+    sys.path.remove(str(directory))
+    sys.modules.pop("my_rewards", None)
+
+
+@pytest.fixture(scope="module")
+def math_reward():
+    with RewardFunction.from_config(RewardConfig(fn="math_verify", num_workers=2, timeout_s=20.0)) as reward:
+        yield reward
+
+
+def test_registry_and_errors():
+    assert resolve_reward("gsm8k").fn is gsm8k_reward
+    with pytest.raises(ValueError, match="did you mean 'gsm8k'"):
+        resolve_reward("gsm8")
+    with pytest.raises(ValueError, match="cannot import no_such_module_xyz"):
+        resolve_reward("no_such_module_xyz:fn")
+
+
+def test_gsm8k_scores_and_format_reward():
+    cfg = RewardConfig(fn="gsm8k", format_reward=0.1, correct_score=1.0, incorrect_score=-0.5)
+    with RewardFunction.from_config(cfg) as reward:
+        result = reward.score(
+            ["so #### 1,234", "the answer is 72.", "#### 5", "no idea"],
+            ["work #### 1234", "#### 72", "#### 6", "#### 1"],
+            ["q"] * 4,
+        )
+    assert result.scores == pytest.approx([1.1, 1.0, -0.4, -0.5])
+    assert result.correct == [True, True, False, False]
+    assert result.well_formed == [True, False, True, False]
+    assert (result.num_errors, result.num_timeouts) == (0, 0)
+    assert reward._pool is None  # gsm8k runs in-process
+
+
+def test_inline_error_scores_zero_and_is_counted(caplog):
+    with RewardFunction.from_config(RewardConfig(fn="gsm8k")) as reward, caplog.at_level(logging.WARNING):
+        result = reward.score(["#### 3", "#### 3"], ["#### 3", "no number in the reference"], ["", ""])
+    assert result.scores == [1.0, 0.0] and result.correct == [True, False] and result.num_errors == 1
+    assert "1 of 2 responses raised and scored 0" in caplog.text and "no number in the reference" in caplog.text
+
+
+def test_toy_reward():
+    with RewardFunction.from_config(RewardConfig(fn="toy", format_reward=0.5)) as reward:
+        result = reward.score(["68", " 68<eos>junk", "6 8", "69", "abc"], ["68"] * 5, ["23+45="] * 5)
+    assert result.correct == [True, True, False, False, False]
+    assert result.scores == [1.5, 1.5, 0.0, 0.5, 0.0]
+
+
+def test_math_verify_equivalences(math_reward):
+    cases = [
+        ("The answer is $\\boxed{0.5}$.", "\\frac{1}{2}", True),
+        ("so it is 1/2", "0.5", True),
+        ("$\\boxed{2^{1/2}}$", "\\sqrt{2}", True),
+        ("\\boxed{\\frac{2}{4}}", "\\boxed{\\frac{1}{2}}", True),
+        ("\\boxed{0.6}", "\\frac{1}{2}", False),
+        ("I do not know", "3", False),
+    ]
+    result = math_reward.score([c[0] for c in cases], [c[1] for c in cases], [""] * len(cases))
+    assert result.correct == [c[2] for c in cases]
+    assert result.scores == [1.0 if c[2] else 0.0 for c in cases]
+    assert result.well_formed == ["\\boxed" in c[0] for c in cases]
+    # The pool is reused: a second call does not start new workers.
+    pool = math_reward._pool._executor
+    assert math_reward.score(["\\boxed{3}"], ["3"], [""]).correct == [True]
+    assert math_reward._pool._executor is pool
+
+
+def test_math_verify_unparseable_reference_is_an_error(math_reward):
+    result = math_reward.score(["\\boxed{1}"], ["\\unknowncommand{"], [""])
+    assert result.scores == [0.0] and result.num_errors == 1
+
+
+def test_user_function_errors_and_timeouts(user_module, caplog):
+    cfg = RewardConfig(fn="my_rewards:flaky", num_workers=2, timeout_s=0.5)
+    with RewardFunction.from_config(cfg, kill_grace_s=20.0) as reward, caplog.at_level(logging.WARNING):
+        responses = ["7", "boom", "slow", "exit", "nan", "text", "8"]
+        result = reward.score(responses, ["7"] * 7, [""] * 7)
+        assert result.correct == [True, False, False, False, False, False, False]
+        assert result.scores == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+        assert (result.num_errors, result.num_timeouts) == (4, 1)
+        assert reward._pool.restarts == 0  # the in-worker timer ended the sleep
+        assert "4 of 7 responses raised" in caplog.text and "RuntimeError: kaboom" in caplog.text
+        assert "1 of 7 responses timed out" in caplog.text
+        later = reward.score(["3", "4"], ["3", "3"], ["", ""])  # later calls still work
+        assert later.correct == [True, False] and later.num_errors == later.num_timeouts == 0
+
+
+def test_hard_hang_and_crash_kill_and_restart_the_pool(user_module):
+    cfg = RewardConfig(fn="my_rewards:stubborn", num_workers=2, timeout_s=0.3)
+    with RewardFunction.from_config(cfg, kill_grace_s=0.7) as reward:
+        assert reward.score(["ok"], ["x"], [""]).scores == [1.0]  # workers started
+        result = reward.score(["a", "stuck", "b", "c"], ["x"] * 4, [""] * 4)
+        assert result.scores == [1.0, 0.0, 1.0, 1.0] and result.num_timeouts == 1
+        assert reward._pool.restarts == 1
+        result = reward.score(["die", "d"], ["x"] * 2, [""] * 2)
+        assert result.scores == [0.0, 1.0] and result.num_errors == 1
+        assert reward.score(["e"], ["x"], [""]).scores == [1.0]
+
+
+def test_user_function_from_file_float_scores_and_light_workers(user_module):
+    path = f"{user_module / 'my_rewards.py'}:length_score"
+    with RewardFunction.from_config(RewardConfig(fn=path, num_workers=1, format_reward=1.0)) as reward:
+        result = reward.score(["abcde", "abcdefghij"], ["", ""], ["", ""])
+        assert result.scores == [0.5, 1.0]  # a float is the score; no marker, so no format reward
+        assert result.correct == [False, True]  # correct: at least reward.correct_score
+    with RewardFunction.from_config(RewardConfig(fn="my_rewards:imported_modules", num_workers=1)) as reward:
+        assert reward.score(["x"], ["y"], [""]).scores == [0.0]  # no torch/transformers in workers
+    with RewardFunction.from_config(RewardConfig(fn="my_rewards:exact", num_workers=1)) as reward:
+        assert reward.score(["5 ", "6"], ["5", "5"], ["", ""]).correct == [True, False]  # a lambda works
+
+
+def test_user_function_path_errors(user_module):
+    with pytest.raises(ValueError, match="has no attribute 'flakey'; did you mean 'flaky'"):
+        resolve_reward("my_rewards:flakey")
+    with pytest.raises(ValueError, match="no such file"):
+        resolve_reward("/nonexistent/rewards.py:fn")
+    with pytest.raises(ValueError, match="score\\(\\) needs one answer and one prompt per response"):
+        RewardFunction.from_config(RewardConfig(fn="gsm8k")).score(["a"], [], [])
