@@ -13,11 +13,13 @@ progress bars and a plot.
 - every ``console_every`` steps logs one line on the ``megappo.metrics`` logger: the step,
   the metrics of ``console_keys`` that are present, in that order (the rest are in the jsonl).
 
-Resuming from a checkpoint of step S (``resume_step=S``) drops the jsonl lines of steps
-after S and writes a TensorBoard ``SessionLog.START`` at step S+1, which makes TensorBoard
-discard the old events of those steps, so the resumed run leaves no duplicates. A fresh run
-(``resume_step=None``) in a directory with an old ``metrics.jsonl`` moves it to
-``metrics.jsonl.prev`` and purges the old TensorBoard events from step 0.
+Nothing is written before ``start(resume_step)`` (or the first ``log``, which starts a
+fresh run), so the logger can be built before the checkpoint is loaded. Resuming from a
+checkpoint of step S (``start(S)``) drops the jsonl lines of steps after S and writes a
+TensorBoard ``SessionLog.START`` at step S+1, which makes TensorBoard discard the old
+events of those steps, so the resumed run leaves no duplicates. A fresh run (``start(0)``)
+in a directory with an old ``metrics.jsonl`` moves it to ``metrics.jsonl.prev`` and
+purges the old TensorBoard events from step 0.
 
 The trainer should gather a step's metrics (training and evaluation) into one ``log`` call:
 the jsonl has one line per call.
@@ -32,7 +34,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, MutableMapping, Optional, Sequence, Union
+from typing import IO, Any, Callable, Iterable, Literal, Mapping, MutableMapping, Optional, Sequence, Union
 
 logger = logging.getLogger(__name__)
 
@@ -100,18 +102,31 @@ class MetricsLogger:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.rank = rank
+        self.tensorboard = tensorboard
         self.console_every = console_every
         self.console_keys = tuple(console_keys)
         self.jsonl_path = self.run_dir / METRICS_FILE
-        self._jsonl = None
-        self._tb = None
-        if rank != 0:
+        self._jsonl: Optional[IO[str]] = None
+        self._tb: Any = None
+        self._state: Literal["new", "open", "closed"] = "new"
+        if resume_step is not None:
+            self.start(resume_step)
+
+    def start(self, resume_step: int = 0) -> None:
+        """Open the outputs. ``resume_step``: the step of the checkpoint this run resumed
+        from, whose later records are dropped; 0 for a fresh run, whose directory's old
+        records are set aside. Call it after loading the checkpoint and before the first
+        ``log``, which otherwise calls ``start(0)``."""
+        if self._state != "new":
+            raise RuntimeError(f"MetricsLogger.start() called on a logger that is already {self._state}")
+        self._state = "open"
+        if self.rank != 0:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._prepare_jsonl(resume_step)
         self._jsonl = self.jsonl_path.open("a", encoding="utf-8")
-        if tensorboard:
-            self._tb = _open_tensorboard(self.run_dir / TENSORBOARD_DIR, purge_step=0 if resume_step is None else resume_step + 1)
+        if self.tensorboard:
+            self._tb = _open_tensorboard(self.run_dir / TENSORBOARD_DIR, purge_step=resume_step + 1 if resume_step > 0 else 0)
 
     @classmethod
     def from_config(
@@ -126,11 +141,11 @@ class MetricsLogger:
             resume_step=resume_step,
         )
 
-    def _prepare_jsonl(self, resume_step: Optional[int]) -> None:
+    def _prepare_jsonl(self, resume_step: int) -> None:
         path = self.jsonl_path
         if not path.exists() or path.stat().st_size == 0:
             return
-        if resume_step is None:
+        if resume_step <= 0:
             os.replace(path, path.with_name(path.name + ".prev"))
             logger.warning("%s is from an earlier run: moved to %s.prev", path, path.name)
             return
@@ -146,12 +161,16 @@ class MetricsLogger:
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Record one step's scalars (rank 0 only; a no-op elsewhere)."""
+        if self._state == "new":
+            self.start(0)
+        if self._state == "closed":
+            raise RuntimeError("MetricsLogger.log() after close()")
         if self.rank != 0:
             return
         values = {name: _scalar(name, value) for name, value in metrics.items()}
         if "step" in values:
             raise ValueError("'step' is not a metric name: it is the key of every jsonl line")
-        assert self._jsonl is not None, "log() after close()"
+        assert self._jsonl is not None
         self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self._jsonl.flush()
         os.fsync(self._jsonl.fileno())
@@ -161,6 +180,7 @@ class MetricsLogger:
             logger.info("%s", format_console_line(step, values, self.console_keys))
 
     def close(self) -> None:
+        self._state = "closed"
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None

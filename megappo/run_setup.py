@@ -205,6 +205,7 @@ class RunComponents:
     def resume(self, objective) -> int:
         """Load the latest checkpoint when ``checkpoint.resume`` is auto; returns its step (0 if none)."""
         if self.cfg.checkpoint.resume != "auto" or self.ckpt.latest() is None:
+            self.metrics.start(0)
             return 0
         extra = self.ckpt.load(
             self.ckpt.latest(),
@@ -214,6 +215,7 @@ class RunComponents:
         )
         self.data.load_state_dict(extra["data"])
         objective.load_state_dict(extra["objective"])
+        self.metrics.start(int(extra["step"]))
         log.info("resumed from %s at step %d", self.ckpt.latest(), extra["step"])
         return int(extra["step"])
 
@@ -233,7 +235,7 @@ class RunComponents:
     def progress(self, iterable, desc: str):
         from megappo.metrics import progress
 
-        return progress(iterable, desc=desc, enabled=self.cfg.logging.progress_bar and self.layout.rank == 0)
+        return progress(iterable, desc, enabled=self.cfg.logging.progress_bar, rank=self.layout.rank)
 
     def close(self) -> None:
         if self.reward_fn is not None:
@@ -300,23 +302,17 @@ def build_components(cfg: Config) -> RunComponents:
 
     engine = reward_fn = None
     if groups.is_engine_rank():
-        engine = build_engine(cfg.rollout, hf_dir=cfg.model.hf_path, hf_config=hf_config, layout=layout)
+        eos = sorted({tokenizer.eos_token_id} | set(cfg.rollout.stop_token_ids))
+        engine = build_engine(cfg.rollout, hf_dir=cfg.model.hf_path, hf_config=hf_config, layout=layout, eos_token_ids=eos, seed=cfg.train.seed)
         reward_fn = RewardFunction.from_config(cfg.reward)
 
     if cfg.data.train_path is None:
         raise ValueError("data.train_path must name a .jsonl or .parquet file of prompts")
-    train_set = PromptDataset.from_config(cfg.data, tokenizer, path=cfg.data.train_path)
-    data = PromptLoader(
-        train_set,
-        global_batch_size=cfg.train.rollout_batch_size,
-        dp_rank=layout.dp_rank,
-        dp_size=layout.dp,
-        seed=cfg.train.seed,
-        shuffle=cfg.data.shuffle,
-    )
+    train_set = PromptDataset.from_config(cfg.data, tokenizer, path=cfg.data.train_path, verbose=layout.rank == 0)
+    data = PromptLoader.from_config(train_set, cfg, dp_rank=layout.dp_rank, dp_size=layout.dp)
     eval_items = []
     if cfg.data.eval_path and cfg.train.eval_every:
-        eval_set = PromptDataset.from_config(cfg.data, tokenizer, path=cfg.data.eval_path)
+        eval_set = PromptDataset.from_config(cfg.data, tokenizer, path=cfg.data.eval_path, verbose=layout.rank == 0)
         eval_items = list(eval_set)[: cfg.data.max_eval_samples]
 
     ckpt = CheckpointManager(cfg.checkpoint.dir or os.path.join(cfg.train.run_dir, "checkpoints"), keep_last=cfg.checkpoint.keep_last)

@@ -98,8 +98,9 @@ class Trainer:
         if c.engine is not None:
             payload = c.generate_batch(dynamic=a.dynamic_sampling, max_rounds=a.max_sampling_rounds)
         payload = broadcast_from_engine_rank(payload, engine_rank=groups.engine_rank(), group=groups.mp_group())
-        if c.engine is None:
-            c.data.skip(payload["rounds"])
+        if c.engine is None:  # keep this rank's data cursor in step with the engine rank's
+            for _ in range(payload["rounds"]):
+                c.data.next_batch()
         return build_experience(payload)
 
     def score_with_models(self, exp: Experience) -> None:

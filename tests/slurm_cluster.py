@@ -49,13 +49,14 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={munge}/munge.socket.2,cred_expire=10
+AuthInfo=socket={munge}/munge.socket.2,cred_expire=5
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=1,sched_interval=2
 ReturnToService=2
 KillWait=10
 MinJobAge=600

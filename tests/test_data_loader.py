@@ -61,7 +61,7 @@ def test_seeded_shuffle():
 
 @pytest.mark.parametrize("stop_after", [0, 1, 3, 4, 5, 9])
 def test_resume_gives_the_uninterrupted_sequence(stop_after):
-    data = make_items(21)  # 4 batches of 5 per epoch, one prompt dropped per epoch
+    data = make_items(21)  # 3 global batches of 6 per epoch, 3 prompts dropped per epoch
     reference = PromptLoader(data, 6, 1, 2, seed=11)
     expected = [indices(reference.next_batch()) for _ in range(12)]
 

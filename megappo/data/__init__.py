@@ -1,7 +1,6 @@
 """Prompt data and rule-based rewards.
 
-Modules (import them directly; this package imports nothing, so that reward worker
-processes, which import ``megappo.data.rewards``, stay free of torch and transformers):
+Modules:
 
   sources         jsonl / parquet rows, bad rows reported
   dataset         ``PromptDataset``, ``PromptItem``: rendering, chat templates, length filter
@@ -11,4 +10,33 @@ processes, which import ``megappo.data.rewards``, stay free of torch and transfo
   reward_pool     spawn worker pool with per-item timeouts
   toy             the toy arithmetic task (dataset, SFT pairs, reward)
   char_tokenizer  an offline character-level tokenizer
+
+The names below are importable from this package, but only load their module on first
+use (PEP 562): reward worker processes import ``megappo.data.rewards`` and with it this
+package, and must stay free of transformers, pyarrow and torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "PromptDataset": "dataset",
+    "PromptItem": "dataset",
+    "PromptLoader": "loader",
+    "iter_eval_batches": "loader",
+    "RewardFunction": "rewards",
+    "RewardResult": "rewards",
+    "RewardSpec": "rewards",
+    "register_reward": "rewards",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

@@ -123,15 +123,18 @@ def _main_module_hidden() -> Iterator[None]:
     hidden while the workers are started.
     """
     main = sys.modules.get("__main__")
-    saved = {name: main.__dict__[name] for name in ("__spec__", "__file__") if main is not None and name in main.__dict__}
+    if main is None:
+        yield
+        return
+    names = ("__spec__", "__file__")
+    saved = {name: main.__dict__.pop(name) for name in names if name in main.__dict__}
+    main.__dict__["__spec__"] = None
     try:
-        if main is not None:
-            main.__spec__ = None
-            main.__dict__.pop("__file__", None)
         yield
     finally:
-        if main is not None:
-            main.__dict__.update(saved)
+        for name in names:
+            main.__dict__.pop(name, None)
+        main.__dict__.update(saved)
 
 
 def _on_alarm(signum: int, frame: Any) -> None:
@@ -273,16 +276,28 @@ class RewardWorkerPool:
                     outcomes[task.index] = future.result()
                 except BrokenProcessPool:
                     crashed.append(task)
+                except Exception as error:  # e.g. a return value that cannot be pickled back
+                    outcomes[task.index] = Outcome("error", message=f"{type(error).__name__}: {error}")
             if crashed:
                 # Every in-flight item fails with the pool; collect them so none is left behind.
                 rest, _ = wait(list(running) + self._warmup, timeout=10.0)
-                crashed += [running.pop(future) for future in rest if future in running]
+                for future in rest:
+                    if future in running:
+                        task = running.pop(future)
+                        error = future.exception()
+                        if isinstance(error, BrokenProcessPool):
+                            crashed.append(task)
+                        elif error is not None:
+                            outcomes[task.index] = Outcome("error", message=f"{type(error).__name__}: {error}")
+                        else:
+                            outcomes[task.index] = future.result()
                 self._started()  # raises when no worker ever started
                 for task in crashed:
                     task.crashes += 1
                     if task.crashes > _MAX_CRASH_RETRIES:
                         outcomes[task.index] = Outcome("error", message="the reward worker died while running it")
                     else:
+                        task.deadline = None
                         pending.appendleft(task)
             elif self._started():
                 self._start_clocks(running)

@@ -88,10 +88,14 @@ class RewardSpec:
     """Whether a response carries the answer marker (for ``reward.format_reward``); None: no marker."""
     in_workers: bool = True
     """Run in the worker pool under the timeout; False only for bounded regex-only functions."""
-    module: Preload = field(default_factory=lambda: Preload("megappo.data.rewards"))
-    """Where workers find ``fn``: the module that defines it (by name or file)."""
+    module: Optional[Preload] = None
+    """Where workers find ``fn`` (a module by name, or a file); None: ``fn.__module__``."""
     attribute: str = ""
     """``fn``'s name in ``module``; empty means ``fn.__name__``."""
+
+    def reference(self) -> tuple[Preload, str]:
+        """How a worker looks the function up: (module, attribute)."""
+        return self.module or Preload(self.fn.__module__), self.attribute or self.fn.__name__
     preload: tuple[str, ...] = ()
     """Modules the workers import at start-up, outside any item's timeout."""
 
@@ -99,13 +103,13 @@ class RewardSpec:
 REWARDS: dict[str, RewardSpec] = {
     "gsm8k": RewardSpec(gsm8k_reward, answers.has_gsm8k_marker, in_workers=False),
     "math_verify": RewardSpec(math_verify_reward, answers.has_boxed, preload=("math_verify",)),
-    "toy": RewardSpec(toy_reward, toy_well_formed, in_workers=False, module=Preload("megappo.data.toy")),
+    "toy": RewardSpec(toy_reward, toy_well_formed, in_workers=False),
 }
 
 
 def register_reward(name: str, spec: RewardSpec) -> None:
-    """Add a named reward function. Functions run in workers must live in an importable
-    module (``spec.module``); the workers import it by name."""
+    """Add a named reward function. One run in workers must be reachable there: a
+    module-level function of an importable module (or give ``spec.module``/``attribute``)."""
     if name in REWARDS:
         raise ValueError(f"reward function {name!r} is already registered")
     if ":" in name:
@@ -167,7 +171,13 @@ def call_reward(module: Preload, attribute: str, response: str, answer: str, pro
     fn = _WORKER_FUNCTIONS.get(key)
     if fn is None:
         fn = _WORKER_FUNCTIONS[key] = getattr(import_preload(module), attribute)
-    return fn(response, answer, prompt)
+    value = fn(response, answer, prompt)
+    if isinstance(value, bool):
+        return value
+    try:
+        return float(value)  # send back a plain float, not whatever object the function made
+    except (TypeError, ValueError):
+        raise TypeError(f"returned {type(value).__name__}, expected bool or float") from None
 
 
 @dataclass(frozen=True)
@@ -215,7 +225,7 @@ class RewardFunction:
                 num_workers,
                 timeout_s,
                 kill_grace_s=kill_grace_s,
-                preload=(*(Preload(module) for module in spec.preload), spec.module),
+                preload=(*(Preload(module) for module in spec.preload), spec.reference()[0]),
                 quiet_loggers=("math_verify",),
             )
         self.total_errors = 0
@@ -243,8 +253,8 @@ class RewardFunction:
             )
         triples = list(zip(responses, answers, prompts))
         if self._pool is not None:
-            attribute = self.spec.attribute or self.spec.fn.__name__
-            outcomes = self._pool.run(call_reward, [(self.spec.module, attribute, *triple) for triple in triples])
+            module, attribute = self.spec.reference()
+            outcomes = self._pool.run(call_reward, [(module, attribute, *triple) for triple in triples])
         else:
             outcomes = [run_inline(self.spec.fn, triple) for triple in triples]
         return self._to_result(outcomes, responses)

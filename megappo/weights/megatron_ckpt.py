@@ -27,35 +27,6 @@ MODEL_META = "megappo_model.json"
 MODEL_FORMAT = "megappo-megatron-model/1"
 
 
-# Modules of dist_checkpointing with CUDA-only calls on the save / load paths megappo uses
-# (``torch.cuda.synchronize()`` before writing, ``device="cuda"`` buffers when validating).
-# TODO(lead): this belongs in megappo/parallel/cpu_patches.py (_CUDA_LITERAL_MODULES); it is
-# here only until then, and steps aside once those modules are patched there.
-_DIST_CKPT_CUDA_MODULES = (
-    "megatron.core.dist_checkpointing.strategies.filesystem_async",
-    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
-)
-
-
-def cpu_dist_checkpointing() -> None:
-    """On a CPU-only torch, give dist_checkpointing's modules the CPU ``torch`` stand-in of
-    ``megappo.parallel.cpu_patches`` (idempotent; a no-op with CUDA)."""
-    import importlib
-
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    from megappo.parallel import cpu_patches
-
-    stand_in = None
-    for name in _DIST_CKPT_CUDA_MODULES:
-        mod = importlib.import_module(name)
-        if mod.torch is torch:
-            stand_in = stand_in or cpu_patches._CpuTorch()
-            mod.torch = stand_in
-
-
 def sharded_model_state(models: Sequence) -> dict[str, Any]:
     """``{"model": ...}`` (or ``model0``, ``model1``, ... per virtual chunk) of the chunks'
     ``sharded_state_dict``, as Megatron-LM lays out its checkpoints. The keys inside are
@@ -81,7 +52,6 @@ def save_megatron_model(models: Sequence, out_dir: str | os.PathLike, *, hf_conf
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as mpu
 
-    cpu_dist_checkpointing()
     chunks = [unwrap(m) for m in models]
     out = os.fspath(out_dir)
     if dist.get_rank() == 0:
@@ -130,7 +100,6 @@ def load_megatron_model(models: Sequence, ckpt_dir: str | os.PathLike, *, spec_d
     from ``megappo_model.json`` or, for a training checkpoint's role directory, ``spec_dict``."""
     from megatron.core import dist_checkpointing
 
-    cpu_dist_checkpointing()
     chunks = [unwrap(m) for m in models]
     if spec_dict is None:
         spec_dict = read_model_meta(ckpt_dir)["spec"]

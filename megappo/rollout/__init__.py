@@ -1,0 +1,41 @@
+"""Rollout engines (embedded, SGLang colocated, SGLang servers), weight sync and the
+trainer/engine mismatch metrics. See ``engine`` for the interface and its contracts.
+
+Public API:
+  RolloutEngine, SamplingParams, Sample, RolloutEngineError     the interface (engine.py)
+  build_engine(rollout_cfg, *, hf_config, hf_dir, layout, eos_token_ids, seed)
+  checksum_of(named_tensors), checksums_match(a, b)              weights fingerprint
+  generate_in_group(engine_or_None, prompts, params, layout)      holder generates, replica receives
+  sync_weights(policy_models, engine_or_None, layout, *, bucket_mb, checksum=False) -> SyncStats
+  mismatch_metrics(trainer_logprobs_BT, rollout_logprobs_BT, mask_BT) -> dict
+The engine modules (``embedded``, ``sglang_engine``, ``sglang_server``) are imported on
+demand by ``build_engine``; nothing here imports SGLang.
+"""
+
+from megappo.rollout.engine import (
+    RolloutEngine,
+    RolloutEngineError,
+    Sample,
+    SamplingParams,
+    build_engine,
+    checksum_of,
+    checksums_match,
+)
+from megappo.rollout.group import generate_in_group, holds_engine
+from megappo.rollout.mismatch import mismatch_metrics
+from megappo.rollout.weight_sync import SyncStats, sync_weights
+
+__all__ = [
+    "RolloutEngine",
+    "RolloutEngineError",
+    "Sample",
+    "SamplingParams",
+    "SyncStats",
+    "build_engine",
+    "checksum_of",
+    "checksums_match",
+    "generate_in_group",
+    "holds_engine",
+    "mismatch_metrics",
+    "sync_weights",
+]

@@ -1,0 +1,187 @@
+"""What both SGLang engines say to SGLang, kept in one place (no SGLang import here).
+
+Supported: sglang >= 0.5.18, < 0.5.22 (they pin torch 2.13.0). Read against SGLang's own
+``entrypoints/engine.py``, ``entrypoints/http_server.py``, ``managers/io_struct.py`` and
+``server_args.py`` of 0.5.18 and 0.5.21. Differences handled:
+  - 0.5.21 only loads weights between ``begin_weight_update`` and ``end_weight_update``
+    (a session); 0.5.18 has neither (``Engine`` lacks the methods, the server answers 404).
+  - ``ServerArgs`` is a dataclass in 0.5.18 and a ``msgspec.Struct`` in 0.5.21.
+
+Requests (the same dict is ``Engine.generate``'s keyword arguments and ``/generate``'s JSON
+body, fields of ``io_struct.GenerateReqInput``): token ids in, ``return_logprob`` on.
+Answers: one dict per sample, prompt-major (prompt 0's n samples, then prompt 1's ...),
+``meta_info.output_token_logprobs`` a list of ``(logprob, token_id, text)`` of every
+sampled token, stop token included, and ``meta_info.finish_reason.type`` ``stop``,
+``length`` or ``abort``. SGLang's log-probs are ``log(softmax(logits / T))`` over the full
+vocabulary (unless the server runs with ``SGLANG_RETURN_ORIGINAL_LOGPROB``, which we refuse
+for the colocated engine) and, greedy, those of T = 1: the contract of
+``megappo.rollout.engine``. Seeds: SGLang's per-request ``sampling_seed`` would give the
+``n`` samples of a prompt the same draws and is unsupported by its FlashInfer top-p/top-k
+kernels, so it is not sent; SGLang sampling is not reproducible per call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from megappo.rollout.engine import RolloutEngineError, Sample, SamplingParams
+
+SUPPORTED_VERSIONS = (">=0.5.18", "<0.5.22")
+INSTALL_HINT = "pip install megappo[sglang]  (sglang>=0.5.18,<0.5.22; CUDA GPUs only)"
+GROUP_NAME = "megappo_weight_sync"
+
+
+def import_sglang():
+    """``import sglang`` or an error saying how to install it; warns outside the tested range."""
+    try:
+        import sglang
+    except Exception as e:  # ImportError, or a CUDA library missing on a CPU machine
+        raise ImportError(
+            f"rollout.engine needs SGLang, which does not import here ({type(e).__name__}: {e}). "
+            f"Install it with: {INSTALL_HINT}"
+        ) from e
+    version = getattr(sglang, "__version__", "0")
+    if not version_supported(version):
+        import logging
+
+        logging.getLogger("megappo").warning(
+            "sglang %s is outside the tested range %s", version, ",".join(SUPPORTED_VERSIONS)
+        )
+    return sglang
+
+
+def version_supported(version: str) -> bool:
+    from packaging.version import Version
+
+    v = Version(version)
+    return Version("0.5.18") <= v < Version("0.5.22")
+
+
+def server_arg_names(server_args_cls: type) -> set[str]:
+    """Public field names of SGLang's ``ServerArgs`` (a dataclass or a ``msgspec.Struct``)."""
+    if dataclasses.is_dataclass(server_args_cls):
+        names = [f.name for f in dataclasses.fields(server_args_cls)]
+    else:
+        names = list(getattr(server_args_cls, "__struct_fields__", ()))
+    if not names:
+        raise TypeError(f"cannot read the fields of {server_args_cls!r}")
+    return {n for n in names if not n.startswith("_")}
+
+
+def check_server_args(args: dict[str, Any], server_args_cls: type) -> None:
+    """Every key of ``args`` is a ``ServerArgs`` field; else ``ValueError`` naming the key
+    and its close matches."""
+    names = server_arg_names(server_args_cls)
+    problems = []
+    for key in args:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=3)
+            problems.append(f"rollout.sglang.{key} is not an SGLang ServerArgs field" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def sampling_params_dict(params: SamplingParams, eos_token_ids: Sequence[int]) -> dict[str, Any]:
+    """``io_struct`` sampling parameters; EOS ids are listed as stop ids explicitly."""
+    return {
+        "n": params.n,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k,
+        "max_new_tokens": params.max_new_tokens,
+        "stop_token_ids": sorted(set(eos_token_ids) | set(params.stop_token_ids)),
+        "skip_special_tokens": False,
+    }
+
+
+def generate_request(prompts: Sequence[Sequence[int]], params: SamplingParams, eos_token_ids: Sequence[int]) -> dict[str, Any]:
+    """Keyword arguments of ``Engine.generate`` = JSON body of ``POST /generate``."""
+    return {
+        "input_ids": [list(map(int, p)) for p in prompts],
+        "sampling_params": sampling_params_dict(params, eos_token_ids),
+        "return_logprob": True,
+    }
+
+
+def parse_samples(outputs: Any, num_prompts: int, n: int, engine_name: str) -> list[list[Sample]]:
+    """SGLang's answer to ``generate_request`` -> ``n`` samples per prompt."""
+    if isinstance(outputs, dict):
+        outputs = [outputs]
+    if not isinstance(outputs, list) or len(outputs) != num_prompts * n:
+        got = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
+        raise RolloutEngineError(f"{engine_name}: expected {num_prompts * n} outputs, got {got}")
+    samples = [_sample(o, engine_name) for o in outputs]
+    return [samples[i * n : (i + 1) * n] for i in range(num_prompts)]
+
+
+def _sample(output: dict, engine_name: str) -> Sample:
+    meta = output.get("meta_info", {})
+    reason = meta.get("finish_reason")
+    kind = reason.get("type") if isinstance(reason, dict) else reason
+    if kind not in ("stop", "length"):
+        detail = reason.get("message") if isinstance(reason, dict) else None
+        raise RolloutEngineError(f"{engine_name}: request ended with finish reason {kind!r}" + (f": {detail}" if detail else ""))
+    triples = meta.get("output_token_logprobs")
+    if triples is None:
+        raise RolloutEngineError(f"{engine_name}: the answer has no meta_info.output_token_logprobs")
+    logprobs = [float(t[0]) for t in triples]
+    token_ids = [int(t[1]) for t in triples]
+    return Sample(token_ids, logprobs, kind)
+
+
+def check_result(result: Any, what: str, engine_name: str) -> None:
+    """Raise when an SGLang control call answered ``(False, message)`` or ``success=False``."""
+    if isinstance(result, (tuple, list)) and len(result) >= 1 and isinstance(result[0], bool):
+        ok, message = result[0], (result[1] if len(result) > 1 else "")
+    elif hasattr(result, "success"):
+        ok, message = bool(result.success), getattr(result, "message", "")
+    elif isinstance(result, dict) and "success" in result:
+        ok, message = bool(result["success"]), result.get("message", "")
+    else:
+        return
+    if not ok:
+        raise RolloutEngineError(f"{engine_name}: {what} failed: {message}")
+
+
+# ---- weights ------------------------------------------------------------------------------
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (SGLang does ``getattr(torch, name)``)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def flatten_bucket(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """The bytes of the tensors end to end (uint8), the layout of SGLang's
+    ``FlattenedTensorBucket`` that its distributed receive (``load_format=flattened_bucket``)
+    broadcasts into."""
+    parts = [t.detach().contiguous().reshape(-1).view(torch.uint8) for _, t in named_tensors]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+
+
+def update_distributed_request(bucket: Sequence[tuple[str, torch.Tensor]], *, flush_cache: bool) -> dict[str, Any]:
+    """JSON body of ``POST /update_weights_from_distributed`` for one flattened bucket."""
+    return {
+        "names": [name for name, _ in bucket],
+        "dtypes": [dtype_name(t.dtype) for _, t in bucket],
+        "shapes": [list(t.shape) for _, t in bucket],
+        "group_name": GROUP_NAME,
+        "flush_cache": flush_cache,
+        "load_format": "flattened_bucket",
+    }
+
+
+def init_group_request(master_address: str, master_port: int, rank_offset: int, world_size: int, backend: str) -> dict[str, Any]:
+    """JSON body of ``POST /init_weights_update_group``."""
+    return {
+        "master_address": master_address,
+        "master_port": master_port,
+        "rank_offset": rank_offset,
+        "world_size": world_size,
+        "group_name": GROUP_NAME,
+        "backend": backend,
+    }

@@ -1,0 +1,244 @@
+"""``rollout.engine: sglang_server``: external SGLang servers reached by URL (disaggregated).
+
+Supported: sglang >= 0.5.18, < 0.5.22 on the servers; the trainer side needs no SGLang,
+only the standard library (``urllib``) and ``torch.distributed``.
+
+Generation: every replica's engine spreads its prompts over all servers round-robin, one
+``POST /generate`` per server in parallel threads, and puts the answers back in prompt
+order. Every call has a timeout (``rollout.server_timeout_s``); a timeout, a refused
+connection or an error status becomes a ``RolloutEngineError`` naming the server URL.
+
+Weights: only the first data-parallel replica's engine sends (``receives_weights``); the
+others share its servers. On its first sync it asks each server's ``tp_size``
+(``/get_server_info``), then joins a process group with all servers' TP ranks
+(``/init_weights_update_group``: trainer rank 0, server i's ranks from
+``1 + sum of earlier tp_size``; NCCL with a GPU, gloo without) built the way SGLang builds
+its side (``join_update_group``). Per bucket: ``POST /update_weights_from_distributed``
+(names, dtypes, shapes, ``load_format=flattened_bucket``) to every server in threads while
+the trainer broadcasts the bucket's bytes end to end (SGLang's ``FlattenedTensorBucket``
+layout). 0.5.21 servers need ``/begin_weight_update`` and ``/end_weight_update`` around
+the loads; a 404 there means an older server that has no sessions. The radix caches are
+flushed once at the end. ``release_memory``/``resume_memory`` do nothing: the servers have
+their own GPUs. ``weights_checksum`` is that of the tensors last delivered in full.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from megappo.rollout.engine import Bucket, RolloutEngine, RolloutEngineError, Sample, SamplingParams, combine_checksums, tensor_checksum
+from megappo.rollout.sglang_protocol import (
+    GROUP_NAME,
+    flatten_bucket,
+    generate_request,
+    init_group_request,
+    parse_samples,
+    update_distributed_request,
+)
+
+
+def join_update_group(
+    master_address: str, master_port: int, *, world_size: int, rank: int, backend: str, timeout_s: float, group_name: str = GROUP_NAME
+):
+    """A process group outside the default one, rendezvousing at ``tcp://address:port``
+    (rank 0 hosts the store), with SGLang's store prefixes (``init_custom_process_group``
+    in ``sglang.srt.utils.common``): the only way both sides meet. Uses torch's internal
+    ``_new_process_group_helper`` as SGLang does."""
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, rank, world_size = next(rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    pg, _ = _new_process_group_helper(
+        world_size, rank, [], Backend(backend), PrefixStore(group_name, store), group_name=group_name, timeout=timeout
+    )
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
+
+
+def _address_towards(url: str) -> str:
+    """This host's address on the route to ``url``'s host (no packet is sent)."""
+    host = urllib.parse.urlparse(url).hostname or "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((socket.gethostbyname(host), 9))
+        return s.getsockname()[0]
+
+
+def _free_port(address: str) -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+class SGLangServerEngine(RolloutEngine):
+    """SGLang servers by URL (module docstring)."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        timeout_s: float,
+        eos_token_ids: Sequence[int],
+        owns_weight_updates: bool = True,
+        backend: Optional[str] = None,
+    ):
+        if not urls:
+            raise ValueError("rollout.server_urls is empty")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.timeout_s = float(timeout_s)
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.receives_weights = owns_weight_updates
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.name = "sglang servers " + ", ".join(self.urls)
+        self._pool = ThreadPoolExecutor(max_workers=len(self.urls), thread_name_prefix="sglang-http")
+        self._group = None
+        self._sessions = True
+        self._checksum: Optional[float] = None
+
+    # ------------------------------------------------------------------- HTTP
+
+    def _http(self, url: str, route: str, body: Any = None, *, method: str = "POST", allow_404: bool = False) -> Any:
+        """One call; the decoded JSON answer (or text). Errors name ``url`` and ``route``."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(url + route, data=data, method=method, headers={"Content-Type": "application/json"})
+        where = f"SGLang server {url}: {method} {route}"
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                status, raw = resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            status, raw = e.code, e.read()
+        except (TimeoutError, socket.timeout) as e:
+            raise RolloutEngineError(f"{where} timed out after {self.timeout_s:g} s") from e
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, (TimeoutError, socket.timeout)):
+                raise RolloutEngineError(f"{where} timed out after {self.timeout_s:g} s") from e
+            raise RolloutEngineError(f"{where} failed: {e.reason}") from e
+        except OSError as e:
+            raise RolloutEngineError(f"{where} failed: {type(e).__name__}: {e}") from e
+        try:
+            answer = json.loads(raw) if raw else None
+        except ValueError:
+            answer = raw.decode(errors="replace")
+        if status == 404 and allow_404:
+            return None
+        if status != 200:
+            raise RolloutEngineError(f"{where} answered {status}: {str(answer)[:500]}")
+        if isinstance(answer, dict) and answer.get("success") is False:
+            raise RolloutEngineError(f"{where} failed: {answer.get('message')}")
+        return answer
+
+    def _on_all(self, route: str, bodies: Sequence[Any], **kwargs) -> list[Any]:
+        futures = [self._pool.submit(self._http, url, route, body, **kwargs) for url, body in zip(self.urls, bodies)]
+        return [f.result() for f in futures]
+
+    # ------------------------------------------------------------- generation
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Sample]]:
+        S = len(self.urls)
+        shares = [list(range(s, len(prompts), S)) for s in range(S)]
+        futures = {
+            s: self._pool.submit(self._generate_on, s, [prompts[i] for i in rows], params)
+            for s, rows in enumerate(shares) if rows
+        }
+        results: list[Optional[list[Sample]]] = [None] * len(prompts)
+        for s, future in futures.items():
+            for i, samples in zip(shares[s], future.result()):
+                results[i] = samples
+        return results  # type: ignore[return-value]
+
+    def _generate_on(self, s: int, prompts: list, params: SamplingParams) -> list[list[Sample]]:
+        answer = self._http(self.urls[s], "/generate", generate_request(prompts, params, self.eos_token_ids))
+        return parse_samples(answer, len(prompts), params.n, f"SGLang server {self.urls[s]}")
+
+    def health(self) -> None:
+        self._on_all("/health", [None] * len(self.urls), method="GET")
+
+    # ---------------------------------------------------------------- weights
+
+    def update_weights(self, buckets: Iterable[Bucket]) -> None:
+        if not self.receives_weights:
+            raise RolloutEngineError(f"{self.name}: this replica does not send weights (the first data-parallel replica does)")
+        if self._group is None:
+            self._init_group()
+        device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        self._checksum = None
+        if self._sessions:
+            self._sessions = self._on_all("/begin_weight_update", [{}] * len(self.urls), allow_404=True)[0] is not None
+        terms: dict[str, float] = {}
+        try:
+            for bucket in buckets:
+                body = update_distributed_request(bucket, flush_cache=False)
+                flat = flatten_bucket(bucket).to(device)
+                for name, t in bucket:
+                    terms[name] = tensor_checksum(name, t)
+                futures = [self._pool.submit(self._http, url, "/update_weights_from_distributed", body) for url in self.urls]
+                work = dist.broadcast(flat, group=self._group, group_src=0, async_op=True)
+                for f in futures:
+                    f.result()
+                work.wait()
+                del flat
+        except BaseException:
+            self._abandon_group()  # a broadcast may be left half-done: never reuse the group
+            raise
+        if self._sessions:
+            self._on_all("/end_weight_update", [{}] * len(self.urls))
+        self._on_all("/flush_cache", [None] * len(self.urls))
+        self._checksum = combine_checksums(terms)
+
+    def _abandon_group(self) -> None:
+        group, self._group = self._group, None
+        if group is None:
+            return
+        for route, body in (("/end_weight_update", {}), ("/destroy_weights_update_group", {"group_name": GROUP_NAME})):
+            try:
+                self._on_all(route, [body] * len(self.urls), allow_404=True)
+            except RolloutEngineError:
+                pass
+        try:
+            dist.destroy_process_group(group)
+        except Exception:  # noqa: BLE001 - already broken
+            pass
+
+    def _init_group(self) -> None:
+        infos = self._on_all("/get_server_info", [None] * len(self.urls), method="GET")
+        tp_sizes = [int(info.get("tp_size", 1)) if isinstance(info, dict) else 1 for info in infos]
+        world_size = 1 + sum(tp_sizes)
+        address = _address_towards(self.urls[0])
+        port = _free_port(address)
+        offsets = [1 + sum(tp_sizes[:i]) for i in range(len(self.urls))]
+        bodies = [init_group_request(address, port, off, world_size, self.backend) for off in offsets]
+        futures = [self._pool.submit(self._http, url, "/init_weights_update_group", body) for url, body in zip(self.urls, bodies)]
+        try:
+            group = join_update_group(address, port, world_size=world_size, rank=0, backend=self.backend, timeout_s=self.timeout_s)
+        except Exception as e:
+            for f in futures:  # a server's own error says more than the rendezvous timeout
+                f.result()
+            raise RolloutEngineError(f"{self.name}: joining the weight-update group at {address}:{port} failed: {e}") from e
+        for f in futures:
+            f.result()
+        self._group = group
+
+    def weights_checksum(self) -> float:
+        if self._checksum is None:
+            raise RolloutEngineError(f"{self.name}: no complete weight sync from this engine yet")
+        return self._checksum
+
+    def shutdown(self) -> None:
+        group, self._group = self._group, None
+        if group is not None:
+            try:
+                self._on_all("/destroy_weights_update_group", [{"group_name": GROUP_NAME}] * len(self.urls))
+            except RolloutEngineError:
+                pass
+            dist.destroy_process_group(group)
+        self._pool.shutdown(wait=False)

@@ -1,0 +1,143 @@
+"""Weight sync from a Megatron actor into the embedded engine at one layout, run by
+tests/test_rollout_weight_sync.py under ``torchrun --nproc-per-node 2`` (TP=2 or PP=2).
+
+  1. A tiny HF model is loaded into a Megatron actor (``load_hf_into_model``).
+  2. ``sync_weights`` into a fresh embedded engine with a small and a huge bucket: the
+     checksum of what arrived equals the engine's and the HF files'; the peak bucket.
+  3. ``generate_in_group`` (sampled, n=2); the actor scores the same sequences with
+     ``forward_logprobs`` at the same temperature: max |trainer - rollout| and the PPO ratio.
+  4. The two bucket sizes give the same samples.
+  5. An engine that fails half-way through a sync: the holder raises, every other rank
+     returns (no hang), and the next sync works.
+
+Rank 0 writes OUT (JSON) for pytest to assert on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hf_fixtures import make_tiny_hf_model, read_config, read_hf_state  # noqa: E402
+
+from megappo.config.schema import RolloutConfig  # noqa: E402
+from megappo.models import BuildOptions, MegatronPolicy, ModelSpec, OptimizerSettings, TokenBatch  # noqa: E402
+from megappo.parallel import destroy_parallel, init_parallel  # noqa: E402
+from megappo.rollout import (  # noqa: E402
+    RolloutEngineError,
+    SamplingParams,
+    build_engine,
+    checksum_of,
+    checksums_match,
+    generate_in_group,
+    sync_weights,
+)
+from megappo.weights import load_hf_into_model  # noqa: E402
+
+TEMP = 0.8
+PROMPTS = [[5, 6, 7, 8, 9, 10], [12, 13], [3, 4, 3, 4, 3, 30, 31, 32], [40]]
+
+
+def token_batch(prompts, groups) -> tuple[TokenBatch, torch.Tensor, torch.Tensor]:
+    """Right-padded prompt+response rows, rollout log-probs [B, T] and the mask."""
+    rows = [(p, s) for p, group in zip(prompts, groups) for s in group]
+    S = max(len(p) + len(s.token_ids) for p, s in rows)
+    T = max(len(s.token_ids) for _, s in rows)
+    ids = torch.zeros(len(rows), S, dtype=torch.long)
+    lp = torch.zeros(len(rows), T)
+    mask = torch.zeros(len(rows), T)
+    for b, (p, s) in enumerate(rows):
+        seq = list(p) + s.token_ids
+        ids[b, : len(seq)] = torch.tensor(seq)
+        lp[b, : len(s.token_ids)] = torch.tensor(s.logprobs)
+        mask[b, : len(s.token_ids)] = 1
+    batch = TokenBatch(ids, torch.tensor([len(p) for p, _ in rows]), torch.tensor([len(s.token_ids) for _, s in rows]))
+    return batch, lp, mask
+
+
+class FailOnce:
+    """Wraps an engine's update_weights to fail after the first bucket, once."""
+
+    def __init__(self, engine):
+        self.engine, self.original = engine, engine.update_weights
+
+    def __call__(self, buckets):
+        self.engine.update_weights = self.original
+        next(iter(buckets))
+        raise RolloutEngineError(f"{self.engine.name}: injected failure after one bucket")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--family", default="qwen2")
+    ap.add_argument("--tie", action="store_true")
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    layout = init_parallel(args.tp, args.pp, seed=3, device="cpu")
+    hf_dir = Path(args.workdir) / f"{args.family}-{args.tie}"
+    if layout.rank == 0:
+        make_tiny_hf_model(args.workdir, args.family, tie=args.tie, layers=4, vocab=103, name=hf_dir.name)
+    dist.barrier()
+    hf_config = read_config(hf_dir)
+    spec = ModelSpec.from_hf_config(hf_config)
+    actor = MegatronPolicy(spec, "actor", BuildOptions(tp=args.tp, pp=args.pp), OptimizerSettings(lr=1e-4), max_tokens_per_microbatch=10_000)
+    load_hf_into_model(actor.models, hf_dir)
+    rollout = RolloutConfig(engine="embedded", device="cpu")
+    res: dict = {"layout": dict(tp=layout.tp, pp=layout.pp, dp=layout.dp)}
+    params = SamplingParams(n=2, temperature=TEMP, max_new_tokens=12, seed=17)
+    hf_checksum = checksum_of(read_hf_state(hf_dir).items())
+
+    samples_by_bucket = {}
+    for bucket_mb in (0.02, 1000.0):
+        engine = build_engine(rollout, hf_config=hf_config, hf_dir=None, layout=layout, eos_token_ids=[2])
+        stats = sync_weights(actor.models, engine, layout, bucket_mb=bucket_mb, checksum=True)
+        key = f"bucket{bucket_mb:g}"
+        if engine is not None:
+            res[key] = dict(
+                bytes=stats.bytes, num_buckets=stats.num_buckets, peak_bucket_bytes=stats.peak_bucket_bytes,
+                checksum_matches_engine=checksums_match(stats.checksum, engine.weights_checksum()),
+                checksum_matches_hf_files=checksums_match(stats.checksum, hf_checksum), gbps=stats.gbps,
+            )
+        groups = generate_in_group(engine, PROMPTS, params, layout)
+        samples_by_bucket[bucket_mb] = groups
+        batch, rollout_lp, mask = token_batch(PROMPTS, groups)
+        trainer_lp = actor.forward_logprobs(batch, temperature=TEMP)["logprobs_BT"]
+        diff = (trainer_lp - rollout_lp).abs()[mask.bool()].max()
+        ratio = (torch.exp(trainer_lp - rollout_lp) - 1).abs()[mask.bool()].max()
+        for t in (diff, ratio):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        res.setdefault(key, {}).update(max_logprob_diff=diff.item(), max_ratio_minus_1=ratio.item(), tokens=int(mask.sum()))
+        if engine is not None and bucket_mb == 1000.0:
+            engine.update_weights = FailOnce(engine)
+        final_engine = engine
+    res["same_samples_across_bucket_sizes"] = samples_by_bucket[0.02] == samples_by_bucket[1000.0]
+
+    # The failing sync (armed above on the holder): the holder raises, the others return.
+    try:
+        sync_weights(actor.models, final_engine, layout, bucket_mb=0.02)
+        outcome = "returned"
+    except RolloutEngineError as e:
+        outcome = f"raised: {e}"
+    outcomes = [None] * layout.world_size
+    dist.all_gather_object(outcomes, outcome)
+    res["failing_sync_outcomes"] = outcomes
+    stats = sync_weights(actor.models, final_engine, layout, bucket_mb=0.02, checksum=True)
+    res["after_failure_checksum_ok"] = final_engine is None or checksums_match(stats.checksum, hf_checksum)
+    if layout.rank == 0:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    destroy_parallel()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Training-checkpoint checks, run by tests/test_checkpoint.py.
+
+--phase train (torchrun, 2 ranks, DP=2): actor + critic (``MegatronPolicy``) loaded from
+  HF, one step, ``save(1)``, a second step (the uninterrupted reference); fresh objects
+  resume from step 1 and repeat step 2 (must be identical, RNG included); a save that
+  raises midway leaves ``latest`` alone; finally a save is SIGKILLed midway (the process
+  dies: the test expects a non-zero exit and checks the files).
+--phase resume (plain process, DP=1): resume from ``latest`` at another DP size, step 2
+  again (same loss to float tolerance); mismatched tokenizer / architecture errors; a new
+  save removes the stale temporary directory and prunes to ``keep_last``.
+
+Each phase writes OUT/{phase}-rank{r}.json before anything that may kill it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+
+import torch
+
+
+def build(spec, hf, dist_opt):
+    from megappo.models import BuildOptions, MegatronPolicy, OptimizerSettings
+    from megappo.weights import load_hf_into_model
+
+    optim = OptimizerSettings(lr=1e-3, lr_warmup_steps=3, weight_decay=0.01, use_distributed_optimizer=dist_opt)
+    pols = {
+        "actor": MegatronPolicy(spec, "actor", BuildOptions(), optim),
+        "critic": MegatronPolicy(spec, "critic", BuildOptions(value_head_init_std=0.05), optim),
+    }
+    for p in pols.values():
+        load_hf_into_model(p.models, hf)
+        p.optimizer.reload_model_params()
+    return pols
+
+
+def make_step(layout):
+    from megappo.models import TokenBatch
+    from megappo.parallel import collectives
+
+    g = torch.Generator().manual_seed(5)
+    batch = TokenBatch(torch.randint(0, 103, (4, 12), generator=g), torch.tensor([3, 2, 4, 1]), torch.tensor([9, 6, 8, 11]))
+    returns = torch.randn(4, batch.T, generator=g)
+    share = batch.split(layout.dp)[layout.dp_rank]
+    rows = torch.arange(batch.B).tensor_split(layout.dp)[layout.dp_rank]
+    mask = share.response_mask_BT
+    n = float(collectives.global_token_count(mask))
+
+    def actor_loss(out, r):
+        return -(out["logprobs_BT"] * mask[r]).sum() / n, {}
+
+    def critic_loss(out, r):
+        return ((out["values_BT"] - returns[rows[r]]) ** 2 * mask[r]).sum() / n, {}
+
+    def step(pols):
+        a = pols["actor"].train_step(share, actor_loss)
+        c = pols["critic"].train_step(share, critic_loss)
+        return [a["loss"], c["loss"]]
+
+    return step
+
+
+def save_args(spec, step):
+    return dict(
+        extra={"data": {"cursor": 4 * step}, "kl": {"coef": 0.1 * step}, "reward_stats": torch.tensor([1.0, 2.0])},
+        config_dict={"train": {"seed": 3}},
+        spec_dict=spec.to_dict(),
+        tokenizer_fingerprint="tok-A",
+    )
+
+
+def phase_train(args, res, write):
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from megappo.checkpoint import CheckpointManager
+    from megappo.models import ModelSpec
+    from megappo.parallel import init_parallel
+
+    layout = init_parallel(1, 1, seed=3, device="cpu")
+    spec = ModelSpec.from_hf_dir(args.hf)
+    step = make_step(layout)
+    mgr = CheckpointManager(args.ckpt, keep_last=2)
+    pols = build(spec, args.hf, args.dist_opt)
+    res["loss1"] = step(pols)
+    mgr.save(1, policies=pols, **save_args(spec, 1))
+    rand_after_save = torch.rand(4)
+    res["loss2"] = step(pols)
+
+    torch.manual_seed(12345)
+    fresh = build(spec, args.hf, args.dist_opt)
+    extra = mgr.load(policies=fresh, tokenizer_fingerprint="tok-A")
+    res["rng_restored"] = bool(torch.equal(torch.rand(4), rand_after_save))
+    res["extra"] = {"data": extra["data"], "kl": extra["kl"], "step": extra["step"], "reward_stats": extra["reward_stats"].tolist()}
+    res["loss2_resumed"] = step(fresh)
+
+    real_save = dist_checkpointing.save
+
+    def failing_save(state, path, *a, **k):
+        real_save(state, path, *a, **k)
+        if path.endswith("critic"):
+            raise RuntimeError("injected failure after the critic's files")
+
+    dist_checkpointing.save = failing_save
+    try:
+        mgr.save(2, policies=fresh, **save_args(spec, 2))
+        res["injected_error"] = None
+    except RuntimeError as e:
+        res["injected_error"] = str(e)
+    dist_checkpointing.save = real_save
+    res["latest_after_error"] = os.path.basename(mgr.latest())
+    write()
+
+    def killed_save(state, path, *a, **k):
+        real_save(state, path, *a, **k)
+        if dist.get_rank() == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    dist_checkpointing.save = killed_save
+    mgr.save(3, policies=fresh, **save_args(spec, 3))
+    raise AssertionError("the save should have been killed")
+
+
+def phase_resume(args, res, write):
+    from megappo.checkpoint import CheckpointManager
+    from megappo.models import ModelSpec
+    from megappo.parallel import init_parallel
+
+    layout = init_parallel(1, 1, seed=3, device="cpu")
+    spec = ModelSpec.from_hf_dir(args.hf)
+    mgr = CheckpointManager(args.ckpt, keep_last=1)
+    res["latest"] = os.path.basename(mgr.latest())
+    res["dirs_before"] = sorted(os.listdir(args.ckpt))
+    pols = build(spec, args.hf, args.dist_opt)
+    for fp, spec_dict, key in [
+        ("tok-B", None, "tokenizer_error"),
+        ("tok-A", {**spec.to_dict(), "hidden_size": 128, "num_kv_heads": 4}, "architecture_error"),
+    ]:
+        try:
+            mgr.load(policies=pols, tokenizer_fingerprint=fp, spec_dict=spec_dict)
+            res[key] = None
+        except ValueError as e:
+            res[key] = str(e)
+    extra = mgr.load(policies=pols, tokenizer_fingerprint="tok-A")
+    res["extra_step"] = extra["step"]
+    res["loss2_resumed_dp1"] = make_step(layout)(pols)
+    mgr.save(2, policies=pols, **save_args(spec, 2))
+    res["dirs_after"] = sorted(os.listdir(args.ckpt))
+    res["latest_after"] = os.path.basename(mgr.latest())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--phase", choices=["train", "resume"], required=True)
+    ap.add_argument("--hf", required=True)
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--dist-opt", action="store_true")
+    args = ap.parse_args()
+    res: dict = {}
+    rank = int(os.environ.get("RANK", "0"))
+
+    def write():
+        with open(os.path.join(args.out, f"{args.phase}-rank{rank}.json"), "w") as f:
+            json.dump(res, f)
+
+    (phase_train if args.phase == "train" else phase_resume)(args, res, write)
+    write()
+
+
+if __name__ == "__main__":
+    main()
