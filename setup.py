@@ -28,6 +28,9 @@ setup(
         "safetensors>=0.4",
         "tqdm",
         "psutil",  # megatron-core's checkpointing imports it without declaring it
+        "pyarrow",  # parquet prompt files
+        "math-verify>=0.8",  # reward.fn: math_verify
+        "matplotlib",  # metrics plots (the demo)
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "pytest-timeout>=2", "math-verify>=0.8", "matplotlib", "pyarrow"],

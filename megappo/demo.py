@@ -75,7 +75,7 @@ def warm_up(model, tokenizer, pairs: list[tuple[str, str]], *, steps: int, batch
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def prepare(out: Path, *, seed: int, sft_steps: int) -> dict[str, str]:
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m megappo.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     ap.add_argument("--steps", type=int, default=None, help="RL steps (default: the recipe's)")
-    ap.add_argument("--sft-steps", type=int, default=150, help="supervised warm-up steps")
+    ap.add_argument("--sft-steps", type=int, default=100, help="supervised warm-up steps")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--prepare-only", action="store_true", help="build tokenizer, data and warmed-up model, then stop")
     args, extra = ap.parse_known_args(argv)

@@ -11,6 +11,7 @@ result to the other ranks of its model-parallel group, so every rank builds the 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -33,6 +34,8 @@ class Experience:
     response_texts: list[str] = field(default_factory=list)
     reward_errors: int = 0
     reward_timeouts: int = 0
+    reward_seconds: float = 0.0
+    sampling_rounds: int = 1
     # Filled in by the step:
     old_logprobs_BT: torch.Tensor | None = None
     ref_logprobs_BT: torch.Tensor | None = None
@@ -88,6 +91,8 @@ def build_experience(payload: dict[str, Any]) -> Experience:
         response_texts=payload["texts"],
         reward_errors=payload["reward_errors"],
         reward_timeouts=payload["reward_timeouts"],
+        reward_seconds=payload.get("reward_seconds", 0.0),
+        sampling_rounds=payload.get("rounds", 1),
     )
 
 
@@ -109,8 +114,10 @@ def generate_and_score(engine, prompts, params, reward_fn, tokenizer, *, group_o
             out["texts"].append(tokenizer.decode(sample.token_ids, skip_special_tokens=True))
             out["answers"].append(prompt.answer)
             out["prompts"].append(prompt.text)
+    t0 = time.perf_counter()
     result = reward_fn.score(out["texts"], out["answers"], out["prompts"])
     out.update(
+        reward_seconds=time.perf_counter() - t0,
         scores=list(result.scores),
         correct=[bool(c) for c in result.correct],
         reward_errors=result.num_errors,

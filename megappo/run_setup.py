@@ -84,7 +84,6 @@ class RunComponents:
     eval_items: list
     ckpt: object
     metrics: object
-    _calls: int = 0
 
     # -- generation ---------------------------------------------------------------------
 
@@ -104,7 +103,7 @@ class RunComponents:
             seed=self.cfg.train.seed + self.layout.dp_rank,
         )
 
-    def generate_batch(self, *, dynamic: bool, max_rounds: int) -> dict:
+    def generate_batch(self, step: int, *, dynamic: bool, max_rounds: int) -> dict:
         """On an engine rank: this replica's prompts, sampled and scored. With dynamic
         sampling (DAPO), groups whose scores are all equal are dropped and more prompts are
         sampled, up to ``max_rounds`` rounds (the same number on every replica, so the data
@@ -112,24 +111,28 @@ class RunComponents:
         params = self.sampling_params()
         kept, dropped, rounds, target = [], [], 0, None
         errors = timeouts = 0
+        reward_seconds = 0.0
         while True:
             prompts = self.data.next_batch()
             target = target or len(prompts)
             rounds += 1
-            self._calls += 1
-            seed = self.cfg.train.seed * 1_000_003 + self._calls * 7919 + self.layout.dp_rank
+            # A function of (seed, step, round, replica) only, so a resumed run samples as
+            # the uninterrupted one would.
+            seed = self.cfg.train.seed * 1_000_003 + (step * max_rounds + rounds) * 7919 + self.layout.dp_rank
             payload = generate_and_score(
                 self.engine, prompts, _with_seed(params, seed), self.reward_fn, self.tokenizer,
                 group_offset=(self.layout.dp_rank * max_rounds + rounds - 1) * len(prompts),
             )
             errors += payload["reward_errors"]
             timeouts += payload["reward_timeouts"]
+            reward_seconds += payload["reward_seconds"]
             for g in _split_groups(payload, params.n):
                 (kept if not dynamic or len(set(g["scores"])) > 1 else dropped).append(g)
             if groups.all_engines_done(not dynamic or len(kept) >= target or rounds >= max_rounds):
                 break
         out = _join_groups((kept + dropped)[:target])
-        out.update(rounds=rounds, reward_errors=errors, reward_timeouts=timeouts, kept_groups=min(len(kept), target))
+        out.update(rounds=rounds, reward_errors=errors, reward_timeouts=timeouts, reward_seconds=reward_seconds,
+                   kept_groups=min(len(kept), target))
         return out
 
     def evaluate(self) -> dict[str, float]:
@@ -175,7 +178,14 @@ class RunComponents:
             "response_length/mean": float(len_sums[1] / len_sums[0]),
             "response_length/max": float(groups.dp_max(lens.max().reshape(1))[0]),
             "response_length/truncated_frac": float(trunc[0] / acc[1]),
+            "time/reward": float(groups.dp_max(torch.tensor([exp.reward_seconds], dtype=torch.float64))[0]),
         }
+        if self.cfg.algo.dynamic_sampling:
+            out["rollout/sampling_rounds"] = float(exp.sampling_rounds)
+        if exp.values_BT is not None and exp.returns_BT is not None:
+            from megappo.algo import explained_variance
+
+            out["critic/explained_variance"] = float(explained_variance(exp.values_BT, exp.returns_BT, exp.mask_BT.float()))
         mm = mismatch_metrics(exp.old_logprobs_BT, exp.rollout_logprobs_BT, exp.mask_BT.float())
         out.update(groups.dp_mean_metrics({k: float(v) for k, v in mm.items()}))
         return out

@@ -106,9 +106,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sys.stdout.write(_layout_comment(cfg, world_size) + config_to_yaml(cfg))
             sys.stdout.flush()
         return 0
+    _configure_logging(cfg.logging.level)
     from megappo.trainer import run  # imports torch and Megatron: only for real runs
 
-    return int(run(cfg) or 0)  # the trainer's status (e.g. its preemption code)
+    try:
+        return int(run(cfg) or 0)  # the trainer's status (e.g. its preemption code)
+    except ValueError as err:  # bad input found while building the run: a model dir, data, a shape
+        _report_error(str(err))
+        return USER_ERROR
+
+
+def _configure_logging(level: str) -> None:
+    """Rank 0 logs at ``logging.level``; other ranks only warnings, tagged with their rank.
+    Megatron's own INFO output (DDP and optimizer dumps) is shown only at debug level."""
+    rank = _rank("RANK") or 0
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s: %(message)s"))
+    logging.getLogger("megappo").setLevel(getattr(logging, level.upper()) if rank == 0 else logging.WARNING)
+    if level != "debug":
+        logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
 if __name__ == "__main__":

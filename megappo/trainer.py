@@ -73,7 +73,7 @@ class Trainer:
     def step(self, step: int) -> dict[str, float]:
         timer = self.c.timer()
         with timer("rollout"):
-            exp = self.rollout()
+            exp = self.rollout(step)
         with timer("logprobs"):
             self.score_with_models(exp)
         metrics = self.objective.compute_advantages(exp)
@@ -90,13 +90,13 @@ class Trainer:
 
     # -- the phases -------------------------------------------------------------------
 
-    def rollout(self) -> Experience:
+    def rollout(self, step: int) -> Experience:
         """Sample a group of responses per prompt and score them (dynamic sampling keeps
         only groups whose rewards differ, sampling more prompts to fill the batch)."""
         c, a = self.c, self.cfg.algo
         payload = None
         if c.engine is not None:
-            payload = c.generate_batch(dynamic=a.dynamic_sampling, max_rounds=a.max_sampling_rounds)
+            payload = c.generate_batch(step, dynamic=a.dynamic_sampling, max_rounds=a.max_sampling_rounds)
         payload = broadcast_from_engine_rank(payload, engine_rank=groups.engine_rank(), group=groups.mp_group())
         if c.engine is None:  # keep this rank's data cursor in step with the engine rank's
             for _ in range(payload["rounds"]):
@@ -122,17 +122,21 @@ class Trainer:
 
     def update(self, policy, exp: Experience, make_loss_fn, role: str) -> dict[str, float]:
         """``ppo_epochs`` passes over the rollout batch, one optimizer step per mini-batch."""
-        totals: dict[str, float] = {}
-        n = 0
+        per_step: list[dict[str, float]] = []
         for _ in range(self.cfg.algo.ppo_epochs):
             for rows in self.c.minibatches(len(exp)):
                 mini = exp.select(rows)
                 den = self.objective.denominators(mini)
                 out = policy.train_step(mini.batch, make_loss_fn(mini, den), temperature=self.cfg.rollout.temperature)
-                for k, v in out.items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
-                n += 1
-        return groups.dp_mean_metrics({f"{role}/{k}": v / max(n, 1) for k, v in totals.items()})
+                per_step.append({k: float(v) for k, v in out.items()})
+        # train_step already reduced over micro-batches and data-parallel ranks; over the
+        # optimizer steps of this RL step: min of *_min, max of *_max, mean of the rest.
+        merged = {}
+        for k in per_step[0]:
+            values = [m[k] for m in per_step if k in m]
+            merged[f"{role}/{k}"] = min(values) if k.endswith("_min") else max(values) if k.endswith("_max") else sum(values) / len(values)
+        merged[f"{role}/optimizer_steps"] = float(len(per_step))
+        return merged
 
     def sync_weights(self) -> dict[str, float]:
         stats = self.c.sync_weights()

@@ -66,11 +66,12 @@ class Recorder(RolloutEngine):
 
 
 def test_stream_stats_and_checksum():
-    tensors = named([1000, 3000, 10, 2000])
+    tensors = named([1000, 3000, 10, 1000])  # 4000, 12000, 40, 4000 bytes
     engine = Recorder()
     stats = stream_to_engine(iter(tensors), engine, bucket_mb=8000 / 2**20, checksum=True)
     assert engine.names == ["w0", "w1", "w2", "w3"]
-    assert stats.bytes == 4 * 6010 and stats.num_buckets == 3 and stats.peak_bucket_bytes == 12040
+    assert engine.sizes == [4000, 12000, 4040]
+    assert stats.bytes == 20040 and stats.num_buckets == 3 and stats.peak_bucket_bytes == 12000
     assert stats.checksum == checksum_of(tensors)
     assert stats.gbps > 0 and stats.seconds > 0
 
@@ -113,7 +114,7 @@ def test_sync_memory_is_about_one_bucket():
             yield name, t
             del t
 
-    bucket = 64 * 1024
+    bucket = 32 * 1024
     engine = EmbeddedEngine(cfg)
     stats = stream_to_engine(gathered(), engine, bucket_mb=bucket / 2**20)
     biggest = max(p.numel() * p.element_size() for _, p in hf_tensors(trainer))

@@ -165,6 +165,11 @@ def transformer_config(spec: ModelSpec, opts: BuildOptions):
         variable_seq_lengths=True,
         moe_token_dispatcher_type="alltoall",  # unused by dense models; allgather rejects variable_seq_lengths
         deallocate_pipeline_outputs=True,
+        # Interleaved schedule: with PP=2 the previous and the next stage are one rank, and
+        # batched send-prev/send-next messages are indistinguishable (Megatron-LM issue
+        # #750); overlapped p2p sends the two directions separately.
+        overlap_p2p_comm=opts.vpp is not None,
+        batch_p2p_comm=opts.vpp is None,
         **fp8,
         **recompute,
     )

@@ -28,6 +28,8 @@ SumReducer = Callable[[Tensor], Tensor]
 
 
 def _mpu():
+    if not dist.is_initialized():
+        return None
     from megatron.core import parallel_state as mpu
 
     return mpu if mpu.model_parallel_is_initialized() else None

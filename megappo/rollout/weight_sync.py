@@ -65,7 +65,7 @@ def iter_buckets(named_tensors: NamedTensors, bucket_bytes: int) -> Iterator[lis
         if bucket and size + nbytes > bucket_bytes:
             yield bucket
             bucket.clear()
-            size = 0
+            bucket, size = [], 0
         bucket.append((name, tensor))
         size += nbytes
     if bucket:

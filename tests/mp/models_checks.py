@@ -22,8 +22,10 @@ Every comparison is recorded as a max abs difference (max over ranks).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import sys
 import time
 
 import torch
@@ -39,7 +41,10 @@ HF = dict(
     num_key_value_heads=2, head_dim=16, vocab_size=128, tie_word_embeddings=True, max_position_embeddings=64,
 )
 TEMP = 0.7
-OPTIM = OptimizerSettings(lr=1e-4, clip_grad=1.0, weight_decay=0.01)
+# Adam's first step is lr * g / (|g| + eps), nearly lr * sign(g): float noise in a gradient
+# near 0 moves a weight by up to lr * noise / eps. eps = 1e-6 keeps that below 1e-7 while
+# the step itself is ~lr = 1e-4, so the layout comparison of updated weights stays sharp.
+OPTIM = OptimizerSettings(lr=1e-4, clip_grad=1.0, weight_decay=0.01, adam_eps=1e-6)
 RESULTS: dict[str, float] = {}
 INFO: dict[str, object] = {}
 
@@ -212,8 +217,10 @@ def phase_tp1(spec, batch, data, ckpt) -> dict:
     loss_fn = actor_loss(half, data, offset, with_kl=False)
     m = actor.forward_backward(half, loss_fn, temperature=TEMP)
     grads = grads_of(actor)
+    before = weights_of(actor)
     step = actor.optimizer_step()
     INFO["tp1_lr"] = step["lr"]
+    RESULTS["tp1_adam_step_size"] = (flat(weights_of(actor)) - flat(before)).abs().max().item()
     cm = critic.forward_backward(half, critic_loss(half, data, offset))
     critic_grads = grads_of(critic)
     critic.optimizer_step()
@@ -410,7 +417,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--workdir", required=True, help="a directory both ranks see (the checkpoint goes there)")
     parser.add_argument("--phases", default="tp2,pp2,vpp2")
+    parser.add_argument("--hang-timeout", type=float, default=300, help="dump every thread's stack and exit after this long")
     args = parser.parse_args()
+    faulthandler.dump_traceback_later(args.hang_timeout, exit=True)
     torch.set_num_threads(1)
     spec = ModelSpec.from_hf_config(HF)
     batch, data = make_batch()
@@ -423,6 +432,7 @@ def main() -> None:
     for tag in args.phases.split(","):
         destroy_parallel(keep_process_group=True)
         t = time.time()
+        print(f"phase {tag}", file=sys.stderr, flush=True)
         tp, pp, vpp = {"tp2": (2, 1, None), "pp2": (1, 2, None), "vpp2": (1, 2, 2)}[tag]
         phase_other(tag, tp, pp, vpp, spec, batch, data, ckpt, ref1)
         timings[tag] = time.time() - t

@@ -1,0 +1,134 @@
+"""Layout invariance of MegatronPolicy and the parallel layer (two processes, gloo, CPU).
+
+One ``torchrun --nproc-per-node 2 tests/mp/models_checks.py`` launch (module fixture)
+runs the model four ways from one checkpoint: TP=1 x DP=2 (the reference), TP=2, PP=2,
+and PP=2 with two virtual chunks, and records every comparison as a max abs difference;
+the tests below assert on that file. See the script's docstring for what each phase does.
+Float32 throughout; the tolerance is 1e-5 (measured differences are ~1e-7).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TOL = 1e-5
+LAYOUTS = ("tp2", "pp2", "vpp2")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    repo_root = REPO_ROOT
+    work = tmp_path_factory.mktemp("models_mp")
+    out = work / "results.json"
+    env = {**os.environ, "PYTHONPATH": str(repo_root), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(repo_root / "tests" / "mp" / "models_checks.py"), "--out", str(out), "--workdir", str(work),
+        "--hang-timeout", "420",
+    ]
+    proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=480)
+    if proc.returncode != 0 or not out.exists():
+        tail = "\n".join(line for line in (proc.stdout + proc.stderr).splitlines() if "Warning" not in line)[-6000:]
+        pytest.fail(f"models_checks.py failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(out.read_text())
+
+
+def _assert_small(results, *names, tol=TOL):
+    diffs = results["diffs"]
+    missing = [n for n in names if n not in diffs]
+    assert not missing, f"checks did not run: {missing}"
+    bad = {n: diffs[n] for n in names if not diffs[n] <= tol}
+    assert not bad, f"max abs differences above {tol}: {bad}"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_forward_outputs_match_one_rank(results, layout):
+    _assert_small(results, f"{layout}_logprobs", f"{layout}_entropy", f"{layout}_values")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_actor_loss_and_gradients_match_one_rank(results, layout):
+    _assert_small(results, f"{layout}_loss", f"{layout}_grads", f"{layout}_grad_norm")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_critic_loss_and_gradients_match_one_rank(results, layout):
+    _assert_small(results, f"{layout}_critic_loss", f"{layout}_critic_grads")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_one_adam_step_matches_one_rank(results, layout):
+    assert results["diffs"]["tp1_adam_step_size"] > 10 * TOL, "the step must be large against the tolerance"
+    _assert_small(results, f"{layout}_adam_step_weights", f"{layout}_critic_adam_step_weights")
+
+
+def test_full_kl_loss_and_gradients_at_tp2(results):
+    _assert_small(results, "tp2_kl", "tp2_loss_with_full_kl", "tp2_grads_with_full_kl")
+
+
+def test_full_kl_with_pipeline_parallelism_is_a_clear_error(results):
+    for layout in ("pp2", "vpp2"):
+        err = results["info"][f"{layout}_full_kl_error"]
+        assert err and "pipeline_model_parallel_size=1" in err
+
+
+def test_identical_reference_gives_exactly_zero_kl(results):
+    assert results["diffs"]["kl_to_identical_reference"] == 0.0
+    assert results["diffs"]["logprobs_identical_reference"] == 0.0
+
+
+def test_logprobs_match_log_softmax_over_full_logits(results):
+    _assert_small(results, "tp1_logprobs_vs_log_softmax", "tp1_entropy_vs_log_softmax")
+
+
+def test_microbatch_count_does_not_change_loss_or_gradients(results):
+    assert results["info"]["tp1_num_microbatches"] == [1, 3]
+    _assert_small(results, "microbatch_1_vs_3_loss", "microbatch_1_vs_3_grads")
+
+
+def test_distributed_optimizer_steps_like_the_plain_one(results):
+    _assert_small(results, "distributed_optimizer_vs_plain_weights")
+
+
+def test_collectives_over_data_parallel_ranks(results):
+    _assert_small(
+        results,
+        "collectives_global_mean",
+        "collectives_global_var",
+        "collectives_token_count",
+        "collectives_seq_count",
+        "collectives_sum_reducer_mean",
+        "collectives_reduce_metrics",
+        tol=1e-12,
+    )
+
+
+def test_broadcasts_from_the_last_pipeline_stage(results):
+    _assert_small(results, "broadcast_from_last_stage", "broadcast_object_from_last_stage", tol=0.0)
+
+
+def test_vocab_parallel_against_gathered_logits(results):
+    _assert_small(results, "vp64_logprob", "vp64_entropy", "vp64_full_kl", "vp64_grad", tol=1e-12)
+    _assert_small(results, "vp32_logprob", "vp32_entropy", "vp32_full_kl", "vp32_grad")
+    assert results["diffs"]["vp64_padded_id_grad"] == 0.0 and results["diffs"]["vp32_padded_id_grad"] == 0.0
+
+
+def test_padded_vocabulary_is_masked_in_the_model(results):
+    _assert_small(results, "tp2_padded_vocab_model_logprobs", "tp2_padded_vocab_model_entropy")
+
+
+def test_bf16_model_runs_and_stays_close_to_fp32(results):
+    info = results["info"]
+    assert info["bf16_optimizer"] == "Float16OptimizerWithFloat16Params"
+    assert info["bf16_param_dtype"] == "torch.bfloat16" and info["bf16_grad_norm_finite"]
+    _assert_small(results, "bf16_logprobs_vs_fp32", tol=0.05)
+    _assert_small(results, "bf16_loss_vs_fp32", tol=0.01)
