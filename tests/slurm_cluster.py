@@ -86,8 +86,9 @@ class SlurmCluster:
         self._procs: list[tuple[str, subprocess.Popen]] = []
         self.munge_dir: Optional[Path] = None
 
-    def env(self, **extra: str) -> dict[str, str]:
-        env = dict(os.environ)
+    def env(self, base: Optional[dict[str, str]] = None, **extra: str) -> dict[str, str]:
+        """``base`` (default: this process's environment) for the cluster's clients and jobs."""
+        env = dict(os.environ if base is None else base)
         env["SLURM_CONF"] = str(self.conf)
         for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF"]:
             del env[key]  # a test run inside a Slurm job must not leak that job's settings

@@ -128,3 +128,20 @@ def test_reward_rises_on_toy_task(toy, tmp_path, preset):
     rewards = [r["reward/mean"] for r in rows]
     first, last = sum(rewards[:15]) / 15, sum(rewards[-15:]) / 15
     assert last > first + 0.1, f"{preset}: mean reward {first:.3f} over the first 15 steps -> {last:.3f} over the last 15"
+
+
+def test_exported_actor_evaluates_like_the_trainer(toy, tmp_path):
+    """The final actor saved in HF format, evaluated by tools/evaluate.py (embedded engine,
+    outside training), scores exactly the trainer's own last held-out evaluation."""
+    rows = _train(toy, tmp_path, ["train.steps=2", "train.eval_every=1", "checkpoint.save_hf_at_end=true"])
+    final = tmp_path / "hf" / "final"
+    assert (final / "config.json").exists()
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "evaluate.py"), "--config", str(RECIPE), "--hf-dir", str(final),
+         "--data", toy["eval"], f"data.train_path={toy['train']}"],
+        env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["num_samples"] == rows[-1]["eval/num_samples"]
+    assert result["accuracy"] == pytest.approx(rows[-1]["eval/accuracy"], abs=1e-9)

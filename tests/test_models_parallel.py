@@ -96,6 +96,7 @@ def test_microbatch_count_does_not_change_loss_or_gradients(results):
 
 
 def test_distributed_optimizer_steps_like_the_plain_one(results):
+    assert results["info"]["factory_optimizer"] == "DistributedOptimizer"
     _assert_small(results, "distributed_optimizer_vs_plain_weights")
 
 

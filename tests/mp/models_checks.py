@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 
 from megappo.algo import aggregate_loss, policy_loss, value_loss
-from megappo.models import BuildOptions, MegatronPolicy, ModelSpec, OptimizerSettings, TokenBatch
+from megappo.config import config_from_dict
+from megappo.models import BuildOptions, MegatronPolicy, ModelSpec, OptimizerSettings, TokenBatch, build_policy
 from megappo.parallel import collectives, destroy_parallel, init_parallel
 from megappo.parallel.vocab_parallel import vocab_parallel_full_kl, vocab_parallel_logprobs
 
@@ -226,7 +227,14 @@ def phase_tp1(spec, batch, data, ckpt) -> dict:
     critic.optimizer_step()
 
     # The distributed optimizer (Adam state sharded over the two DP ranks) steps like the plain one.
-    dopt = MegatronPolicy(spec, "actor", BuildOptions(), OptimizerSettings(**{**OPTIM.__dict__, "use_distributed_optimizer": True}))
+    # Built by the config factory, as the trainer does.
+    cfg = config_from_dict({
+        "optim": {"lr": OPTIM.lr, "weight_decay": OPTIM.weight_decay, "adam_eps": OPTIM.adam_eps, "clip_grad": OPTIM.clip_grad},
+        "parallel": {"use_distributed_optimizer": True, "device": "cpu"},
+        "train": {"max_tokens_per_microbatch": 10_000},
+    })
+    dopt = build_policy(cfg, spec, "actor", layout)
+    INFO["factory_optimizer"] = type(dopt.optimizer.chained_optimizers[0]).__name__
     load({"actor": dopt}, ckpt)
     dopt.train_step(half, loss_fn, temperature=TEMP)
     diff("distributed_optimizer_vs_plain_weights", flat(weights_of(dopt)), flat(weights_of(actor)))
