@@ -11,7 +11,7 @@ for bin in "${need[@]}"; do
     command -v "$bin" >/dev/null 2>&1 || [[ -x /usr/sbin/$bin ]] || missing+=("$bin")
 done
 if [[ ${#missing[@]} -eq 0 ]]; then
-    echo "setup_slurm: slurm and munge already installed ($(sbatch --version 2>/dev/null || echo '?'))"
+    echo "setup_slurm: slurm and munge already installed ($(/usr/sbin/slurmd -V 2>/dev/null || echo "version unknown"))"
     exit 0
 fi
 
@@ -39,4 +39,4 @@ if [[ ! -s /etc/munge/munge.key ]]; then
     "${sudo[@]}" sh -c 'dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none \
         && chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key'
 fi
-echo "setup_slurm: installed $(sbatch --version)"
+echo "setup_slurm: installed $(/usr/sbin/slurmd -V)"

@@ -52,12 +52,12 @@ fi
 "${check[@]}" >/dev/null
 
 # torchrun passes SIGUSR1 on to its workers (not by default) and waits this long for their save.
-# PET_SIGNALS_TO_HANDLE is torchrun's --signals-to-handle; some torch versions read only
-# TORCHELASTIC_SIGNALS_TO_HANDLE. Without SIGUSR1 in the list, SIGUSR1 kills torchrun outright.
+# PET_SIGNALS_TO_HANDLE is torchrun's --signals-to-handle (pytorch#160690, 2025 releases on; the
+# launcher API reads TORCHELASTIC_SIGNALS_TO_HANDLE). Without it SIGUSR1 kills torchrun outright.
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 export TORCHELASTIC_SIGNALS_TO_HANDLE=$PET_SIGNALS_TO_HANDLE
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}
-# shellcheck disable=SC2206
+# shellcheck disable=SC2206  # TORCHRUN_ARGS: options, split on spaces
 cmd=(torchrun --standalone --nnodes=1 --nproc-per-node="$NPROC" ${TORCHRUN_ARGS:-}
     -m megappo.train --config "$recipe" "${overrides[@]}")
 echo "+ ${cmd[*]}" >&2

@@ -22,7 +22,7 @@ import torch
 from megappo.config import Config, config_to_dict, uses_critic
 from megappo.experience import Experience, generate_and_score
 from megappo.models.spec import ModelSpec
-from megappo.parallel import groups
+from megappo.parallel.collectives import dp_all_reduce, dp_size
 
 log = logging.getLogger("megappo")
 
@@ -128,7 +128,9 @@ class RunComponents:
             reward_seconds += payload["reward_seconds"]
             for g in _split_groups(payload, params.n):
                 (kept if not dynamic or len(set(g["scores"])) > 1 else dropped).append(g)
-            if groups.all_engines_done(not dynamic or len(kept) >= target or rounds >= max_rounds):
+            # Engine ranks of all replicas form one data-parallel group: stop when all are done.
+            done = torch.tensor([1.0 if (not dynamic or len(kept) >= target or rounds >= max_rounds) else 0.0])
+            if dp_all_reduce(done, "min").item() > 0:
                 break
         out = _join_groups((kept + dropped)[:target])
         out.update(rounds=rounds, reward_errors=errors, reward_timeouts=timeouts, reward_seconds=reward_seconds,
@@ -145,7 +147,7 @@ class RunComponents:
             if mine:
                 payload = generate_and_score(self.engine, mine, self.sampling_params(eval_mode=True), self.reward_fn, self.tokenizer, group_offset=0)
                 correct += torch.tensor([sum(payload["correct"]), len(payload["correct"])], dtype=torch.float64)
-            correct = groups.engines_sum(correct)
+            correct = dp_all_reduce(correct)  # over the engine ranks of all replicas
         if self.engine is None or correct[1] == 0:
             return {}
         return {"eval/accuracy": float(correct[0] / correct[1]), "eval/num_samples": float(correct[1])}
@@ -162,13 +164,13 @@ class RunComponents:
         from megappo.algo import moment_sums, moments_from_sums
         from megappo.rollout import mismatch_metrics
 
-        scores = groups.dp_sum(moment_sums(exp.scores_B))
+        scores = dp_all_reduce(moment_sums(exp.scores_B))
         mean, var = moments_from_sums(scores)
         lens = exp.batch.response_lens_B.double()
-        len_sums = groups.dp_sum(moment_sums(lens))
-        acc = groups.dp_sum(torch.tensor([exp.correct_B.double().sum(), float(len(exp))]))
-        trunc = groups.dp_sum(torch.tensor([exp.truncated_B.double().sum()]))
-        errs = groups.dp_sum(torch.tensor([float(exp.reward_errors), float(exp.reward_timeouts)]))
+        len_sums = dp_all_reduce(moment_sums(lens))
+        acc = dp_all_reduce(torch.tensor([exp.correct_B.double().sum(), float(len(exp))]))
+        trunc = dp_all_reduce(torch.tensor([exp.truncated_B.double().sum()]))
+        errs = dp_all_reduce(torch.tensor([float(exp.reward_errors), float(exp.reward_timeouts)]))
         out = {
             "reward/mean": float(mean),
             "reward/std": float(var.clamp(min=0).sqrt()),
@@ -176,9 +178,9 @@ class RunComponents:
             "reward/errors": float(errs[0]),
             "reward/timeouts": float(errs[1]),
             "response_length/mean": float(len_sums[1] / len_sums[0]),
-            "response_length/max": float(groups.dp_max(lens.max().reshape(1))[0]),
+            "response_length/max": float(dp_all_reduce(lens.max().reshape(1), "max")[0]),
             "response_length/truncated_frac": float(trunc[0] / acc[1]),
-            "time/reward": float(groups.dp_max(torch.tensor([exp.reward_seconds], dtype=torch.float64))[0]),
+            "time/reward": float(dp_all_reduce(torch.tensor([exp.reward_seconds], dtype=torch.float64), "max")[0]),
         }
         if self.cfg.algo.dynamic_sampling:
             out["rollout/sampling_rounds"] = float(exp.sampling_rounds)
@@ -187,7 +189,9 @@ class RunComponents:
 
             out["critic/explained_variance"] = float(explained_variance(exp.values_BT, exp.returns_BT, exp.mask_BT.float()))
         mm = mismatch_metrics(exp.old_logprobs_BT, exp.rollout_logprobs_BT, exp.mask_BT.float())
-        out.update(groups.dp_mean_metrics({k: float(v) for k, v in mm.items()}))
+        keys = sorted(mm)
+        means = dp_all_reduce(torch.tensor([float(mm[k]) for k in keys], dtype=torch.float64)) / dp_size()
+        out.update(zip(keys, means.tolist()))
         return out
 
     def sync_weights(self):
@@ -283,7 +287,7 @@ def build_components(cfg: Config) -> RunComponents:
     from megappo.metrics import MetricsLogger
     from megappo.models import build_policy
     from megappo.parallel.state import init_parallel
-    from megappo.rollout import build_engine
+    from megappo.rollout import build_engine, holds_engine
     from megappo.weights import load_hf_into_model
 
     p = cfg.parallel
@@ -311,7 +315,7 @@ def build_components(cfg: Config) -> RunComponents:
         load_hf_into_model(reference.models, cfg.model.hf_path)
 
     engine = reward_fn = None
-    if groups.is_engine_rank():
+    if holds_engine(layout):
         eos = sorted({tokenizer.eos_token_id} | set(cfg.rollout.stop_token_ids))
         engine = build_engine(cfg.rollout, hf_dir=cfg.model.hf_path, hf_config=hf_config, layout=layout, eos_token_ids=eos, seed=cfg.train.seed)
         reward_fn = RewardFunction.from_config(cfg.reward)

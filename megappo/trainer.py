@@ -20,7 +20,8 @@ import torch
 from megappo.config import Config, config_to_dict, uses_critic
 from megappo.experience import Experience, broadcast_from_engine_rank, build_experience, generate_and_score
 from megappo.objective import Objective
-from megappo.parallel import groups
+from megappo.parallel.collectives import all_reduce, dp_sum_reducer
+from megappo.rollout.group import holder_rank, model_parallel_group
 from megappo.run_setup import RunComponents, build_components
 
 log = logging.getLogger("megappo")
@@ -34,7 +35,7 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.c: RunComponents = build_components(cfg)
-        self.objective = Objective(cfg, reduce_sums=groups.dp_sum)
+        self.objective = Objective(cfg, reduce_sums=dp_sum_reducer())
         self.step_num = self.c.resume(self.objective)
         self._preempted = False
         for sig in (signal.SIGUSR1, signal.SIGTERM):
@@ -57,7 +58,7 @@ class Trainer:
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or last):
                 metrics.update(self.c.evaluate())
             self.c.metrics.log(step, metrics)
-            preempted = groups.world_any(self._preempted)
+            preempted = _any_rank(self._preempted)
             if last or preempted or (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0):
                 self.c.save_checkpoint(step, self.objective)
             if cfg.checkpoint.save_hf_every and step % cfg.checkpoint.save_hf_every == 0:
@@ -97,7 +98,8 @@ class Trainer:
         payload = None
         if c.engine is not None:
             payload = c.generate_batch(step, dynamic=a.dynamic_sampling, max_rounds=a.max_sampling_rounds)
-        payload = broadcast_from_engine_rank(payload, engine_rank=groups.engine_rank(), group=groups.mp_group())
+        layout = c.layout
+        payload = broadcast_from_engine_rank(payload, engine_rank=holder_rank(layout), group=model_parallel_group(layout))
         if c.engine is None:  # keep this rank's data cursor in step with the engine rank's
             for _ in range(payload["rounds"]):
                 c.data.next_batch()
@@ -141,6 +143,15 @@ class Trainer:
     def sync_weights(self) -> dict[str, float]:
         stats = self.c.sync_weights()
         return {"sync/seconds": stats.seconds, "sync/gbps": stats.gbps}
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (a preemption signal may reach
+    only some processes); all ranks then stop after the same step."""
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0])
+    return bool(all_reduce(t, "max", dist.group.WORLD if dist.is_initialized() else None).item() > 0)
 
 
 def _cat_rows(parts: list[torch.Tensor], T: int) -> torch.Tensor:

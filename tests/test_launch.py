@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -127,6 +128,10 @@ def test_train_sbatch_dry_run_outside_slurm():
     bad = _run([TRAIN_SBATCH, BIG_RECIPE, "--dry-run"], _env(NNODES="3", NPROC_PER_NODE="1"))
     assert bad.returncode == 2
     assert "error: world size 3 is not divisible" in bad.stderr
+    from_env = _run([TRAIN_SBATCH, "--dry-run"], _env(NPROC_PER_NODE="8", RECIPE=str(BIG_RECIPE),
+                                                      OVERRIDES="parallel.tensor_model_parallel_size=4 train.steps=5"))
+    assert from_env.returncode == 0, from_env.stderr
+    assert "world size 8 = TP 4 x PP 1 x DP 2" in from_env.stdout and "\n  steps: 5\n" in from_env.stdout
     no_job = _run([TRAIN_SBATCH, BIG_RECIPE], _env(NPROC_PER_NODE="2"))
     assert no_job.returncode == 2
     assert "not inside a Slurm job" in no_job.stderr
@@ -178,8 +183,18 @@ def test_two_node_rendezvous_on_localhost(toy, tmp_path):
 # -- Slurm ------------------------------------------------------------------------------------
 
 
-def _sbatch_train(slurm: SlurmCluster, tmp_path: Path, args: list, nproc: int = 2, **env: str) -> str:
-    cpus = min(nproc, slurm.cpus)
+def _host_resolves(host: str) -> bool:
+    try:
+        socket.gethostbyname(host)
+        return True
+    except OSError:
+        return False
+
+
+def _sbatch_train(slurm: SlurmCluster, tmp_path: Path, args: list, nproc: int = 2, cpus: int = 2, **env: str) -> str:
+    cpus = min(cpus, slurm.cpus)
+    if not _host_resolves(slurm.host):
+        env.setdefault("RDZV_HOST", "127.0.0.1")  # the node name is the rendezvous host by default
     return slurm.sbatch(
         [f"--cpus-per-task={cpus}", f"--output={tmp_path}/batch-%j.out", str(TRAIN_SBATCH), *map(str, args)],
         env=slurm.env(_env(NPROC_PER_NODE=str(nproc), **env)),
@@ -210,15 +225,24 @@ def test_sbatch_validates_before_starting(slurm, tmp_path):
 
 @pytest.mark.slow
 def test_sbatch_trains_and_checkpoints(slurm, toy, tmp_path):
+    """Also: given SGLANG_JOB_ID, a completed training cancels that (server) job."""
     run_dir = tmp_path / "run"
-    job = _sbatch_train(slurm, tmp_path, [TOY_RECIPE, *toy, f"train.run_dir={run_dir}", "train.steps=3", *QUIET])
-    info = slurm.wait_job(job, timeout=JOB_TIMEOUT)
-    node_log = run_dir / "logs" / f"{job}-{slurm.host}.log"
-    assert info["JobState"] == "COMPLETED", _batch_output(tmp_path, job) + (
-        node_log.read_text()[-4000:] if node_log.exists() else ""
-    )
-    assert node_log.is_file()
-    _assert_trained(run_dir, 3)
+    servers = slurm.sbatch(["--cpus-per-task=1", "--output=/dev/null", "--wrap", "sleep 600"], env=slurm.env(_env()))
+    job = _sbatch_train(
+        slurm, tmp_path, [TOY_RECIPE, *toy, f"train.run_dir={run_dir}", "train.steps=3", *QUIET],
+        cpus=1, SGLANG_JOB_ID=servers,
+    )  # fmt: skip
+    try:
+        info = slurm.wait_job(job, timeout=JOB_TIMEOUT)
+        node_log = run_dir / "logs" / f"{job}-{slurm.host}.log"
+        assert info["JobState"] == "COMPLETED", _batch_output(tmp_path, job) + (
+            node_log.read_text()[-4000:] if node_log.exists() else ""
+        )
+        assert node_log.is_file()
+        _assert_trained(run_dir, 3)
+        assert slurm.wait_job(servers, timeout=60)["JobState"] == "CANCELLED"
+    finally:
+        slurm.cancel(servers)  # already done when the test passes
 
 
 @pytest.mark.slow
@@ -251,6 +275,8 @@ def test_sbatch_preemption_requeues_and_resumes(slurm, toy, tmp_path):
 def test_sglang_servers_hand_urls_to_the_trainer(slurm, tmp_path):
     if slurm.cpus < 2:
         pytest.skip("needs 2 CPUs: the server job and the trainer job run side by side")
+    if not _host_resolves(slurm.host):
+        pytest.skip(f"the node name {slurm.host!r} does not resolve: the server URLs use it")
     fake = tmp_path / "fake"
     (fake / "sglang").mkdir(parents=True)
     (fake / "sglang" / "__init__.py").write_text("")

@@ -86,6 +86,13 @@ def test_identical_reference_gives_exactly_zero_kl(results):
     assert results["diffs"]["logprobs_identical_reference"] == 0.0
 
 
+@pytest.mark.parametrize("layout", ("tp1",) + LAYOUTS)
+def test_training_pass_logprobs_equal_forward_pass_exactly(results, layout):
+    """Old log-probs from forward_logprobs and the update's log-probs on the same batch are
+    bitwise equal, so the first PPO ratio is exactly 1 (DESIGN invariant)."""
+    assert results["diffs"][f"{layout}_train_vs_forward_logprobs"] == 0.0
+
+
 def test_logprobs_match_log_softmax_over_full_logits(results):
     _assert_small(results, "tp1_logprobs_vs_log_softmax", "tp1_entropy_vs_log_softmax")
 

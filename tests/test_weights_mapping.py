@@ -11,16 +11,8 @@ import torch
 
 from hf_fixtures import FAMILIES, make_tiny_hf_model, read_hf_state
 from megappo.models.spec import ModelSpec
-from megappo.weights.base import (
-    Placement,
-    check_config,
-    check_hf_tensors,
-    expected_hf_shapes,
-    hf_to_megatron_state,
-    megatron_to_hf_state,
-    plan,
-    table_for,
-)
+from megappo.weights.base import Placement, hf_to_megatron_state, megatron_to_hf_state, plan, table_for
+from megappo.weights.validate import check_config, check_hf_tensors, expected_hf_shapes
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,7 @@ def main() -> None:
         ceiling_n=args.matmul_size or (8192 if layout.device.type == "cuda" else 1024),
     )
     out = dataclasses.asdict(result)
+    out["params_built"] = sum(p.numel() for m in policy.models for p in m.parameters())
     if layout.device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print(json.dumps(out, indent=1))

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Cluster and communication environment for megappo's Slurm jobs; sourced by
 # launch/slurm/train.sbatch and launch/slurm/sglang_servers.sbatch on the batch node, and
 # inherited by every srun step (srun exports the environment). Edit it for your cluster, or

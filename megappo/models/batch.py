@@ -114,9 +114,8 @@ class TokenBatch:
         ]
 
     def to(self, device) -> "TokenBatch":
-        return TokenBatch(
-            self.input_ids_BS.to(device), self.prompt_lens_B.to(device), self.response_lens_B.to(device), self.response_width
-        )
+        ids, p, r = self.input_ids_BS.to(device), self.prompt_lens_B.to(device), self.response_lens_B.to(device)
+        return TokenBatch(ids, p, r, self.response_width)
 
 
 def microbatch_rows(seq_lens_B: Tensor, max_tokens: int, *, min_microbatches: int = 1) -> list[Tensor]:

@@ -187,13 +187,17 @@ class ValueHead(torch.nn.Module):
     """The critic's head: hidden [S, B, H] -> values [S, B, 1], replicated on TP ranks.
 
     Called the way GPTModel calls its output layer, so it slots in as ``output_layer``.
+    With sequence parallelism the final norm's output is split along S over TP ranks: the
+    head gathers it first (backward: each rank keeps its own slice of the gradient, since
+    every rank computes the same replicated loss), so every rank has all the values.
     """
 
-    def __init__(self, hidden_size: int, init_std: float, dtype: torch.dtype):
+    def __init__(self, hidden_size: int, init_std: float, dtype: torch.dtype, sequence_parallel: bool = False):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.empty(1, hidden_size, dtype=dtype))
         self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
-        self.sequence_parallel = False
+        self.sequence_parallel = False  # read by GPTModel for its own output-layer logic
+        self.gather_sequence = sequence_parallel
         with torch.no_grad():
             if init_std > 0:
                 self.weight.normal_(0.0, init_std)
@@ -201,6 +205,10 @@ class ValueHead(torch.nn.Module):
                 self.weight.zero_()
 
     def forward(self, hidden_states, weight=None, runtime_gather_output=None):
+        if self.gather_sequence:
+            from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+            hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
         return F.linear(hidden_states, self.weight, self.bias), None
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
@@ -241,7 +249,7 @@ def build_model(spec: ModelSpec, role: Role, opts: BuildOptions, *, vp_stage: in
     # frequencies transformers uses for this config instead.
     model.rotary_pos_emb.inv_freq = spec.rope_inv_freq().to(model.rotary_pos_emb.inv_freq.device)
     if role == "critic" and post:
-        model.output_layer = ValueHead(spec.hidden_size, opts.value_head_init_std, opts.dtype)
+        model.output_layer = ValueHead(spec.hidden_size, opts.value_head_init_std, opts.dtype, opts.sequence_parallel)
     if role == "reference":
         for p in model.parameters():
             p.requires_grad_(False)

@@ -344,7 +344,8 @@ class MegatronPolicy:
     def _loss_func(self, ctx: _Pass, rows: Tensor, mb: TokenBatch, ref_logits, output: Tensor):
         outputs = self._token_outputs(output, mb, ctx, ref_logits)
         if ctx.loss_fn is None:
-            return output.new_zeros((), dtype=torch.float32), {"rows": rows, **{k: v.detach() for k, v in outputs.items()}}
+            detached = {k: v.detach() for k, v in outputs.items()}
+            return output.new_zeros((), dtype=torch.float32), {"rows": rows, **detached}
         loss, metrics = ctx.loss_fn(outputs, rows)
         if loss.dim() != 0:
             raise ValueError(f"loss_fn must return a 0-dim loss, got shape {tuple(loss.shape)}")

@@ -137,7 +137,9 @@ def measure_actor_update(
 
     def loss_fn(out, mb_rows):
         lp = out["logprobs_BT"]
-        return policy_loss(lp, lp.detach(), adv_BT[mb_rows], mask_BT[mb_rows], clip_low=0.2, clip_high=0.2, num_tokens=num_tokens)
+        return policy_loss(
+            lp, lp.detach(), adv_BT[mb_rows], mask_BT[mb_rows], clip_low=0.2, clip_high=0.2, num_tokens=num_tokens
+        )
 
     metrics = {}
     for _ in range(warmup):

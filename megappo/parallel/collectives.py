@@ -199,7 +199,9 @@ def _pipeline():
     )
 
 
-def broadcast_from_last_stage(tensors: Optional[dict[str, Tensor]], shapes: Mapping[str, tuple], *, dtype=torch.float32, device=None) -> dict[str, Tensor]:
+def broadcast_from_last_stage(
+    tensors: Optional[dict[str, Tensor]], shapes: Mapping[str, tuple], *, dtype=torch.float32, device=None
+) -> dict[str, Tensor]:
     """Per-token outputs computed on the last pipeline stage, on every stage of the pipeline.
 
     The last stage passes ``tensors`` (names as in ``shapes``); the other stages pass None

@@ -177,10 +177,10 @@ def vocab_parallel_logprobs(
     """Log-prob of ``target`` and (if ``with_entropy``) the entropy per token.
 
     ``logits`` [..., V] is this rank's vocabulary shard (any float dtype; computed in
-    float32), ``target`` [...] global token ids < ``vocab_size`` (the true vocabulary; ids
-    of the TP padding are masked out). ``group`` defaults to Megatron's TP group. Returns
-    float32 (float64 for float64 logits) tensors shaped like ``target``, identical on every TP rank; the entropy is
-    None without ``with_entropy``.
+    float32, or float64 for float64 logits), ``target`` [...] global token ids <
+    ``vocab_size`` (the true vocabulary; ids of the TP padding are masked out). ``group``
+    defaults to Megatron's TP group. Returns tensors shaped like ``target`` in the compute
+    dtype, identical on every TP rank; the entropy is None without ``with_entropy``.
     """
     group = tp_group() if group is None else group
     vocab_start, local_v = _check(logits, vocab_size, temperature, group)
@@ -188,7 +188,8 @@ def vocab_parallel_logprobs(
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree in leading shape")
     lead = target.shape
     lp_N, ent_N = _LogProbEntropy.apply(
-        logits.reshape(-1, local_v), target.reshape(-1).long(), vocab_start, vocab_size, float(temperature), with_entropy, group
+        logits.reshape(-1, local_v), target.reshape(-1).long(), vocab_start, vocab_size, float(temperature),
+        with_entropy, group,
     )
     return lp_N.view(lead), (ent_N.view(lead) if with_entropy else None)
 
@@ -205,6 +206,7 @@ def vocab_parallel_full_kl(
         raise ValueError(f"logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} differ")
     lead = logits.shape[:-1]
     kl_N = _FullKL.apply(
-        logits.reshape(-1, local_v), ref_logits.detach().reshape(-1, local_v), vocab_start, vocab_size, float(temperature), group
+        logits.reshape(-1, local_v), ref_logits.detach().reshape(-1, local_v), vocab_start, vocab_size,
+        float(temperature), group,
     )
     return kl_N.view(lead)

@@ -26,7 +26,6 @@ rows are zero on load and dropped on export.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
 
@@ -181,19 +180,8 @@ def _name(rule: TensorRule, te: bool) -> str:
     return rule.te_name if te and rule.te_name else rule.megatron
 
 
-def expected_hf_shapes(table: FamilyTable, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Every tensor a complete HF checkpoint of ``spec`` holds, with its shape."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    full = Placement()
-    for e in plan(table, spec, full, role="actor"):
-        if not e.rule.export:
-            continue
-        for name, shape in zip(e.hf, _hf_shapes(e.rule, spec)):
-            shapes[name] = shape
-    return shapes
-
-
-def _hf_shapes(rule: TensorRule, spec: ModelSpec) -> list[tuple[int, ...]]:
+def hf_shapes(rule: TensorRule, spec: ModelSpec) -> list[tuple[int, ...]]:
+    """The shapes of a rule's HF inputs for ``spec``."""
     sizes = {
         "vocab": spec.vocab_size,
         "hidden": spec.hidden_size,
@@ -248,7 +236,7 @@ def shard_from_hf(entry: Entry, spec: ModelSpec, placement: Placement, read: Rea
     """This rank's shard of ``entry``'s Megatron tensor, reading only its chunk of each HF input."""
     rule, tp, r = entry.rule, placement.tp, placement.tp_rank
     parts = []
-    for name in entry.hf:
+    for name, shape in zip(entry.hf, hf_shapes(rule, spec)):
         if rule.tp_dim is None:
             parts.append(read(name, None, 0, 0))
             continue
@@ -262,17 +250,12 @@ def shard_from_hf(entry: Entry, spec: ModelSpec, placement: Placement, read: Rea
                 real = zeros if real is None else torch.cat([real, zeros])
             parts.append(real)
             continue
-        total = _hf_dim_size(rule, spec, name, entry)
+        total = shape[rule.tp_dim]
         if total % tp:
             raise ValueError(f"{name}: dimension {rule.tp_dim} of size {total} does not split over TP={tp}")
         chunk = total // tp
         parts.append(read(name, rule.tp_dim, r * chunk, (r + 1) * chunk))
     return fuse(rule, spec, parts)
-
-
-def _hf_dim_size(rule: TensorRule, spec: ModelSpec, name: str, entry: Entry) -> int:
-    shape = _hf_shapes(rule, spec)[entry.hf.index(name)]
-    return shape[rule.tp_dim]
 
 
 def hf_from_shards(entry: Entry, spec: ModelSpec, shards: Sequence[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
@@ -346,84 +329,6 @@ def megatron_to_hf_state(
         if e.rule.export:
             out.update(hf_from_shards(e, spec, [s[e.megatron] for s in states]))
     return out
-
-
-# ---- validation ------------------------------------------------------------------------
-
-
-def check_hf_tensors(
-    table: FamilyTable,
-    spec: ModelSpec,
-    shapes: dict[str, tuple[int, ...]],
-    *,
-    source: str,
-    strict: bool = True,
-) -> list[str]:
-    """Compare a checkpoint's tensor names and shapes with what ``spec`` needs. Raises one
-    ``ValueError`` naming every missing tensor, shape mismatch and (``strict``) unexpected
-    tensor; returns the unexpected names it tolerated."""
-    expected = expected_hf_shapes(table, spec)
-    ignored = [re.compile(p) for p in table.ignored_hf]
-    problems = []
-    for name, shape in expected.items():
-        if name not in shapes:
-            problems.append(f"missing tensor {name} (expected shape {list(shape)})")
-        elif tuple(shapes[name]) != shape:
-            problems.append(f"{name}: shape {list(shapes[name])} in the checkpoint, config implies {list(shape)}")
-    unexpected = [n for n in shapes if n not in expected and not any(p.search(n) for p in ignored)]
-    if spec.tie_word_embeddings and "lm_head.weight" in unexpected:
-        # Some tied checkpoints store the head anyway; it equals the embedding.
-        unexpected.remove("lm_head.weight")
-    if strict:
-        problems += [f"unexpected tensor {n} (not used by a {table.family} model with this config)" for n in unexpected]
-    if problems:
-        shown = problems[:40] + ([f"... and {len(problems) - 40} more"] if len(problems) > 40 else [])
-        raise ValueError(f"{source}: the weights do not match the config:\n  " + "\n  ".join(shown))
-    return unexpected
-
-
-_SPEC_FIELDS_THAT_SHAPE_WEIGHTS = (
-    "family",
-    "num_layers",
-    "hidden_size",
-    "ffn_hidden_size",
-    "num_attention_heads",
-    "num_kv_heads",
-    "head_dim",
-    "vocab_size",
-    "tie_word_embeddings",
-    "qkv_bias",
-    "qk_norm",
-    "rms_norm_eps",
-    "rope_theta",
-    "rope_type",
-    "rope_factor",
-    "sliding_window",
-)
-
-
-def spec_differences(model_spec: ModelSpec, other: ModelSpec) -> list[str]:
-    """The architecture fields where two specs disagree, as ``field: a vs b`` strings."""
-    return [
-        f"{f}: {getattr(model_spec, f)!r} (model) vs {getattr(other, f)!r}"
-        for f in _SPEC_FIELDS_THAT_SHAPE_WEIGHTS
-        if getattr(model_spec, f) != getattr(other, f)
-    ]
-
-
-def check_config(table: FamilyTable, cfg: dict, *, source: str) -> None:
-    """Architecture name and family-specific settings of an HF ``config.json``."""
-    problems = []
-    archs = cfg.get("architectures") or []
-    bad = [a for a in archs if a not in table.architectures]
-    if bad:
-        problems.append(
-            f"unsupported architecture {', '.join(bad)} for model_type {table.family!r} "
-            f"(supported: {', '.join(table.architectures)})"
-        )
-    problems += table.config_problems(cfg)
-    if problems:
-        raise ValueError(f"{source}: " + "; ".join(problems))
 
 
 # ---- the family registry ---------------------------------------------------------------

@@ -20,7 +20,8 @@ from typing import Sequence
 import torch
 
 from megappo.models.spec import ModelSpec
-from megappo.weights.base import spec_differences, table_for
+from megappo.weights.base import table_for
+from megappo.weights.validate import spec_differences
 from megappo.weights.hf_io import INDEX, SINGLE, ShardWriter
 from megappo.weights.model_io import iter_hf_tensors, unwrap
 
@@ -78,7 +79,7 @@ def replace_dir(tmp: str, out: str) -> None:
 def hf_config_for(hf_config: dict, spec: ModelSpec, dtype: torch.dtype) -> dict:
     """``hf_config`` checked against the model and stamped with the saved dtype."""
     cfg_spec = ModelSpec.from_hf_config(hf_config, source="hf_config")
-    diffs = spec_differences(spec, cfg_spec)
+    diffs = spec_differences(spec, cfg_spec, labels=("model", "hf_config"))
     if diffs:
         raise ValueError("hf_config does not describe the model being saved: " + "; ".join(diffs))
     cfg = dict(hf_config)

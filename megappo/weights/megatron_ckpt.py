@@ -6,7 +6,7 @@ Layout of a model checkpoint written by ``save_megatron_model`` (and by
 
     DIR/
       metadata.json, common.pt, *.distcp   dist_checkpointing (torch_dist) files
-      megappo_model.json                   {"format", "role", "spec", "hf_config", "saved_layout"}
+      megappo_model.json                   {"format", "role", "spec", "hf_config", "source_dir", "saved_layout"}
 
 ``load_megatron_model`` checks ``megappo_model.json``'s spec against the models before
 loading. A training checkpoint's ``step_N/actor`` directory holds the same model keys
@@ -20,7 +20,7 @@ import os
 from typing import Any, Sequence
 
 from megappo.models.spec import ModelSpec
-from megappo.weights.base import spec_differences
+from megappo.weights.validate import spec_differences
 from megappo.weights.model_io import unwrap
 
 MODEL_META = "megappo_model.json"
@@ -45,9 +45,12 @@ def load_model_state(models: Sequence, state: dict[str, Any]) -> None:
         chunk.load_state_dict(state[key], strict=True)
 
 
-def save_megatron_model(models: Sequence, out_dir: str | os.PathLike, *, hf_config: dict | None = None) -> None:
+def save_megatron_model(
+    models: Sequence, out_dir: str | os.PathLike, *, hf_config: dict | None = None, source_dir: str | None = None
+) -> None:
     """Save this rank's chunks into the distributed checkpoint ``out_dir`` (collective over
-    all ranks; ``out_dir`` must be empty or absent) and the metadata file."""
+    all ranks; ``out_dir`` must be empty or absent) and the metadata file, which records
+    the HF config and the HF directory it came from (for its tokenizer)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as mpu
@@ -66,6 +69,7 @@ def save_megatron_model(models: Sequence, out_dir: str | os.PathLike, *, hf_conf
             "role": chunks[0].megappo_role,
             "spec": chunks[0].megappo_spec.to_dict(),
             "hf_config": hf_config,
+            "source_dir": source_dir,
             "saved_layout": {
                 "tp": mpu.get_tensor_model_parallel_world_size(),
                 "pp": mpu.get_pipeline_model_parallel_world_size(),
@@ -90,7 +94,7 @@ def read_model_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
 
 def check_spec(model_spec: ModelSpec, saved: dict, *, source: str) -> None:
     """A checkpoint's architecture must be the model's: name every field that differs."""
-    diffs = spec_differences(model_spec, ModelSpec(**saved))
+    diffs = spec_differences(model_spec, ModelSpec(**saved), labels=("this run", "checkpoint"))
     if diffs:
         raise ValueError(f"{source}: the checkpoint's architecture differs from the model's: " + "; ".join(diffs))
 

@@ -21,17 +21,8 @@ from typing import Iterator, Sequence
 import torch
 
 from megappo.models.spec import ModelSpec
-from megappo.weights.base import (
-    Entry,
-    Placement,
-    check_config,
-    check_hf_tensors,
-    hf_from_shards,
-    plan,
-    shard_from_hf,
-    spec_differences,
-    table_for,
-)
+from megappo.weights.base import Entry, Placement, hf_from_shards, plan, shard_from_hf, table_for
+from megappo.weights.validate import check_config, check_hf_tensors, spec_differences
 from megappo.weights.hf_io import HFCheckpoint
 
 log = logging.getLogger("megappo")
@@ -89,7 +80,7 @@ def validate_hf_dir(spec: ModelSpec, ckpt: HFCheckpoint, *, strict: bool = True)
     file_spec = ModelSpec.from_hf_config(ckpt.config, source=cfg_path)
     table = table_for(file_spec)
     check_config(table, ckpt.config, source=cfg_path)
-    diffs = spec_differences(spec, file_spec)
+    diffs = spec_differences(spec, file_spec, labels=("model", "config.json"))
     if diffs:
         raise ValueError(f"{cfg_path} does not match the model being loaded: " + "; ".join(diffs))
     return check_hf_tensors(table, spec, ckpt.shapes(), source=ckpt.path, strict=strict)

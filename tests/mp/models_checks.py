@@ -98,6 +98,17 @@ def actor_loss(batch: TokenBatch, data: dict, rows_offset: torch.Tensor, *, with
     return loss_fn
 
 
+def ratio_probe(name: str, old_lp_BT: torch.Tensor, loss_fn):
+    """``loss_fn`` that also records how far the training pass's log-probs are from the
+    forward-only pass's on the same batch (0: the first PPO ratio is exactly 1)."""
+
+    def probe(out, rows):
+        diff(name, out["logprobs_BT"].detach(), old_lp_BT[rows])
+        return loss_fn(out, rows)
+
+    return probe
+
+
 def critic_loss(batch: TokenBatch, data: dict, rows_offset: torch.Tensor):
     mask = batch.response_mask_BT
     num_tokens = float(collectives.global_token_count(mask))
@@ -216,7 +227,8 @@ def phase_tp1(spec, batch, data, ckpt) -> dict:
     INFO["tp1_metrics"] = m3
 
     loss_fn = actor_loss(half, data, offset, with_kl=False)
-    m = actor.forward_backward(half, loss_fn, temperature=TEMP)
+    old_lp = actor.forward_logprobs(half, temperature=TEMP)["logprobs_BT"]
+    m = actor.forward_backward(half, ratio_probe("tp1_train_vs_forward_logprobs", old_lp, loss_fn), temperature=TEMP)
     grads = grads_of(actor)
     before = weights_of(actor)
     step = actor.optimizer_step()
@@ -270,7 +282,8 @@ def phase_other(tag, tp, pp, vpp, spec, batch, data, ckpt, ref1) -> None:
     diff(f"{tag}_entropy", out["entropy_BT"], ref1["out"]["entropy_BT"])
     diff(f"{tag}_values", critic.forward_values(batch), ref1["values"])
 
-    m = actor.forward_backward(batch, actor_loss(batch, data, rows, with_kl=False), temperature=TEMP)
+    loss_fn = ratio_probe(f"{tag}_train_vs_forward_logprobs", out["logprobs_BT"], actor_loss(batch, data, rows, with_kl=False))
+    m = actor.forward_backward(batch, loss_fn, temperature=TEMP)
     INFO[f"{tag}_num_microbatches"] = m["num_microbatches"]
     diff(f"{tag}_loss", m["loss"], ref1["loss"])
     compare_params(f"{tag}_grads", actor, ref1["grads"], grads_of(actor), layout)

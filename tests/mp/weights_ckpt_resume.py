@@ -73,7 +73,6 @@ def save_args(spec, step):
 
 
 def phase_train(args, res, write):
-    import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
     from megappo.checkpoint import CheckpointManager
@@ -116,8 +115,7 @@ def phase_train(args, res, write):
 
     def killed_save(state, path, *a, **k):
         real_save(state, path, *a, **k)
-        if dist.get_rank() == 0:
-            os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)  # the whole job dies, as on a node failure
 
     dist_checkpointing.save = killed_save
     mgr.save(3, policies=fresh, **save_args(spec, 3))
