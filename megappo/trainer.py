@@ -34,12 +34,14 @@ checkpoint at the end of the current step and stopped; a requeued job resumes fr
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.c: RunComponents = build_components(cfg)
-        self.objective = Objective(cfg, reduce_sums=dp_sum_reducer())
-        self.step_num = self.c.resume(self.objective)
+        # First, so a preemption signal during start-up is not lost: the run then stops
+        # before its first step (the checkpoint it resumed from is still the latest).
         self._preempted = False
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._on_preempt)
+        self.c: RunComponents = build_components(cfg)
+        self.objective = Objective(cfg, reduce_sums=dp_sum_reducer())
+        self.step_num = self.c.resume(self.objective)
         self.sync_weights()
 
     def _on_preempt(self, signum, frame):
@@ -50,6 +52,9 @@ class Trainer:
 
     def fit(self) -> int:
         cfg = self.cfg
+        if _any_rank(self._preempted):
+            log.warning("preempted during start-up; exiting with %d before step %d", PREEMPT_EXIT_CODE, self.step_num + 1)
+            return PREEMPT_EXIT_CODE
         if cfg.train.eval_every and self.step_num == 0:
             self.c.metrics.log(0, self.c.evaluate())
         for step in self.c.progress(range(self.step_num + 1, cfg.train.steps + 1), "steps"):

@@ -106,7 +106,13 @@ def test_killed_run_resumes_like_uninterrupted(toy, tmp_path):
     deadline = time.time() + 300
     while not latest.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    # torchrun starts each worker in a session of its own: kill the whole tree, by PID.
+    import psutil
+
+    tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+    for p in tree:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(tree, timeout=30)
     proc.wait()
     assert latest.exists(), "the run never wrote a checkpoint"
     saved = int(latest.read_text().strip().rsplit("_", 1)[-1])

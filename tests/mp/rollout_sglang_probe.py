@@ -144,7 +144,7 @@ def main() -> None:
     def _():
         from sglang.srt.server_args import ServerArgs
 
-        ours = engine_server_args("/m", {"mem_fraction_static": 0.5, "cuda_graph_max_bs": 8}, tp_size=2, gpu_id=0, seed=1)
+        ours = engine_server_args("/m", {"mem_fraction_static": 0.5, "context_length": 4096}, tp_size=2, gpu_id=0, seed=1)
         check_server_args(ours, ServerArgs)
         try:
             check_server_args({"mem_fraction_statc": 0.5}, ServerArgs)
@@ -163,7 +163,9 @@ def main() -> None:
         body = generate_request([[1, 2, 3], [4, 5]], params, eos_token_ids=[2])
         req = GenerateReqInput(**body)
         req.normalize_batch_and_arguments()
-        assert req.batch_size == 2 and req.parallel_sample_num == 3 and req.return_logprob is True, vars(req)
+        assert req.batch_size == 2 and req.parallel_sample_num == 3, (req.batch_size, req.parallel_sample_num)
+        flags = req.return_logprob if isinstance(req.return_logprob, list) else [req.return_logprob]
+        assert all(f is True for f in flags), req.return_logprob
         sp = SGLSamplingParams(**body["sampling_params"])
         sp.verify(vocab_size=100)
         assert sp.stop_token_ids == {2, 5} and sp.n == 3 and sp.max_new_tokens == 16, sp
@@ -204,7 +206,7 @@ def main() -> None:
         from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
         from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket, FlattenedTensorMetadata
 
-        monkey_patch_torch_reductions()
+        assert callable(monkey_patch_torch_reductions)  # applied by the adapter for CUDA tensors only
         payloads = flattened_bucket_payload(named)
         serialized = [MultiprocessingSerializer.serialize(p, output_str=True) for p in payloads]
         req = UpdateWeightsFromTensorReqInput(serialized_named_tensors=serialized * 2, load_format="flattened_bucket", flush_cache=False)

@@ -1,43 +1,42 @@
-"""Training-checkpoint checks, run by tests/test_checkpoint.py.
+"""Training-checkpoint phases of ``weights_launch.py`` (pytest: tests/test_checkpoint.py).
 
---phase train (torchrun, 2 ranks, DP=2): actor + critic (``MegatronPolicy``) loaded from
-  HF, one step, ``save(1)``, a second step (the uninterrupted reference); fresh objects
-  resume from step 1 and repeat step 2 (must be identical, RNG included); a save that
-  raises midway leaves ``latest`` alone; finally a save is SIGKILLed midway (the process
-  dies: the test expects a non-zero exit and checks the files).
---phase resume (plain process, DP=1): resume from ``latest`` at another DP size, step 2
-  again (same loss to float tolerance); mismatched tokenizer / architecture errors; a new
+ckpt_train (2 ranks, TP=1 DP=2): actor (distributed optimizer) and critic (plain
+  optimizer) as ``MegatronPolicy`` loaded from HF; one step, ``save(1)``, a second step
+  (the uninterrupted reference); fresh objects resume from step 1 and repeat step 2
+  (identical, RNG included); a save that raises midway leaves ``latest`` alone; finally
+  every rank is SIGKILLed in the middle of ``save(3)`` (the launch exits non-zero).
+ckpt_resume (1 process, DP=1): resume from ``latest`` at another DP size and repeat
+  step 2 (same loss to float tolerance); mismatched tokenizer / architecture errors; a new
   save removes the stale temporary directory and prunes to ``keep_last``.
-
-Each phase writes OUT/{phase}-rank{r}.json before anything that may kill it.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import signal
 
 import torch
 
+KEY = "qwen3-tied"
 
-def build(spec, hf, dist_opt):
+
+def build(spec, hf):
     from megappo.models import BuildOptions, MegatronPolicy, OptimizerSettings
     from megappo.weights import load_hf_into_model
 
-    optim = OptimizerSettings(lr=1e-3, lr_warmup_steps=3, weight_decay=0.01, use_distributed_optimizer=dist_opt)
+    optim = OptimizerSettings(lr=1e-3, lr_warmup_steps=3, weight_decay=0.01)
     pols = {
-        "actor": MegatronPolicy(spec, "actor", BuildOptions(), optim),
+        "actor": MegatronPolicy(spec, "actor", BuildOptions(), OptimizerSettings(**{**optim.__dict__, "use_distributed_optimizer": True})),
         "critic": MegatronPolicy(spec, "critic", BuildOptions(value_head_init_std=0.05), optim),
     }
     for p in pols.values():
         load_hf_into_model(p.models, hf)
-        p.optimizer.reload_model_params()
+        p.optimizer.reload_model_params()  # the distributed optimizer keeps its own fp32 copy
     return pols
 
 
 def make_step(layout):
+    """One actor + critic optimizer step on a fixed global batch (this DP rank's share)."""
     from megappo.models import TokenBatch
     from megappo.parallel import collectives
 
@@ -72,7 +71,7 @@ def save_args(spec, step):
     )
 
 
-def phase_train(args, res, write):
+def phase_train(ctx, res, write):
     from megatron.core import dist_checkpointing
 
     from megappo.checkpoint import CheckpointManager
@@ -80,17 +79,19 @@ def phase_train(args, res, write):
     from megappo.parallel import init_parallel
 
     layout = init_parallel(1, 1, seed=3, device="cpu")
-    spec = ModelSpec.from_hf_dir(args.hf)
+    hf = ctx.zoo[KEY]
+    spec = ModelSpec.from_hf_dir(hf)
     step = make_step(layout)
-    mgr = CheckpointManager(args.ckpt, keep_last=2)
-    pols = build(spec, args.hf, args.dist_opt)
+    mgr = CheckpointManager(ctx.ckpt_dir, keep_last=2)
+    pols = build(spec, hf)
+    res["dp"] = layout.dp
     res["loss1"] = step(pols)
     mgr.save(1, policies=pols, **save_args(spec, 1))
     rand_after_save = torch.rand(4)
     res["loss2"] = step(pols)
 
     torch.manual_seed(12345)
-    fresh = build(spec, args.hf, args.dist_opt)
+    fresh = build(spec, hf)
     extra = mgr.load(policies=fresh, tokenizer_fingerprint="tok-A")
     res["rng_restored"] = bool(torch.equal(torch.rand(4), rand_after_save))
     res["extra"] = {"data": extra["data"], "kl": extra["kl"], "step": extra["step"], "reward_stats": extra["reward_stats"].tolist()}
@@ -122,17 +123,19 @@ def phase_train(args, res, write):
     raise AssertionError("the save should have been killed")
 
 
-def phase_resume(args, res, write):
+def phase_resume(ctx, res, write):
     from megappo.checkpoint import CheckpointManager
     from megappo.models import ModelSpec
     from megappo.parallel import init_parallel
+    from megappo.weights import iter_hf_tensors
 
     layout = init_parallel(1, 1, seed=3, device="cpu")
-    spec = ModelSpec.from_hf_dir(args.hf)
-    mgr = CheckpointManager(args.ckpt, keep_last=1)
+    hf = ctx.zoo[KEY]
+    spec = ModelSpec.from_hf_dir(hf)
+    mgr = CheckpointManager(ctx.ckpt_dir, keep_last=1)
     res["latest"] = os.path.basename(mgr.latest())
-    res["dirs_before"] = sorted(os.listdir(args.ckpt))
-    pols = build(spec, args.hf, args.dist_opt)
+    res["dirs_before"] = sorted(os.listdir(ctx.ckpt_dir))
+    pols = build(spec, hf)
     for fp, spec_dict, key in [
         ("tok-B", None, "tokenizer_error"),
         ("tok-A", {**spec.to_dict(), "hidden_size": 128, "num_kv_heads": 4}, "architecture_error"),
@@ -146,28 +149,6 @@ def phase_resume(args, res, write):
     res["extra_step"] = extra["step"]
     res["loss2_resumed_dp1"] = make_step(layout)(pols)
     mgr.save(2, policies=pols, **save_args(spec, 2))
-    res["dirs_after"] = sorted(os.listdir(args.ckpt))
+    res["dirs_after"] = sorted(os.listdir(ctx.ckpt_dir))
     res["latest_after"] = os.path.basename(mgr.latest())
-
-
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--phase", choices=["train", "resume"], required=True)
-    ap.add_argument("--hf", required=True)
-    ap.add_argument("--ckpt", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--dist-opt", action="store_true")
-    args = ap.parse_args()
-    res: dict = {}
-    rank = int(os.environ.get("RANK", "0"))
-
-    def write():
-        with open(os.path.join(args.out, f"{args.phase}-rank{rank}.json"), "w") as f:
-            json.dump(res, f)
-
-    (phase_train if args.phase == "train" else phase_resume)(args, res, write)
-    write()
-
-
-if __name__ == "__main__":
-    main()
+    ctx.trained_actor = dict(iter_hf_tensors(pols["actor"].models))

@@ -1,25 +1,23 @@
-"""Multi-rank weight checks, run by tests/test_weights_parallel.py under torchrun (or as a
-plain process for world 1). One launch runs every family of the zoo at one layout:
+"""Weight-mapping checks at one parallel layout, for every family of the zoo (a phase of
+``weights_launch.py``; pytest asserts on the JSON it writes):
 
-  load_hf_into_model -> Megatron logits vs transformers logits (fp32)
-  iter_hf_tensors    -> bit-exact against the HF files (union over stages checked by pytest)
-  save_hf            -> transformers loads it; bit-exact; same logits
+  load_hf_into_model -> Megatron logits vs transformers logits (fp32, through the pipeline schedule)
+  iter_hf_tensors    -> bit-exact against the HF files (pytest checks the union over stages)
+  save_hf            -> transformers loads it; bit-exact; same logits; tokenizer copied
   critic             -> trunk loaded, value head kept
-  --save-megatron / --load-megatron: a Megatron distributed checkpoint written at this
-  layout / read at this layout (resharding) and compared with the HF weights.
-
-Each rank writes OUT/rank{r}.json; pytest asserts on them.
+  save_mcore / load_mcore: a Megatron distributed checkpoint written at this layout / read
+  at this layout (resharded) and compared with the HF weights
+  compare            -> megappo.weights.compare at this layout (Megatron vs HF, engine vs Megatron)
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import time
 
 import torch
+
+IDS_BS = torch.randint(0, 103, (2, 11), generator=torch.Generator().manual_seed(0))
 
 
 def hf_logits(path, ids_BS):
@@ -32,7 +30,7 @@ def hf_logits(path, ids_BS):
 
 def megatron_logits(chunks, ids_BS, vocab):
     """Full-vocabulary logits [B, S, V] on the last stage (None elsewhere), through the
-    pipeline schedule (one micro-batch per row)."""
+    pipeline schedule (one micro-batch per row), model-only forward."""
     import torch.distributed as dist
     from megatron.core import parallel_state as mpu
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -42,8 +40,7 @@ def megatron_logits(chunks, ids_BS, vocab):
 
     def step(data_iter, model):
         row = next(data_iter)
-        out = model(row, pos, None)
-        return out, lambda o: (o.new_zeros(()), {"logits": o.detach()})
+        return model(row, pos, None), lambda out: (out.new_zeros(()), {"logits": out.detach()})
 
     mbs = [ids_BS[i : i + 1] for i in range(B)]
     data = iter(mbs) if len(chunks) == 1 else [iter(mbs) for _ in chunks]
@@ -63,14 +60,15 @@ def megatron_logits(chunks, ids_BS, vocab):
     return local[..., :vocab]
 
 
-def check_actor(key, path, chunks, ids_BS, res, work, rank, layout_tag):
+def check_actor(key, path, chunks, res, work, tag):
+    import torch.distributed as dist
     from hf_fixtures import read_config, read_hf_state
+    from transformers import AutoTokenizer
 
     from megappo.weights import iter_hf_tensors, save_hf
 
-    spec = chunks[0].megappo_spec
-    ref = hf_logits(path, ids_BS)
-    mg = megatron_logits(chunks, ids_BS, spec.vocab_size)
+    ref = hf_logits(path, IDS_BS)
+    mg = megatron_logits(chunks, IDS_BS, chunks[0].megappo_spec.vocab_size)
     if mg is not None:
         res[f"{key}/logits_max_abs_diff"] = float((mg - ref).abs().max())
     orig = read_hf_state(path)
@@ -82,18 +80,16 @@ def check_actor(key, path, chunks, ids_BS, res, work, rank, layout_tag):
     res[f"{key}/iter_names"] = names
     res[f"{key}/iter_mismatch"] = bad
 
-    out = os.path.join(work, f"{key}-{layout_tag}")
+    out = os.path.join(work, tag, key.replace("/", "-"))
     save_hf(chunks, out, hf_config=read_config(path), tokenizer_dir=path, max_shard_bytes=40_000)
-    if rank == 0:
-        from transformers import AutoTokenizer
-
+    if dist.get_rank() == 0:
         saved = read_hf_state(out)
         res[f"{key}/save_hf_names_equal"] = sorted(saved) == sorted(orig)
         res[f"{key}/save_hf_mismatch"] = [n for n in orig if n not in saved or not torch.equal(saved[n], orig[n])]
         res[f"{key}/save_hf_files"] = sorted(os.listdir(out))
-        res[f"{key}/save_hf_logits_diff"] = float((hf_logits(out, ids_BS) - ref).abs().max())
+        res[f"{key}/save_hf_logits_diff"] = float((hf_logits(out, IDS_BS) - ref).abs().max())
         res[f"{key}/save_hf_tokenizer_ok"] = AutoTokenizer.from_pretrained(out)("ab")["input_ids"] == AutoTokenizer.from_pretrained(path)("ab")["input_ids"]
-        res[f"{key}/save_hf_no_tmp"] = not any(n.startswith(".tmp-") for n in os.listdir(work))
+        res[f"{key}/save_hf_no_tmp"] = not any(n.startswith(".tmp-") for n in os.listdir(os.path.dirname(out)))
 
 
 def check_critic(key, path, spec, opts, res):
@@ -108,13 +104,14 @@ def check_critic(key, path, spec, opts, res):
     got = dict(iter_hf_tensors(critic))
     res[f"{key}/critic_names"] = sorted(got)
     res[f"{key}/critic_mismatch"] = [n for n, t in got.items() if not torch.equal(t, orig[n])]
-    last = critic[-1]
-    if last.post_process:
-        res[f"{key}/critic_head_zero"] = bool((last.output_layer.weight == 0).all() and (last.output_layer.bias == 0).all())
+    if critic[-1].post_process:
+        head = critic[-1].output_layer
+        res[f"{key}/critic_head_zero"] = bool((head.weight == 0).all() and (head.bias == 0).all())
 
 
-def run_layout(args, zoo, tp, pp, vpp, keys, tag, res):
-    import torch.distributed as dist
+def layout_phase(ctx, res, *, tp, pp, vpp=None, keys=None, critic_keys=(), save_mcore=None, load_mcore=None, compare=None):
+    """Every check above for ``keys`` (default: the whole zoo) at TP x PP (x VPP)."""
+    import json
 
     from megappo.models.builder import BuildOptions, build_model_chunks
     from megappo.models.spec import ModelSpec
@@ -122,64 +119,30 @@ def run_layout(args, zoo, tp, pp, vpp, keys, tag, res):
     from megappo.weights import load_hf_into_model, load_megatron_model, save_megatron_model
 
     layout = init_parallel(tp, pp, vpp, seed=1, device="cpu")
-    rank = dist.get_rank()
-    ids_BS = torch.randint(0, 103, (2, 11), generator=torch.Generator().manual_seed(0))
+    tag = f"tp{tp}pp{pp}" + (f"vpp{vpp}" if vpp else "")
     opts = BuildOptions(tp=tp, pp=pp, vpp=vpp)
-    for key in keys:
+    mcore_dir = os.path.join(ctx.work, "mcore-tp2")
+    for key in keys or list(ctx.zoo):
         t0 = time.perf_counter()
-        path = zoo[key]
+        path = ctx.zoo[key]
         spec = ModelSpec.from_hf_dir(path)
         chunks = build_model_chunks(spec, "actor", opts)
         load_hf_into_model(chunks, path)
-        check_actor(f"{tag}/{key}", path, chunks, ids_BS, res, args.work, rank, tag)
-        if key in args.critic:
+        check_actor(f"{tag}/{key}", path, chunks, res, ctx.work, tag)
+        if key in critic_keys:
             check_critic(f"{tag}/{key}", path, spec, opts, res)
-        if args.save_megatron and key == args.save_megatron[0]:
+        if key == save_mcore:
             with open(os.path.join(path, "config.json")) as f:
-                save_megatron_model(chunks, args.save_megatron[1], hf_config=json.load(f))
-        if args.load_megatron and key == args.load_megatron[0]:
+                save_megatron_model(chunks, mcore_dir, hf_config=json.load(f), source_dir=path)
+        if key == load_mcore:
             fresh = build_model_chunks(spec, "actor", opts)
-            load_megatron_model(fresh, args.load_megatron[1])
-            check_actor(f"{tag}/{key}/from_mcore", path, fresh, ids_BS, res, args.work, rank, tag + "-mcore")
-        res[f"{tag}/{key}/seconds"] = time.perf_counter() - t0
+            load_megatron_model(fresh, mcore_dir)
+            check_actor(f"{tag}/{key}/from_mcore", path, fresh, res, ctx.work, tag + "-mcore")
+        res[f"{tag}/{key}/seconds"] = round(time.perf_counter() - t0, 2)
+    if compare is not None:
+        from megappo.weights.compare import compare_logprobs
+
+        key, from_mcore = compare
+        rows = compare_logprobs(ctx.zoo[key], ckpt=mcore_dir if from_mcore else None, tp=tp, pp=pp, num_seqs=3, seq_len=16)
+        res[f"{tag}/compare"] = rows
     res[f"{tag}/layout"] = dict(tp=layout.tp, pp=layout.pp, dp=layout.dp, tp_rank=layout.tp_rank, pp_rank=layout.pp_rank)
-
-
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--zoo", required=True, help="JSON {key: hf_dir}")
-    ap.add_argument("--work", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--vpp-key", default=None, help="after the main layout, rerun this key at PP=2 x VPP=2")
-    ap.add_argument("--critic", nargs="*", default=[])
-    ap.add_argument("--save-megatron", nargs=2, metavar=("KEY", "DIR"), help="save KEY's model as a Megatron checkpoint")
-    ap.add_argument("--load-megatron", nargs=2, metavar=("KEY", "DIR"), help="load KEY's model from a Megatron checkpoint")
-    args = ap.parse_args()
-    zoo = json.loads(args.zoo)
-
-    from megappo.parallel.state import destroy_parallel
-
-    res: dict = {}
-    tag = f"tp{args.tp}pp{args.pp}"
-    run_layout(args, zoo, args.tp, args.pp, None, list(zoo), tag, res)
-    if args.vpp_key:
-        # Same processes, new Megatron groups (re-creating the gloo world group fails).
-        from megatron.core import parallel_state as mpu
-
-        from megappo.parallel import state
-
-        mpu.destroy_model_parallel()
-        state._LAYOUT = None
-        run_layout(args, zoo, 1, 2, 2, [args.vpp_key], "tp1pp2vpp2", res)
-    import torch.distributed as dist
-
-    rank = dist.get_rank()
-    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
-        json.dump(res, f)
-    destroy_parallel()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
