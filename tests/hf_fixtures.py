@@ -176,22 +176,51 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_mp(script: str | Path, nproc: int, args: list[str], *, timeout: float = 600) -> None:
-    """Run a ``tests/mp`` script under ``torchrun --nproc-per-node nproc`` (a plain
-    ``python`` process when ``nproc`` is 1) with the repository and ``tests/`` importable;
-    raise ``AssertionError`` with the output's tail when it fails."""
+    """Run a ``tests/mp`` script under ``torchrun --standalone --nproc-per-node nproc`` (a
+    plain ``python`` process when ``nproc`` is 1) with the repository and ``tests/``
+    importable; raise ``AssertionError`` with the output's tail when it fails.
+
+    Output goes to a file, not a pipe: a rank killed on purpose can leave helper processes
+    behind (dist_checkpointing's multiprocessing manager) that would hold a pipe open.
+    Those helpers carry this launch's ``MEGAPPO_TEST_LAUNCH`` marker in their environment
+    and are ended by process id afterwards.
+    """
     import os
     import subprocess
     import sys
+    import tempfile
+    import uuid
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests"), env.get("PYTHONPATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONWARNINGS"] = "ignore"
+    env["MEGAPPO_TEST_LAUNCH"] = marker = uuid.uuid4().hex
     if nproc == 1:
         cmd = [sys.executable, str(script), *args]
     else:
-        torchrun = [sys.executable, "-m", "torch.distributed.run"]
-        cmd = [*torchrun, "--standalone", "--nproc-per-node", str(nproc), str(script), *args]
-    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), str(script), *args]
+    with tempfile.TemporaryFile(mode="w+") as log:
+        try:
+            proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+        finally:
+            _end_marked_processes(marker)
+        log.seek(0)
+        output = log.read()
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}")
+        raise AssertionError(f"{' '.join(cmd[:6])} ... exited {proc.returncode}:\n{output[-6000:]}")
+
+
+def _end_marked_processes(marker: str) -> None:
+    """SIGKILL the leftover processes whose environment carries this launch's marker."""
+    import os
+    import signal
+
+    needle = f"MEGAPPO_TEST_LAUNCH={marker}".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue

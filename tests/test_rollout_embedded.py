@@ -16,11 +16,11 @@ EOS = 2
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [3, 4, 3, 4, 3], [40]]
 
 
-def make_trainer_model(family: str, *, tie: bool = False, seed: int = 0):
+def make_trainer_model(family: str, *, tie: bool = False, seed: int = 0, **extra):
     """The 'trainer': an HF model with seeded random weights (norms and biases too)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = tiny_hf_config(family, tie=tie, attention_bias=family == "qwen2")
+    cfg = tiny_hf_config(family, tie=tie, attention_bias=family == "qwen2", **extra)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32, attn_implementation="sdpa").eval()
     g = torch.Generator().manual_seed(seed)
@@ -79,6 +79,17 @@ def test_logprobs_match_teacher_forced_hf(synced, params):
     out = engine.generate(PROMPTS, params)
     assert [len(s) for s in out] == [params.n] * len(PROMPTS)
     assert max_logprob_diff(trainer, PROMPTS, out, params.temperature) < 1e-5
+
+
+def test_sliding_window_model_matches_hf():
+    """Mistral with a window shorter than prompt + response: the cache and the mask agree."""
+    cfg, trainer = make_trainer_model("mistral", sliding_window=6)
+    engine = EmbeddedEngine(cfg, eos_token_ids=[EOS])
+    stream_to_engine(hf_tensors(trainer), engine, bucket_mb=1)
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=20, seed=3)
+    out = engine.generate(PROMPTS, params)
+    assert max(len(s.token_ids) for g in out for s in g) > 6
+    assert max_logprob_diff(trainer, PROMPTS, out, 1.0) < 1e-5
 
 
 def test_ppo_ratio_is_one_after_sync(synced):

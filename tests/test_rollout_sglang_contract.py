@@ -44,7 +44,6 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory):
     """Run the probe once; this process is rank 0 of the weight-update group."""
-    import torch
     import torch.distributed as dist
 
     from megappo.rollout.engine import checksum_of

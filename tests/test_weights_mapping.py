@@ -9,19 +9,20 @@ import itertools
 import pytest
 import torch
 
-from hf_fixtures import FAMILIES, make_tiny_hf_model, read_hf_state
+from hf_fixtures import FAMILIES, model_zoo, read_hf_state
 from megappo.models.spec import ModelSpec
 from megappo.weights.base import Placement, hf_to_megatron_state, megatron_to_hf_state, plan, table_for
 from megappo.weights.validate import check_config, check_hf_tensors, expected_hf_shapes
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf")
+def tiny_models():
+    """(spec, HF state) of every family, tied and untied: 4 layers (PP=2 x VPP=2 has a
+    layer per chunk), vocabulary 103 (TP=2 pads a row)."""
+    zoo = model_zoo()
     out = {}
     for family, tie in itertools.product(FAMILIES, (False, True)):
-        # 4 layers so PP=2 x VPP=2 has a layer per chunk; 103 rows pad to 104 at TP=2.
-        path = make_tiny_hf_model(root, family, tie=tie, layers=4, vocab=103)
+        path = zoo[f"{family}-{'tied' if tie else 'untied'}"]
         out[family, tie] = (ModelSpec.from_hf_dir(path), read_hf_state(path))
     return out
 

@@ -21,7 +21,6 @@ deterministic under ``SamplingParams.seed`` whatever ``max_batch_rows`` is.
 from __future__ import annotations
 
 import difflib
-import logging
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import torch
@@ -31,8 +30,6 @@ from megappo.rollout.sampling import choose_tokens, row_seed
 
 if TYPE_CHECKING:
     from megappo.parallel.state import ParallelLayout
-
-log = logging.getLogger("megappo")
 
 
 def resolve_engine_device(requested: str, layout: Optional["ParallelLayout"]) -> torch.device:
@@ -91,30 +88,30 @@ class EmbeddedEngine(RolloutEngine):
         self.max_batch_rows = max_batch_rows
         self.model = _build_model(hf_config, dtype, attn_implementation).to(self.device)
         self.vocab_size = int(self.model.config.vocab_size)
-        params = dict(self.model.named_parameters())
-        self._expected = frozenset(params)
-        by_id = {id(p): n for n, p in params.items()}
-        # Every state-dict key (a tied head's alias included) -> (tensor, canonical name).
-        self._targets = {
-            k: (t, by_id.get(id(t), k)) for k, t in self.model.state_dict(keep_vars=True).items()
-        }
+        self._expected = frozenset(n for n, _ in self.model.named_parameters())
         self._ready = False
         self._offloaded = False
         self._closed = False
 
     # ---------------------------------------------------------------- weights
 
+    def _targets(self) -> dict[str, tuple[torch.Tensor, str]]:
+        """Every state-dict key (a tied head's alias included) -> (tensor, parameter name)."""
+        by_id = {id(p): n for n, p in self.model.named_parameters()}
+        return {k: (t, by_id.get(id(t), k)) for k, t in self.model.state_dict(keep_vars=True).items()}
+
     @torch.no_grad()
     def update_weights(self, buckets: Iterable[Bucket]) -> None:
         self._check_open()
         self.resume_memory()
         self._ready = False
+        targets = self._targets()
         received: set[str] = set()
         for bucket in buckets:
             for name, tensor in bucket:
-                target = self._targets.get(name)
+                target = targets.get(name)
                 if target is None:
-                    close = difflib.get_close_matches(name, self._targets, n=3)
+                    close = difflib.get_close_matches(name, targets, n=3)
                     raise RolloutEngineError(f"{self.name}: unknown weight {name!r}" + (f"; did you mean {close}?" if close else ""))
                 param, canonical = target
                 if tuple(param.shape) != tuple(tensor.shape):
@@ -255,7 +252,6 @@ class EmbeddedEngine(RolloutEngine):
             self._closed = True
             self._ready = False
             del self.model
-            self._targets = {}
 
     def _check_open(self) -> None:
         if self._closed:

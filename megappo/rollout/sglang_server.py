@@ -16,7 +16,7 @@ others share its servers. On its first sync it asks each server's ``tp_size``
 its side (``join_update_group``). Per bucket: ``POST /update_weights_from_distributed``
 (names, dtypes, shapes, ``load_format=flattened_bucket``) to every server in threads while
 the trainer broadcasts the bucket's bytes end to end (SGLang's ``FlattenedTensorBucket``
-layout). 0.5.21 servers need ``/begin_weight_update`` and ``/end_weight_update`` around
+layout; the trainer holds the bucket and that flat copy, two buckets of memory). 0.5.21 servers need ``/begin_weight_update`` and ``/end_weight_update`` around
 the loads; a 404 there means an older server that has no sessions. The radix caches are
 flushed once at the end. ``release_memory``/``resume_memory`` do nothing: the servers have
 their own GPUs. ``weights_checksum`` is that of the tensors last delivered in full.
@@ -45,6 +45,10 @@ from megappo.rollout.sglang_protocol import (
     parse_samples,
     update_distributed_request,
 )
+
+
+NOT_FOUND = object()
+"""What ``_http(..., allow_404=True)`` returns for a route the server does not have."""
 
 
 def join_update_group(
@@ -130,7 +134,7 @@ class SGLangServerEngine(RolloutEngine):
         except ValueError:
             answer = raw.decode(errors="replace")
         if status == 404 and allow_404:
-            return None
+            return NOT_FOUND
         if status != 200:
             raise RolloutEngineError(f"{where} answered {status}: {str(answer)[:500]}")
         if isinstance(answer, dict) and answer.get("success") is False:
@@ -173,7 +177,11 @@ class SGLangServerEngine(RolloutEngine):
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
         self._checksum = None
         if self._sessions:
-            self._sessions = self._on_all("/begin_weight_update", [{}] * len(self.urls), allow_404=True)[0] is not None
+            answers = self._on_all("/begin_weight_update", [{}] * len(self.urls), allow_404=True)
+            found = [a is not NOT_FOUND for a in answers]
+            if len(set(found)) > 1:
+                raise RolloutEngineError(f"{self.name}: some servers have /begin_weight_update and some do not (mixed SGLang versions)")
+            self._sessions = found[0]
         terms: dict[str, float] = {}
         try:
             for bucket in buckets:

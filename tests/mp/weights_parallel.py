@@ -72,6 +72,7 @@ def check_actor(key, path, chunks, res, work, tag):
     if mg is not None:
         res[f"{key}/logits_max_abs_diff"] = float((mg - ref).abs().max())
     orig = read_hf_state(path)
+    res[f"{key}/hf_names"] = sorted(orig)
     names, bad = [], []
     for name, t in iter_hf_tensors(chunks):
         names.append(name)

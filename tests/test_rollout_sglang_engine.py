@@ -1,0 +1,181 @@
+"""The colocated ``sglang`` engine's own logic on CPU: the order of its calls to
+``sglang.Engine`` (weight-update session, flattened buckets, one cache flush), the
+memory release / resume bookkeeping, and failures. SGLang cannot run without CUDA, so a
+recording stand-in replaces the ``sglang`` modules here; what SGLang's real classes accept
+is checked by test_rollout_sglang_contract.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+
+import pytest
+import torch
+
+from megappo.rollout import RolloutEngineError, SamplingParams, checksum_of, checksums_match
+from megappo.rollout.weight_sync import stream_to_engine
+
+
+class RecordingEngine:
+    """Answers like ``sglang.Engine`` and records (method, kwargs)."""
+
+    instances: list = []
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.calls, self.fail_update = kwargs, [], False
+        RecordingEngine.instances.append(self)
+
+    def _rec(self, name, **kw):
+        self.calls.append((name, kw))
+        return (True, "Success")
+
+    def begin_weight_update(self):
+        return self._rec("begin_weight_update")
+
+    def end_weight_update(self):
+        return self._rec("end_weight_update")
+
+    def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
+        self.calls.append(("update_weights_from_tensor", dict(n=len(named_tensors), load_format=load_format, flush_cache=flush_cache)))
+        return (False, "Failed: injected") if self.fail_update else (True, "Success")
+
+    def flush_cache(self):
+        return self._rec("flush_cache")
+
+    def release_memory_occupation(self, tags=None):
+        return self._rec("release_memory_occupation", tags=tags)
+
+    def resume_memory_occupation(self, tags=None):
+        return self._rec("resume_memory_occupation", tags=tags)
+
+    def generate(self, **kwargs):
+        self.calls.append(("generate", kwargs))
+        n = kwargs["sampling_params"]["n"]
+        return [{"meta_info": {"finish_reason": {"type": "length"}, "output_token_logprobs": [(-0.25, 7, None)]}}] * (len(kwargs["input_ids"]) * n)
+
+    def get_server_info(self):
+        return {}
+
+    def shutdown(self):
+        self.calls.append(("shutdown", {}))
+
+
+@pytest.fixture
+def fake_sglang(monkeypatch):
+    @dataclasses.dataclass
+    class ServerArgs:
+        model_path: str = ""
+        tp_size: int = 1
+        base_gpu_id: int = 0
+        load_format: str = "auto"
+        skip_tokenizer_init: bool = False
+        enable_memory_saver: bool = False
+        random_seed: int = 0
+        mem_fraction_static: float = 0.9
+
+    class Bucket:
+        supports_multi_dtypes = True
+
+        def __init__(self, named_tensors):
+            self.named = list(named_tensors)
+
+        def get_flattened_tensor(self):
+            return torch.cat([t.reshape(-1).view(torch.uint8) for _, t in self.named])
+
+        def get_metadata(self):
+            return [n for n, _ in self.named]
+
+    mods = {
+        "sglang": types.SimpleNamespace(Engine=RecordingEngine, __version__="0.5.21"),
+        "sglang.srt.server_args": types.SimpleNamespace(ServerArgs=ServerArgs),
+        "sglang.srt.utils": types.SimpleNamespace(MultiprocessingSerializer=types.SimpleNamespace(serialize=lambda obj, output_str=False: repr(obj["metadata"]))),
+        "sglang.srt.utils.patch_torch": types.SimpleNamespace(monkey_patch_torch_reductions=lambda: None),
+        "sglang.srt.weight_sync.tensor_bucket": types.SimpleNamespace(FlattenedTensorBucket=Bucket),
+    }
+    for name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    RecordingEngine.instances.clear()
+    yield
+
+
+def make_engine(**server_args):
+    from megappo.rollout.sglang_engine import SGLangEngine
+
+    engine = SGLangEngine("/models/tiny", server_args=server_args, eos_token_ids=[2], tp_size=2, gpu_id=1, seed=5)
+    engine._device = torch.device("cpu")  # no GPU here: buckets stay on the CPU
+    return engine
+
+
+def weights():
+    g = torch.Generator().manual_seed(0)
+    return [(f"w{i}", torch.randn(64, generator=g)) for i in range(5)]
+
+
+def test_start_arguments_and_unknown_keys(fake_sglang):
+    engine = make_engine(mem_fraction_static=0.5)
+    assert RecordingEngine.instances[-1].kwargs == dict(
+        model_path="/models/tiny", tp_size=2, base_gpu_id=1, load_format="dummy", skip_tokenizer_init=True,
+        enable_memory_saver=True, random_seed=5, mem_fraction_static=0.5,
+    )
+    assert engine.name == "sglang engine (GPU 1, tp_size 2)"
+    with pytest.raises(ValueError, match="mem_fraction_statc is not an SGLang ServerArgs field.*mem_fraction_static"):
+        make_engine(mem_fraction_statc=0.5)
+
+
+def test_weight_update_sequence(fake_sglang):
+    engine = make_engine()
+    with pytest.raises(RolloutEngineError, match="no complete weight sync"):
+        engine.generate([[1]], SamplingParams())
+    tensors = weights()
+    stream_to_engine(tensors, engine, bucket_mb=600 / 2**20)  # 256-byte tensors: 2 per bucket
+    calls = RecordingEngine.instances[-1].calls
+    assert [c[0] for c in calls] == ["begin_weight_update"] + ["update_weights_from_tensor"] * 3 + ["end_weight_update", "flush_cache"]
+    assert all(c[1] == dict(n=2, load_format="flattened_bucket", flush_cache=False) for c in calls[1:4])
+    assert checksums_match(engine.weights_checksum(), checksum_of(tensors))
+    out = engine.generate([[1, 2], [3]], SamplingParams(n=2, max_new_tokens=5))
+    assert [[s.token_ids for s in g] for g in out] == [[[7], [7]], [[7], [7]]]
+    kwargs = calls[-1][1]
+    assert kwargs["input_ids"] == [[1, 2], [3]] and kwargs["return_logprob"] is True
+
+
+def test_memory_release_and_resume(fake_sglang):
+    engine = make_engine()
+    stream_to_engine(weights(), engine, bucket_mb=1)
+    rec = RecordingEngine.instances[-1]
+    rec.calls.clear()
+    engine.release_memory()
+    engine.release_memory()  # idempotent
+    stream_to_engine(weights(), engine, bucket_mb=1)  # a sync resumes only the weights
+    engine.generate([[1]], SamplingParams())  # generation resumes the rest
+    names = [(c[0], c[1].get("tags")) for c in rec.calls if "memory" in c[0]]
+    assert names == [
+        ("release_memory_occupation", None),
+        ("resume_memory_occupation", ["weights"]),
+        ("resume_memory_occupation", ["cuda_graph", "kv_cache"]),
+    ]
+
+
+def test_failed_update_closes_the_session_and_blocks_generation(fake_sglang):
+    engine = make_engine()
+    stream_to_engine(weights(), engine, bucket_mb=1)
+    rec = RecordingEngine.instances[-1]
+    rec.fail_update, rec.calls = True, []
+    with pytest.raises(RolloutEngineError, match=r"sglang engine \(GPU 1, tp_size 2\): update_weights_from_tensor failed: Failed: injected"):
+        stream_to_engine(weights(), engine, bucket_mb=1)
+    assert [c[0] for c in rec.calls] == ["begin_weight_update", "update_weights_from_tensor", "end_weight_update"]
+    with pytest.raises(RolloutEngineError, match="no complete weight sync"):
+        engine.generate([[1]], SamplingParams())
+
+
+def test_without_sessions_0_5_18(fake_sglang, monkeypatch):
+    monkeypatch.delattr(RecordingEngine, "begin_weight_update")
+    engine = make_engine()
+    stream_to_engine(weights(), engine, bucket_mb=1)
+    assert [c[0] for c in RecordingEngine.instances[-1].calls] == ["update_weights_from_tensor", "flush_cache"]
+
+
+def test_original_logprob_env_is_refused(fake_sglang, monkeypatch):
+    monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", "1")
+    with pytest.raises(ValueError, match="SGLANG_RETURN_ORIGINAL_LOGPROB"):
+        make_engine()

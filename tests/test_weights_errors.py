@@ -1,0 +1,108 @@
+"""Bad HF directories are rejected before any conversion, with every problem named:
+unsupported architecture, a shard the index names but the directory lacks, a config that
+disagrees with the weights, missing / unexpected tensors, a config that disagrees with the
+model being loaded. No process group or Megatron import is needed for these."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_fixtures import make_tiny_hf_model
+from megappo.models.spec import ModelSpec
+from megappo.weights.hf_io import HFCheckpoint
+from megappo.weights.model_io import validate_hf_dir
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A small Qwen2 model saved in several shards with an index."""
+    return make_tiny_hf_model(tmp_path_factory.mktemp("hf"), "qwen2", layers=2, max_shard_size="40KB")
+
+
+def _copy(src, tmp_path, name="m"):
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def _validate(path, spec=None, strict=True):
+    with HFCheckpoint(path) as ckpt:
+        return validate_hf_dir(spec or ModelSpec.from_hf_dir(path), ckpt, strict=strict)
+
+
+def test_a_good_directory_passes(sharded):
+    assert _validate(sharded) == []
+
+
+def test_unsupported_architecture(sharded, tmp_path):
+    d = _copy(sharded, tmp_path)
+    _edit_config(d, model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'.*GPT2LMHeadModel"):
+        ModelSpec.from_hf_dir(d)
+    _edit_config(d, model_type="qwen2", architectures=["Qwen2ForSequenceClassification"])
+    with pytest.raises(ValueError, match="unsupported architecture Qwen2ForSequenceClassification"):
+        _validate(d)
+
+
+def test_missing_shard_file_is_named(sharded, tmp_path):
+    d = _copy(sharded, tmp_path)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[1]
+    (d / victim).unlink()
+    with pytest.raises(ValueError, match=f"names shard files that are not in .*{victim} \\(holds "):
+        HFCheckpoint(d)
+
+
+def test_config_that_disagrees_with_the_weights(sharded, tmp_path):
+    d = _copy(sharded, tmp_path)
+    _edit_config(d, intermediate_size=128)
+    with pytest.raises(ValueError) as e:
+        _validate(d)
+    msg = str(e.value)
+    assert "the weights do not match the config" in msg
+    for layer in (0, 1):
+        for proj in ("gate_proj", "up_proj"):
+            assert f"model.layers.{layer}.mlp.{proj}.weight: shape [96, 64] in the checkpoint, config implies [128, 64]" in msg
+        assert f"model.layers.{layer}.mlp.down_proj.weight: shape [64, 96] in the checkpoint, config implies [64, 128]" in msg
+
+
+def test_missing_and_unexpected_tensors(tmp_path):
+    d = make_tiny_hf_model(tmp_path, "llama", layers=1, name="single")
+    state = load_file(d / "model.safetensors")
+    del state["model.layers.0.self_attn.v_proj.weight"]
+    state["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(64)
+    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError) as e:
+        _validate(d)
+    assert "missing tensor model.layers.0.self_attn.v_proj.weight (expected shape [32, 64])" in str(e.value)
+    assert "unexpected tensor model.layers.0.self_attn.o_proj.bias" in str(e.value)
+    with pytest.raises(ValueError, match="missing tensor") as e:
+        _validate(d, strict=False)
+    assert "unexpected tensor" not in str(e.value)
+
+
+def test_config_that_disagrees_with_the_model(sharded):
+    other = ModelSpec.from_hf_config({**json.loads((sharded / "config.json").read_text()), "num_hidden_layers": 4})
+    with pytest.raises(ValueError, match="does not match the model being loaded: num_layers: model 4, config.json 2"):
+        _validate(sharded, spec=other)
+
+
+def test_not_a_safetensors_directory(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="only PyTorch .bin weights found"):
+        HFCheckpoint(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        HFCheckpoint(tmp_path / "empty")
