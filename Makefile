@@ -12,6 +12,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SGLANG_TARGET := $(VENV)/sglang-target
+SGLANG_STAMP := $(SGLANG_TARGET)/.installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 TORCH_INDEX ?=
@@ -21,8 +23,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: test install demo docs lint clean
 
-test: $(STAMP)
-	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+test: $(STAMP) $(SGLANG_STAMP)
+	@MEGAPPO_SGLANG_PATH=$(CURDIR)/$(SGLANG_TARGET) $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5): failing" >&2; fi; \
 	exit $$rc
 
@@ -34,6 +36,11 @@ $(PY):
 $(STAMP): setup.py constraints.txt | $(PY)
 	$(PY) -m pip install --no-input torch==2.13.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(PY) -m pip install --no-input -e '.[test]'
+	touch $@
+
+# SGLang's Python package for the adapter's contract tests (CPU can import, not run, it).
+$(SGLANG_STAMP): tests/sglang-contract-requirements.txt | $(PY)
+	$(PY) -m pip install --no-input --no-deps --upgrade --target $(SGLANG_TARGET) -r tests/sglang-contract-requirements.txt
 	touch $@
 
 demo: $(STAMP)

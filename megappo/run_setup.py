@@ -194,6 +194,12 @@ class RunComponents:
         out.update(zip(keys, means.tolist()))
         return out
 
+    def release_engine_memory(self) -> None:
+        """Free the engine's memory while the trainer computes; the next weight sync or
+        generation resumes it (a no-op for the embedded engine on CPU)."""
+        if self.engine is not None:
+            self.engine.release_memory()
+
     def sync_weights(self):
         from megappo.rollout import sync_weights
 

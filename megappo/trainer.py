@@ -80,6 +80,7 @@ class Trainer:
         timer = self.c.timer()
         with timer("rollout"):
             exp = self.rollout(step)
+            self.c.release_engine_memory()  # colocated SGLang gives the GPUs back for training
         with timer("logprobs"):
             self.score_with_models(exp)
         metrics = self.objective.compute_advantages(exp)

@@ -15,15 +15,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Sequence
-
 import torch
 
 from megappo.models.spec import ModelSpec
 from megappo.weights.base import table_for
 from megappo.weights.validate import spec_differences
 from megappo.weights.hf_io import INDEX, SINGLE, ShardWriter
-from megappo.weights.model_io import iter_hf_tensors, unwrap
+from megappo.weights.model_io import iter_hf_tensors, model_chunks
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -91,7 +89,7 @@ def hf_config_for(hf_config: dict, spec: ModelSpec, dtype: torch.dtype) -> dict:
 
 
 def save_hf(
-    models: Sequence,
+    models,
     out_dir: str | os.PathLike,
     *,
     hf_config: dict,
@@ -108,7 +106,7 @@ def save_hf(
     import torch.distributed as dist
     from megatron.core import parallel_state as mpu
 
-    chunks = [unwrap(m) for m in models]
+    chunks, _ = model_chunks(models)
     if chunks[0].megappo_role == "critic":
         raise ValueError("save_hf writes a causal LM; the critic's value head has no HF counterpart")
     spec = chunks[0].megappo_spec

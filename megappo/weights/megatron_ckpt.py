@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from megappo.models.spec import ModelSpec
 from megappo.weights.validate import spec_differences
-from megappo.weights.model_io import unwrap
+from megappo.weights.model_io import model_chunks, unwrap
 
 MODEL_META = "megappo_model.json"
 MODEL_FORMAT = "megappo-megatron-model/1"
@@ -46,7 +46,7 @@ def load_model_state(models: Sequence, state: dict[str, Any]) -> None:
 
 
 def save_megatron_model(
-    models: Sequence, out_dir: str | os.PathLike, *, hf_config: dict | None = None, source_dir: str | None = None
+    models, out_dir: str | os.PathLike, *, hf_config: dict | None = None, source_dir: str | None = None
 ) -> None:
     """Save this rank's chunks into the distributed checkpoint ``out_dir`` (collective over
     all ranks; ``out_dir`` must be empty or absent) and the metadata file, which records
@@ -55,7 +55,7 @@ def save_megatron_model(
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as mpu
 
-    chunks = [unwrap(m) for m in models]
+    chunks, _ = model_chunks(models)
     out = os.fspath(out_dir)
     if dist.get_rank() == 0:
         if os.path.isdir(out) and os.listdir(out):
@@ -99,14 +99,17 @@ def check_spec(model_spec: ModelSpec, saved: dict, *, source: str) -> None:
         raise ValueError(f"{source}: the checkpoint's architecture differs from the model's: " + "; ".join(diffs))
 
 
-def load_megatron_model(models: Sequence, ckpt_dir: str | os.PathLike, *, spec_dict: dict | None = None) -> None:
-    """Load a model checkpoint (any saved layout) into this rank's chunks. The spec comes
-    from ``megappo_model.json`` or, for a training checkpoint's role directory, ``spec_dict``."""
+def load_megatron_model(models, ckpt_dir: str | os.PathLike, *, spec_dict: dict | None = None) -> None:
+    """Load a model checkpoint (any saved layout) into this rank's chunks or a policy's
+    (then its optimizer's fp32 copy is refreshed too). The spec comes from
+    ``megappo_model.json`` or, for a training checkpoint's role directory, ``spec_dict``."""
     from megatron.core import dist_checkpointing
 
-    chunks = [unwrap(m) for m in models]
+    chunks, optimizer = model_chunks(models)
     if spec_dict is None:
         spec_dict = read_model_meta(ckpt_dir)["spec"]
     check_spec(chunks[0].megappo_spec, spec_dict, source=os.fspath(ckpt_dir))
     state = dist_checkpointing.load(sharded_model_state(chunks), os.fspath(ckpt_dir))
     load_model_state(chunks, state)
+    if optimizer is not None:
+        optimizer.reload_model_params()

@@ -7,16 +7,18 @@ tensor. ``iter_hf_tensors`` gathers the TP shards of this pipeline stage's param
 yields full HF-named tensors with global layer numbers, one at a time (weight sync and HF
 export both use it).
 
-Load before the optimizer copies parameters (bf16 master weights, distributed optimizer),
-or call ``optimizer.reload_model_params()`` afterwards: this module writes only the
-model's parameters.
+Both take a list of model chunks or a policy (an object with ``.models`` and
+``.optimizer``, e.g. ``MegatronPolicy``). Given a policy, loading ends with
+``optimizer.reload_model_params()``: a bf16 or distributed optimizer keeps its own fp32
+copy of the weights, which would otherwise still hold the random init and overwrite the
+loaded weights at the first step.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 
@@ -35,6 +37,13 @@ def unwrap(model):
     if not hasattr(model, "megappo_spec"):
         raise ValueError("expected a GPTModel built by megappo.models.builder.build_model (it has no megappo_spec)")
     return model
+
+
+def model_chunks(models) -> tuple[list, object]:
+    """The unwrapped chunks of a chunk list or a policy, and the policy's optimizer (or None)."""
+    if hasattr(models, "models"):
+        return [unwrap(m) for m in models.models], getattr(models, "optimizer", None)
+    return [unwrap(m) for m in models], None
 
 
 def placement_of(model) -> Placement:
@@ -87,14 +96,15 @@ def validate_hf_dir(spec: ModelSpec, ckpt: HFCheckpoint, *, strict: bool = True)
 
 
 @torch.no_grad()
-def load_hf_into_model(models: Sequence, hf_dir: str | os.PathLike, *, strict: bool = True) -> None:
-    """Fill this rank's model chunks from an HF directory (its TP shard of its layers).
+def load_hf_into_model(models, hf_dir: str | os.PathLike, *, strict: bool = True) -> None:
+    """Fill this rank's model chunks (or a policy's, see the module docstring) from an HF
+    directory: its TP shard of its layers.
 
     ``strict``: tensors the model does not use are an error (else a warning). Missing
     tensors, shape mismatches, an unsupported architecture or a config that disagrees
     with the model are always errors. The critic's value head keeps its initialization.
     """
-    chunks = [unwrap(m) for m in models]
+    chunks, optimizer = model_chunks(models)
     if not chunks:
         raise ValueError("load_hf_into_model needs at least one model chunk")
     spec = chunks[0].megappo_spec
@@ -110,10 +120,12 @@ def load_hf_into_model(models: Sequence, hf_dir: str | os.PathLike, *, strict: b
                 if tuple(shard.shape) != tuple(param.shape):
                     raise AssertionError(f"{e.megatron}: HF shard shape {tuple(shard.shape)} vs parameter {tuple(param.shape)}")
                 param.data.copy_(shard)
+    if optimizer is not None:
+        optimizer.reload_model_params()
 
 
 @torch.no_grad()
-def iter_hf_tensors(models: Sequence, *, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_tensors(models, *, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, full_tensor)`` for this pipeline stage's weights (every chunk,
     global layer numbers, vocabulary unpadded), one tensor at a time.
 
@@ -127,7 +139,7 @@ def iter_hf_tensors(models: Sequence, *, dtype: torch.dtype | None = None) -> It
 
     group = mpu.get_tensor_model_parallel_group()
     tp = mpu.get_tensor_model_parallel_world_size()
-    for model in (unwrap(m) for m in models):
+    for model in model_chunks(models)[0]:
         spec, _, entries, params = _entries(model)
         for e in entries:
             if not e.rule.export:
