@@ -134,8 +134,7 @@ class Objective:
 
         def loss_fn(outputs: dict[str, torch.Tensor], rows: torch.Tensor):
             logprobs_bT = outputs["logprobs_BT"]
-            T = logprobs_bT.shape[1]
-            take = lambda x: _fit(x[rows], T).to(logprobs_bT.device)  # noqa: E731
+            take = _rows_of(rows, like=logprobs_bT)
             mask_bT = take(mini.loss_mask_BT)
             loss, metrics = algo.policy_loss(
                 logprobs_bT,
@@ -178,8 +177,7 @@ class Objective:
 
         def loss_fn(outputs: dict[str, torch.Tensor], rows: torch.Tensor):
             values_bT = outputs["values_BT"]
-            T = values_bT.shape[1]
-            take = lambda x: _fit(x[rows], T).to(values_bT.device)  # noqa: E731
+            take = _rows_of(rows, like=values_bT)
             mask_bT = take(mini.loss_mask_BT)
             loss, metrics = algo.value_loss(
                 values_bT,
@@ -204,6 +202,12 @@ class Objective:
     def load_state_dict(self, state: dict) -> None:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.reward_tracker.load_state_dict(state["reward_tracker"])
+
+
+def _rows_of(rows: torch.Tensor, *, like: torch.Tensor):
+    """``take(x_BT)``: the micro-batch's rows of a mini-batch tensor, shaped and placed like
+    the model output ``like`` ([b, T'] on its device)."""
+    return lambda x_BT: _fit(x_BT[rows], like.shape[1]).to(like.device)
 
 
 def _fit(x_bT: torch.Tensor, T: int) -> torch.Tensor:

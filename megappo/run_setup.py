@@ -310,15 +310,16 @@ def build_components(cfg: Config) -> RunComponents:
     tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer_path or cfg.model.hf_path)
 
     actor = build_policy(cfg, spec, "actor", layout)
-    load_hf_into_model(actor.models, cfg.model.hf_path)
+    # The policy, not its models: the loader then refreshes the optimizer's fp32 master copy.
+    load_hf_into_model(actor, cfg.model.hf_path)
     critic = reference = None
     if uses_critic(cfg):
         critic_dir = cfg.model.critic_hf_path or cfg.model.hf_path
         critic = build_policy(cfg, ModelSpec.from_hf_dir(critic_dir), "critic", layout)
-        load_hf_into_model(critic.models, critic_dir)
+        load_hf_into_model(critic, critic_dir)
     if cfg.algo.use_kl_loss or cfg.algo.add_token_level_kl:
         reference = build_policy(cfg, spec, "reference", layout)
-        load_hf_into_model(reference.models, cfg.model.hf_path)
+        load_hf_into_model(reference, cfg.model.hf_path)
 
     engine = reward_fn = None
     if holds_engine(layout):

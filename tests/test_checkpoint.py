@@ -24,8 +24,12 @@ def runs():
 def test_resume_repeats_the_next_step_exactly(runs):
     for r in runs.read("ckpt_train"):
         assert r["dp"] == 2
-        assert r["loss2_resumed"] == r["loss2"]  # actor (distributed optimizer) and critic (plain), bit-exact
-        assert r["loss2"] != r["loss1"]
+        # actor (distributed optimizer) and critic (plain optimizer), bit-exact; step 3
+        # also checks the restored Adam moments, step counts and LR schedule
+        assert r["loss2_resumed"] == r["loss2"]
+        assert r["loss3_resumed"] == r["loss3"]
+        assert r["weights3_resumed"] == r["weights3"]
+        assert r["loss1"] != r["loss2"] != r["loss3"]
         assert r["rng_restored"]
         assert r["extra"] == {"data": {"cursor": 4}, "kl": {"coef": 0.1}, "step": 1, "reward_stats": [1.0, 2.0]}
 
@@ -52,8 +56,9 @@ def test_killed_save_leaves_previous_checkpoint_loadable(runs):
 def test_resume_at_another_dp_size(runs):
     (train,) = runs.read("ckpt_train")[:1]
     (r,) = runs.read("ckpt_resume")
-    for a, b in zip(r["loss2_resumed_dp1"], train["loss2"]):
-        assert abs(a - b) < 1e-5, (r["loss2_resumed_dp1"], train["loss2"])
+    for step in ("loss2", "loss3"):
+        for a, b in zip(r[f"{step}_resumed_dp1"], train[step]):
+            assert abs(a - b) < 1e-5, (step, r[f"{step}_resumed_dp1"], train[step])
 
 
 @pytest.mark.slow

@@ -68,12 +68,15 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+# The loop's options ride along with the presets: dynamic sampling with GRPO, the overlong
+# filter, DAPO's soft overlong penalty and truncated importance sampling with Dr.GRPO.
 PRESET_LAYOUTS = [
     ("liteppo", ["parallel.tensor_model_parallel_size=2"]),
-    ("grpo", ["parallel.tensor_model_parallel_size=2"]),
+    ("grpo", ["parallel.tensor_model_parallel_size=2", "algo.dynamic_sampling=true", "algo.max_sampling_rounds=3"]),
     ("reinforce_pp_baseline", ["parallel.tensor_model_parallel_size=2"]),
     ("ppo", ["parallel.pipeline_model_parallel_size=2", "rollout.num_return_sequences_in_group=2"]),
-    ("dr_grpo", ["parallel.pipeline_model_parallel_size=2"]),
+    ("dr_grpo", ["parallel.pipeline_model_parallel_size=2", "algo.overlong_filter=true",
+                 "algo.overlong_buffer_len=2", "algo.tis_clip=2.0"]),
 ]
 
 
@@ -91,6 +94,10 @@ def test_preset_first_step_is_on_policy(toy, tmp_path, preset, layout):
         assert first["actor/kl_ref"] == 0.0
     if preset in ("grpo", "reinforce_pp_baseline"):
         assert "actor/kl_ref" in first, "these presets use a reference model"
+    if preset == "grpo":  # dynamic sampling: 1 to 3 generation rounds per step
+        assert all(1 <= r["rollout/sampling_rounds"] <= 3 for r in rows), [r["rollout/sampling_rounds"] for r in rows]
+    if preset == "dr_grpo":  # truncated IS weights are exp(old - rollout) ~ 1 right after a sync
+        assert first["actor/tis_weight_mean"] == pytest.approx(1.0, abs=1e-4)
     if preset == "ppo":
         assert "critic/vf_loss" in first or "critic/loss" in first, sorted(first)
     # The engine and the trainer agree on the rollout log-probs after the initial sync.

@@ -94,6 +94,8 @@ class ModelSpec:
             raise ValueError(f"{source}: " + "; ".join(problems))
         if cfg.get("hidden_act", "silu") != "silu":
             problems.append(f"hidden_act {cfg['hidden_act']!r} (only silu / SwiGLU is supported)")
+        if cfg.get("attention_bias") and family != "qwen2":
+            problems.append(f"attention_bias=true ({family} then also has an o_proj bias, which Megatron's attention cannot hold)")
         if cfg.get("mlp_bias"):
             problems.append("mlp_bias=true (MLP biases are not supported)")
         heads = cfg["num_attention_heads"]
@@ -135,8 +137,8 @@ class ModelSpec:
             rope_high_freq_factor=rope.get("high_freq_factor"),
             rope_original_max_position=rope.get("original_max_position_embeddings"),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            # Qwen2 always has QKV biases; its config has no attention_bias key.
-            qkv_bias=bool(cfg.get("attention_bias", family == "qwen2")),
+            # Qwen2 always has QKV biases (and no o_proj bias); its config has no attention_bias key.
+            qkv_bias=family == "qwen2",
             qk_norm=family == "qwen3",
             sliding_window=sliding,
             initializer_range=float(cfg.get("initializer_range", 0.02)),

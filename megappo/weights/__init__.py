@@ -2,12 +2,16 @@
 ``qwen3``, ``mistral``) over a shared engine (``base``), used by model loading, weight
 sync, HF export and the offline conversion tools alike.
 
-Public API:
-  load_hf_into_model(models, hf_dir, *, strict=True)        HF directory -> this rank's shards
-  iter_hf_tensors(models, *, dtype=None)                      this stage's full HF tensors (TP collective)
-  save_hf(models, out_dir, *, hf_config, tokenizer_dir=None)  all stages -> HF directory (collective)
-  hf_to_megatron_state / megatron_to_hf_state                 pure functions on state dicts
-  save_megatron_model / load_megatron_model                   Megatron distributed checkpoints of a model
+Public API (``models``: this rank's GPTModel chunks, or a policy with ``.models`` and
+``.optimizer``, whose fp32 master copy is then refreshed after a load):
+  load_hf_into_model(models, hf_dir, *, strict=True)         HF directory -> this rank's shards
+  iter_hf_tensors(models, *, dtype=None)                       this stage's full HF tensors (TP collective)
+  save_hf(models, out_dir, *, hf_config, tokenizer_dir=None,   all stages -> HF directory (collective)
+          max_shard_bytes=5 GiB, dtype=None)
+  hf_to_megatron_state / megatron_to_hf_state                  pure functions on state dicts
+  save_megatron_model / load_megatron_model                    Megatron distributed checkpoints of a model
+  validate_hf_dir(spec, HFCheckpoint(dir), strict=True)        the checks load_hf_into_model runs first
+Offline tools: ``convert`` (both directions), ``compare`` (log-prob parity).
 """
 
 from megappo.weights.base import (

@@ -139,9 +139,10 @@ def _holds(rule: TensorRule, spec: ModelSpec, role: str, placement: Placement) -
         return spec.qkv_bias
     if rule.when == "qk_norm":
         return spec.qk_norm
+    # The critic's head is its value head (not from HF) and it never ties embeddings.
     tied = spec.tie_word_embeddings and role != "critic"
     if rule.when == "untied_head":
-        return role != "critic" and not tied
+        return role != "critic" and not spec.tie_word_embeddings
     if rule.when == "tied_head_copy":
         # A tied head is the embedding itself on a stage that holds both; a last stage
         # without the embedding keeps its own copy (Megatron syncs it by all-reduce).
@@ -160,19 +161,13 @@ def plan(
     """Every Megatron tensor of this module that comes from HF, in a fixed order (the same
     on every TP rank: export gathers in this order)."""
     te = transformer_impl == "transformer_engine"
-    out: list[Entry] = []
-    glob = [r for r in table.rules if r.stage != "layer"]
-    for rule in (r for r in glob if r.stage == "first"):
-        if _holds(rule, spec, role, placement):
-            out.append(Entry(_name(rule, te), rule.hf, rule, None))
+    rules = [r for r in table.rules if _holds(r, spec, role, placement)]
+    out = [Entry(_name(r, te), r.hf, r, None) for r in rules if r.stage == "first"]
     for local, layer in enumerate(placement.layers(spec)):
-        for rule in (r for r in table.rules if r.stage == "layer"):
-            if _holds(rule, spec, role, placement):
-                hf = tuple(n.format(layer=layer) for n in rule.hf)
-                out.append(Entry(f"decoder.layers.{local}.{_name(rule, te)}", hf, rule, layer))
-    for rule in (r for r in glob if r.stage == "last"):
-        if _holds(rule, spec, role, placement):
-            out.append(Entry(_name(rule, te), rule.hf, rule, None))
+        for r in (r for r in rules if r.stage == "layer"):
+            hf = tuple(n.format(layer=layer) for n in r.hf)
+            out.append(Entry(f"decoder.layers.{local}.{_name(r, te)}", hf, r, layer))
+    out += [Entry(_name(r, te), r.hf, r, None) for r in rules if r.stage == "last"]
     return out
 
 

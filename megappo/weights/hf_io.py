@@ -14,6 +14,7 @@ from contextlib import ExitStack
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -23,8 +24,6 @@ class HFCheckpoint:
     """The tensors and ``config.json`` of an HF model directory, read lazily."""
 
     def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
-
         self.path = os.fspath(path)
         if not os.path.isdir(self.path):
             raise ValueError(f"{self.path}: not a directory (expected a HuggingFace model directory)")
@@ -36,7 +35,6 @@ class HFCheckpoint:
         self.files: dict[str, str] = self._weight_map()
         self._stack = ExitStack()
         self._open: dict[str, Any] = {}
-        self._safe_open = safe_open
 
     def _weight_map(self) -> dict[str, str]:
         index = os.path.join(self.path, INDEX)
@@ -55,8 +53,6 @@ class HFCheckpoint:
             return dict(weight_map)
         single = os.path.join(self.path, SINGLE)
         if os.path.isfile(single):
-            from safetensors import safe_open
-
             with safe_open(single, framework="pt") as f:
                 return {name: SINGLE for name in f.keys()}
         if any(n.endswith(".bin") for n in os.listdir(self.path)):
@@ -65,17 +61,17 @@ class HFCheckpoint:
 
     def _handle(self, fname: str):
         if fname not in self._open:
-            self._open[fname] = self._stack.enter_context(
-                self._safe_open(os.path.join(self.path, fname), framework="pt")
-            )
+            self._open[fname] = self._stack.enter_context(safe_open(os.path.join(self.path, fname), framework="pt"))
         return self._open[fname]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape, from the file headers (no data is read)."""
-        out = {}
+        out, held = {}, {}
         for name, fname in self.files.items():
             f = self._handle(fname)
-            if name not in f.keys():
+            if fname not in held:
+                held[fname] = set(f.keys())
+            if name not in held[fname]:
                 raise ValueError(f"{self.path}/{INDEX} puts {name} in {fname}, which does not hold it")
             out[name] = tuple(f.get_slice(name).get_shape())
         return out

@@ -132,7 +132,8 @@ def iter_hf_tensors(models, *, dtype: torch.dtype | None = None) -> Iterator[tup
     Collective over the tensor-parallel group of this stage: every TP rank must iterate to
     the end, in step; each receives the same tensors. A tied head is yielded once (as the
     embedding, by the first stage); the critic's value head is not an HF tensor and is
-    skipped. ``dtype``: cast to it (default: the parameter dtype).
+    skipped. ``dtype``: cast to it (default: the parameter dtype). Tensors are contiguous
+    and on the parameters' device.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as mpu
@@ -151,4 +152,4 @@ def iter_hf_tensors(models, *, dtype: torch.dtype | None = None) -> Iterator[tup
             else:
                 shards = [local]
             for name, tensor in hf_from_shards(e, spec, shards):
-                yield name, tensor if dtype is None else tensor.to(dtype)
+                yield name, (tensor if dtype is None else tensor.to(dtype)).contiguous()

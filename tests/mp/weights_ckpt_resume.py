@@ -1,12 +1,13 @@
 """Training-checkpoint phases of ``weights_launch.py`` (pytest: tests/test_checkpoint.py).
 
 ckpt_train (2 ranks, TP=1 DP=2): actor (distributed optimizer) and critic (plain
-  optimizer) as ``MegatronPolicy`` loaded from HF; one step, ``save(1)``, a second step
-  (the uninterrupted reference); fresh objects resume from step 1 and repeat step 2
-  (identical, RNG included); a save that raises midway leaves ``latest`` alone; finally
+  optimizer) as ``MegatronPolicy`` loaded from HF; one step, ``save(1)``, steps 2 and 3
+  (the uninterrupted reference; step 3's loss depends on the restored Adam state and LR
+  schedule); fresh objects resume from step 1 and repeat steps 2 and 3 (identical
+  losses and weights, RNG included); a save that raises midway leaves ``latest`` alone; finally
   every rank is SIGKILLed in the middle of ``save(3)`` (the launch exits non-zero).
 ckpt_resume (1 process, DP=1): resume from ``latest`` at another DP size and repeat
-  step 2 (same loss to float tolerance); mismatched tokenizer / architecture errors; a new
+  steps 2 and 3 (same losses to float tolerance); mismatched tokenizer / architecture errors; a new
   save removes the stale temporary directory and prunes to ``keep_last``.
 """
 
@@ -30,8 +31,7 @@ def build(spec, hf):
         "critic": MegatronPolicy(spec, "critic", BuildOptions(value_head_init_std=0.05), optim),
     }
     for p in pols.values():
-        load_hf_into_model(p.models, hf)
-        p.optimizer.reload_model_params()  # the distributed optimizer keeps its own fp32 copy
+        load_hf_into_model(p, hf)  # a policy: its optimizer's own fp32 copy is refreshed too
     return pols
 
 
@@ -62,6 +62,11 @@ def make_step(layout):
     return step
 
 
+def weights_checksum(pols) -> list[float]:
+    """Sum of |w| over each role's parameters (float64): equal weights give equal sums."""
+    return [sum(float(p.detach().double().abs().sum()) for m in pol.models for p in m.parameters()) for pol in pols.values()]
+
+
 def save_args(spec, step):
     return dict(
         extra={"data": {"cursor": 4 * step}, "kl": {"coef": 0.1 * step}, "reward_stats": torch.tensor([1.0, 2.0])},
@@ -89,6 +94,8 @@ def phase_train(ctx, res, write):
     mgr.save(1, policies=pols, **save_args(spec, 1))
     rand_after_save = torch.rand(4)
     res["loss2"] = step(pols)
+    res["loss3"] = step(pols)  # depends on the optimizer state and LR schedule after step 2
+    res["weights3"] = weights_checksum(pols)
 
     torch.manual_seed(12345)
     fresh = build(spec, hf)
@@ -96,6 +103,8 @@ def phase_train(ctx, res, write):
     res["rng_restored"] = bool(torch.equal(torch.rand(4), rand_after_save))
     res["extra"] = {"data": extra["data"], "kl": extra["kl"], "step": extra["step"], "reward_stats": extra["reward_stats"].tolist()}
     res["loss2_resumed"] = step(fresh)
+    res["loss3_resumed"] = step(fresh)
+    res["weights3_resumed"] = weights_checksum(fresh)
 
     real_save = dist_checkpointing.save
 
@@ -147,7 +156,9 @@ def phase_resume(ctx, res, write):
             res[key] = str(e)
     extra = mgr.load(policies=pols, tokenizer_fingerprint="tok-A")
     res["extra_step"] = extra["step"]
-    res["loss2_resumed_dp1"] = make_step(layout)(pols)
+    step = make_step(layout)
+    res["loss2_resumed_dp1"] = step(pols)
+    res["loss3_resumed_dp1"] = step(pols)
     mgr.save(2, policies=pols, **save_args(spec, 2))
     res["dirs_after"] = sorted(os.listdir(ctx.ckpt_dir))
     res["latest_after"] = os.path.basename(mgr.latest())
