@@ -72,3 +72,23 @@ def test_toy_file_through_the_dataset(tmp_path):
     data = PromptDataset.from_config(DataConfig(prompt_length=16), tok, path=path)
     assert len(data) == 10 and all(item.prompt_ids[0] == tok.bos_token_id for item in data)
     assert all(toy_reward(item.answer, item.answer, item.text) for item in data)
+
+
+def test_demo_summary_reads_metrics_and_plots(tmp_path, capsys):
+    from megappo.demo import summarize
+
+    rows = [{"step": 0, "eval/accuracy": 0.25}, {"step": 1, "reward/mean": 0.3}, {"step": 2, "reward/mean": 0.6, "eval/accuracy": 0.75}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = summarize(tmp_path)
+    assert out == {"warmup_accuracy": 0.25, "final_accuracy": 0.75}
+    printed = capsys.readouterr().out
+    assert "+50.0 points" in printed and "WARNING" not in printed
+    assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:1] + [{"step": 2, "eval/accuracy": 0.4}]))
+    summarize(tmp_path)
+    assert "below the demo's 30-point target" in capsys.readouterr().out
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[1]) + "\n")
+    with pytest.raises(ValueError, match="no eval/accuracy rows"):
+        summarize(tmp_path)
