@@ -41,14 +41,35 @@ class Objective:
         a = cfg.algo
         self.kl_ctl = algo.make_kl_controller(a.init_kl_coef, a.target_kl, a.kl_horizon)
         self.reward_tracker = algo.RunningMeanStd()
-        if a.kl_penalty == "full" and a.add_token_level_kl:
-            raise ValueError("algo.kl_penalty=full is a loss term only; with add_token_level_kl use kl, abs, mse or low_var_kl")
         self.clip_low = a.pg_clip if a.pg_clip_low is None else a.pg_clip_low
         self.clip_high = a.pg_clip if a.pg_clip_high is None else a.pg_clip_high
 
     @property
     def needs_reference(self) -> bool:
         return self.algo_cfg.use_kl_loss or self.algo_cfg.add_token_level_kl
+
+    @property
+    def exact_kl_loss(self) -> bool:
+        """The KL loss term is the exact KL over the vocabulary (``kl_penalty=full`` with
+        ``use_kl_loss``). Only the model layer has both models' full logits, so it computes
+        ``kl_BT`` inside the actor's ``train_step`` (see `actor_loss_reference`)."""
+        return self.algo_cfg.use_kl_loss and self.algo_cfg.kl_penalty == "full"
+
+    def actor_loss_reference(self, reference):
+        """The model the actor's ``train_step`` computes the exact per-token KL against
+        (``ref=``): ``reference`` when `exact_kl_loss`, else None (the sampled estimators
+        need only the reference log-probs already in the experience)."""
+        return reference if self.exact_kl_loss else None
+
+    @property
+    def sampled_kl_kind(self) -> str:
+        """The per-token estimator applied to the sampled tokens' log-probs. ``full`` needs
+        the whole vocabulary distributions, which exist only inside the actor update; where
+        only the sampled tokens' log-probs are at hand (the ``actor/kl_ref`` metric) it falls
+        back to k1, the unbiased sampled estimate of the same KL(actor || reference).
+        (``full`` with KL in the reward is rejected by validation.)"""
+        kind = self.algo_cfg.kl_penalty
+        return "kl" if kind == "full" else kind
 
     # -- advantages -------------------------------------------------------------------
 
@@ -57,8 +78,9 @@ class Objective:
         and set the loss mask (overlong filter). Fills ``exp`` in place; returns metrics."""
         a = self.algo_cfg
         mask_BT = exp.mask_BT.to(torch.float32)
-        if a.reward_norm == "running":
-            self._update_reward_tracker(exp.scores_B)
+        # With reward_norm=running, shape_rewards merges this step's scores (after the
+        # overlong penalty: the values it normalizes) into the tracker exactly once, from
+        # moment sums all-reduced over data-parallel ranks, then normalizes with it.
         scores_B = algo.shape_rewards(
             exp.scores_B,
             group_ids_B=exp.group_ids_B,
@@ -75,7 +97,7 @@ class Objective:
         )
         kl_BT = None
         if exp.ref_logprobs_BT is not None:
-            kl_BT = algo.kl_penalty(exp.old_logprobs_BT, exp.ref_logprobs_BT, a.kl_penalty if a.kl_penalty != "full" else "kl")
+            kl_BT = algo.kl_penalty(exp.old_logprobs_BT, exp.ref_logprobs_BT, self.sampled_kl_kind)
         advantages_BT, returns_BT = algo.estimate_advantages(
             a.adv_estimator,
             scores_B=scores_B,
@@ -106,12 +128,6 @@ class Objective:
             metrics.update({"actor/kl_ref": kl, "actor/kl_coef": self.kl_ctl.value})
             self.kl_ctl.update(kl, n_steps=int(self.reduce_sums(algo.moment_sums(exp.scores_B))[0]))
         return metrics
-
-    def _update_reward_tracker(self, scores_B: torch.Tensor) -> None:
-        count, total, sq = self.reduce_sums(algo.moment_sums(scores_B)).tolist()
-        if count > 0:
-            mean = total / count
-            self.reward_tracker.update_from_moments(int(count), mean, max(sq - count * mean * mean, 0.0))
 
     def _global_mean(self, x_B: torch.Tensor) -> float:
         count, total, _ = self.reduce_sums(algo.moment_sums(x_B)).tolist()
@@ -154,18 +170,21 @@ class Objective:
                 entropy_coef=a.entropy_coef,
             )
             if a.use_kl_loss:
-                kl, kl_metrics = algo.kl_loss(
-                    logprobs_bT,
-                    take(mini.ref_logprobs_BT),
+                if self.exact_kl_loss:
+                    assert "kl_BT" in outputs, "kl_penalty=full: train_step needs ref=actor_loss_reference(...)"
+                    kl_bT = outputs["kl_BT"]
+                else:
+                    kl_bT = algo.kl_penalty(logprobs_bT, take(mini.ref_logprobs_BT), a.kl_penalty)
+                kl = algo.aggregate_loss(
+                    kl_bT,
                     mask_bT,
-                    kind=a.kl_penalty if a.kl_penalty != "full" else "kl",
-                    loss_agg_mode=a.loss_agg_mode,
+                    a.loss_agg_mode,
                     num_tokens=den.num_tokens,
                     num_seqs=den.num_seqs,
                     norm_len=self.response_length,
                 )
                 loss = loss + a.kl_loss_coef * kl
-                metrics.update(kl_metrics)
+                metrics["kl_loss"] = kl.detach()
             if "entropy_BT" in outputs:
                 metrics["entropy"] = algo.masked_mean(outputs["entropy_BT"].detach(), mask_bT)
             return loss, metrics

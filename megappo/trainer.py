@@ -88,7 +88,8 @@ class Trainer:
             if self.c.critic is not None:
                 metrics |= self.update(self.c.critic, exp, self.objective.critic_loss_fn, "critic")
             if step > self.cfg.algo.critic_warmup_steps:
-                metrics |= self.update(self.c.actor, exp, self.objective.actor_loss_fn, "actor")
+                ref = self.objective.actor_loss_reference(self.c.reference)  # exact KL loss: None otherwise
+                metrics |= self.update(self.c.actor, exp, self.objective.actor_loss_fn, "actor", ref=ref)
         with timer("sync"):
             metrics |= self.sync_weights()
         metrics |= self.c.rollout_metrics(exp)
@@ -128,14 +129,16 @@ class Trainer:
         exp.ref_logprobs_BT = _cat_rows(ref, T) if ref else None
         exp.values_BT = _cat_rows(values, T) if values else None
 
-    def update(self, policy, exp: Experience, make_loss_fn, role: str) -> dict[str, float]:
-        """``ppo_epochs`` passes over the rollout batch, one optimizer step per mini-batch."""
+    def update(self, policy, exp: Experience, make_loss_fn, role: str, ref=None) -> dict[str, float]:
+        """``ppo_epochs`` passes over the rollout batch, one optimizer step per mini-batch.
+        ``ref``: the model ``train_step`` computes the exact per-token KL against (``kl_BT``
+        in the loss function's outputs), or None."""
         per_step: list[dict[str, float]] = []
         for _ in range(self.cfg.algo.ppo_epochs):
             for rows in self.c.minibatches(len(exp)):
                 mini = exp.select(rows)
                 den = self.objective.denominators(mini)
-                out = policy.train_step(mini.batch, make_loss_fn(mini, den), temperature=self.cfg.rollout.temperature)
+                out = policy.train_step(mini.batch, make_loss_fn(mini, den), temperature=self.cfg.rollout.temperature, ref=ref)
                 per_step.append({k: float(v) for k, v in out.items()})
         # train_step already reduced over micro-batches and data-parallel ranks; over the
         # optimizer steps of this RL step: min of *_min, max of *_max, mean of the rest.

@@ -171,16 +171,32 @@ def test_clipped_tokens_have_zero_gradient():
     assert float(m["pg_clipfrac"]) == pytest.approx(2 / 3) and float(m["dual_clip_frac"]) == pytest.approx(1 / 3)
 
 
-def test_ratio_one_gives_no_clipping():
-    g = torch.Generator().manual_seed(2)
-    lp = -torch.rand(3, 5, generator=g)
-    adv = torch.randn(3, 5, generator=g)
-    mask = prefix_mask([5, 2, 4], 5)
-    loss, m = policy_loss(lp, lp.clone(), adv, mask, clip_low=0.2, clip_high=0.28, dual_clip_c=3.0)
+@SETTINGS
+@given(
+    lengths=st.lists(st.integers(0, 6), min_size=1, max_size=5).filter(any),
+    seed=st.integers(0, 2**16),
+    clip_low=st.floats(0.0, 0.9),
+    clip_high=st.floats(0.0, 5.0),
+    dual=st.sampled_from([None, 1.5, 3.0]),
+    mode=st.sampled_from(LOSS_AGG_MODES),
+)
+def test_ratio_one_gives_no_clipping(lengths, seed, clip_low, clip_high, dual, mode):
+    """pi == pi_old (the first pass over a batch): nothing is clipped, the ratio is 1
+    everywhere, and the loss is the aggregated -A."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = len(lengths), 6
+    lp = -torch.rand(B, T, generator=g)
+    adv = torch.randn(B, T, generator=g)
+    mask = prefix_mask(lengths, T)
+    loss, m = policy_loss(lp, lp.clone(), adv, mask, clip_low=clip_low, clip_high=clip_high, dual_clip_c=dual,
+                          loss_agg_mode=mode, norm_len=NORM_LEN)
     for k in ("pg_clipfrac", "pg_clipfrac_low", "pg_clipfrac_high", "dual_clip_frac", "ppo_kl"):
         assert float(m[k]) == 0.0, k
-    assert float(m["ratio_min"]) == float(m["ratio_max"]) == 1.0
-    assert math.isclose(float(loss), -float(adv[mask.bool()].mean()), rel_tol=1e-6)
+    assert float(m["ratio_min"]) == float(m["ratio_max"]) == float(m["ratio_mean"]) == 1.0
+    expected = aggregate_loss(-adv, mask, mode, norm_len=NORM_LEN)
+    assert math.isclose(float(loss), float(expected), rel_tol=1e-6, abs_tol=1e-7)
+    if mode == "token-mean":
+        assert math.isclose(float(loss), -float(adv[mask.bool()].mean()), rel_tol=1e-6, abs_tol=1e-7)
 
 
 def test_tis_weights_and_policy_loss_with_tis():
@@ -230,6 +246,41 @@ def test_value_loss_clipping_hand_computed():
     torch.testing.assert_close(values.grad, torch.tensor([[0.0, -1.0 / 3, 1.0, 0.0]]))
     plain, _ = value_loss(values, old, returns, mask)
     assert plain.item() == pytest.approx(0.5 * (1.0 + 1.0 + 9.0) / 3, rel=1e-6)
+
+
+@SETTINGS
+@given(
+    mode=st.sampled_from(LOSS_AGG_MODES),
+    lengths=st.lists(st.integers(0, 12), min_size=2, max_size=9),
+    cuts=st.lists(st.integers(1, 8), max_size=4),
+    seed=st.integers(0, 2**16),
+    clip=st.sampled_from([None, 0.1, 1.0]),
+)
+def test_value_loss_split_with_global_denominators_gives_same_loss_and_grad(mode, lengths, cuts, seed, clip):
+    """Critic micro-batches (or ranks) with global num_tokens / num_seqs sum to the full loss."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = len(lengths), 12
+    mask_BT = prefix_mask(lengths, T)
+    values_BT = torch.randn(B, T, generator=g, dtype=torch.float64)
+    old_BT = values_BT + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    returns_BT = torch.randn(B, T, generator=g, dtype=torch.float64)
+
+    def run(pieces):
+        v = values_BT.clone().requires_grad_(True)
+        total = 0.0
+        for s in pieces:
+            loss, _ = value_loss(v[s], old_BT[s], returns_BT[s], mask_BT[s], value_clip=clip, loss_agg_mode=mode,
+                                 num_tokens=mask_BT.sum(), num_seqs=B, norm_len=NORM_LEN)
+            total = total + loss
+        total.backward()
+        return total.detach(), v.grad
+
+    bounds = sorted({min(c, B) for c in cuts} | {0, B})
+    pieces = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    full_loss, full_grad = run([slice(0, B)])
+    split_loss, split_grad = run(pieces)
+    torch.testing.assert_close(split_loss, full_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(split_grad, full_grad, rtol=1e-10, atol=1e-12)
 
 
 def test_explained_variance():

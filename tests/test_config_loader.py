@@ -17,8 +17,9 @@ from megappo.config import (
     load_config,
 )
 
-# The schema's defaults (adv_estimator grpo, group mean and std) need groups of responses:
-# with the default of one response per prompt the group std is NaN, which validation rejects.
+# The schema's defaults (adv_estimator grpo, group mean and std) need groups of at least two
+# responses; the default group size is 8. The tests pin 2 so that their expected values
+# (response counts, batch splits) do not move with that default.
 N2 = "rollout.num_return_sequences_in_group=2"
 
 

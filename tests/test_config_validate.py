@@ -12,8 +12,9 @@ from megappo.config import ConfigError, check_runnable, data_parallel_size, load
 
 GRPO = ["algo.preset=grpo", "rollout.num_return_sequences_in_group=4"]
 
-# The schema's defaults (adv_estimator grpo, group mean and std) need groups of responses:
-# with the default of one response per prompt the group std is NaN, which validation rejects.
+# The schema's defaults (adv_estimator grpo, group mean and std) need groups of at least two
+# responses; the default group size is 8. The tests pin 2 so that their expected values
+# (response counts, batch splits) do not move with that default.
 N2 = "rollout.num_return_sequences_in_group=2"
 
 
@@ -23,10 +24,10 @@ def load(path=None, overrides=(), **kwargs):
 
 
 
-def hf_dir(tmp_path: Path, heads: int = 12, kv_heads: int = 4, layers: int = 6) -> Path:
+def hf_dir(tmp_path: Path, heads: int = 12, kv_heads: int = 4, layers: int = 6, **extra) -> Path:
     model = tmp_path / "model"
     model.mkdir()
-    config = {"num_attention_heads": heads, "num_key_value_heads": kv_heads, "num_hidden_layers": layers}
+    config = {"num_attention_heads": heads, "num_key_value_heads": kv_heads, "num_hidden_layers": layers, **extra}
     (model / "config.json").write_text(json.dumps(config))
     return model
 
@@ -71,6 +72,22 @@ def test_pp_and_vpp_must_divide_layers(tmp_path: Path) -> None:
         load(overrides=["parallel.virtual_pipeline_model_parallel_size=2"])
 
 
+def test_prompt_and_response_must_fit_the_model_positions(tmp_path: Path) -> None:
+    model = hf_dir(tmp_path, max_position_embeddings=1024)
+    fits = [f"model.hf_path={model}", "data.prompt_length=512", "rollout.response_length=512"]
+    load(overrides=fits)
+    needle = (
+        r"data.prompt_length \+ rollout.response_length = 512 \+ 513 = 1025 exceeds "
+        rf"max_position_embeddings=1024 of model.hf_path={model}"
+    )
+    with pytest.raises(ConfigError, match=needle):
+        load(overrides=[*fits, "rollout.response_length=513"])
+    with pytest.raises(ConfigError, match=r"max_position_embeddings=1024 of model.critic_hf_path="):
+        load(overrides=["algo.preset=ppo", f"model.critic_hf_path={model}", "data.prompt_length=1000"])
+    (tmp_path / "other").mkdir()
+    load(overrides=[f"model.hf_path={hf_dir(tmp_path / 'other')}", "data.prompt_length=100000"])  # no limit given
+
+
 def test_unreadable_model_config_is_skipped(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{not json")
     load(overrides=[f"model.hf_path={tmp_path}", "parallel.tensor_model_parallel_size=7"])
@@ -97,6 +114,13 @@ def test_unreadable_model_config_is_skipped(tmp_path: Path) -> None:
         (["algo.add_token_level_kl=true", *GRPO], "use algo.use_kl_loss instead"),
         (["algo.overlong_buffer_len=512"], "must be < rollout.response_length=512"),
         (["optim.min_lr=1e-3"], "optim.min_lr=0.001 is above optim.lr"),
+        (["algo.reward_norm=batch", "algo.reward_shift=true", "algo.reward_scale=true"],
+         "algo.reward_shift=true and algo.reward_scale=true are exclusive"),
+        (["algo.reward_shift=true", "algo.reward_scale=true"], "are exclusive"),  # even with reward_norm none
+        (["algo.preset=reinforce_pp_baseline", "algo.kl_penalty=full"],
+         "algo.kl_penalty=full with algo.add_token_level_kl=true"),
+        (["algo.preset=grpo", "algo.kl_penalty=full", "parallel.pipeline_model_parallel_size=2"],
+         r"algo.kl_penalty=full with algo.use_kl_loss=true needs parallel.pipeline_model_parallel_size=1 \(got 2\)"),
     ],
 )
 def test_invalid_combinations(overrides: list[str], needle: str) -> None:
@@ -128,6 +152,8 @@ def test_valid_combinations_pass() -> None:
     load(overrides=["algo.preset=grpo", "rollout.num_return_sequences_in_group=2", "algo.kl_penalty=full"])
     load(overrides=["algo.adv_estimator=grpo", "algo.adv_norm.mean_level=batch", "algo.adv_norm.std_level=batch"])
     load(overrides=["rollout.engine=sglang_server", "rollout.server_urls=[http://h:30000]"])
+    load(overrides=["algo.preset=grpo", "parallel.pipeline_model_parallel_size=2"])  # k3 works with PP
+    load(overrides=["algo.preset=ppo", "algo.reward_norm=running", "algo.reward_scale=true"])
 
 
 @pytest.mark.parametrize(
@@ -136,6 +162,7 @@ def test_valid_combinations_pass() -> None:
         (["algo.dual_clip_c=5"], "algo.dual_clip_c=5.0 is ignored: algo.dual_clip_loss is false"),
         (["algo.reward_shift=true"], "algo.reward_shift=True is ignored: algo.reward_norm is none"),
         (["algo.kl_loss_coef=0.1"], "algo.use_kl_loss is false"),
+        (["algo.kl_penalty=mse"], "algo.kl_penalty='mse' is ignored: algo.use_kl_loss and algo.add_token_level_kl are false"),
         (["algo.preset=liteppo", *GRPO[1:], "algo.value_clip=0.2"], "there is no critic"),
         (["rollout.server_urls=[http://h:1]"], "rollout.engine is not sglang_server"),
         (["train.eval_every=5"], "data.eval_path is not set"),

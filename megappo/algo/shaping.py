@@ -105,7 +105,9 @@ def normalize_rewards(
     mode: "batch" (mean / Bessel std of all responses of the global batch; pass
     `reduce_sums` for multi-rank), "group" (of the responses of one prompt; a group of
     one response is centred to 0 and not scaled), "running" (of every score seen so far:
-    `tracker` is updated with this batch first, then used), "none" (unchanged).
+    `tracker` is updated with this batch first, from the `reduce_sums`-reduced moments of
+    all ranks, then used; this is the tracker's only update, so call once per step),
+    "none" (unchanged).
     `reward_shift` only subtracts the mean, `reward_scale` only divides by (std + eps);
     neither means (r - mean) / (std + eps). Population: one value per response.
     """

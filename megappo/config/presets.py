@@ -66,7 +66,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "algo.whiten_advantages": False,
     },
     # REINFORCE++-baseline (Hu et al. 2025, arXiv 2501.03262): group-mean baseline on the
-    # outcome score, KL to the reference in the token rewards, then global whitening.
+    # outcome score, KL to the reference in the token rewards, then global whitening. The
+    # estimator itself whitens the returns over all valid tokens of the global batch, so
+    # whiten_advantages would whiten them a second time (a no-op up to rounding): off.
     "reinforce_pp_baseline": {
         "algo.adv_estimator": "reinforce_pp_baseline",
         "algo.adv_norm.mean_level": "group",
@@ -75,7 +77,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "algo.use_kl_loss": False,
         "algo.add_token_level_kl": True,
         "algo.init_kl_coef": 0.001,
-        "algo.whiten_advantages": True,
+        "algo.whiten_advantages": False,
     },
 }
 

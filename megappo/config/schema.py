@@ -138,8 +138,9 @@ class AdvNormConfig:
     """Population the baseline mean of outcome scores is taken over: ``group`` (responses to
     one prompt), ``batch`` (the global batch) or ``none``."""
     std_level: NormLevel = "group"
-    """Population the standard deviation of the raw outcome scores is taken over (Bessel
-    corrected): ``group``, ``batch`` or ``none`` (do not divide)."""
+    """Population the standard deviation of outcome scores is taken over (Bessel corrected):
+    ``group`` (the raw scores of one prompt's responses), ``batch`` (the global batch, of the
+    raw or the group-centred scores as ``algo.batch_std_of`` says) or ``none`` (do not divide)."""
     eps: float = 1e-6
     """Added to the standard deviation before dividing."""
 
@@ -187,7 +188,9 @@ class AlgoConfig:
     """Entropy bonus coefficient of the actor loss."""
     kl_penalty: KLKind = "kl"
     """Per-token KL estimator to the reference: ``kl`` (k1), ``abs``, ``mse`` (k2),
-    ``low_var_kl`` (k3, clamped) or ``full`` (exact over the vocabulary)."""
+    ``low_var_kl`` (k3, clamped) or ``full`` (exact over the vocabulary, from both models'
+    logits in the actor update: a loss term only, needs pipeline size 1; the
+    ``actor/kl_ref`` metric then uses k1)."""
     use_kl_loss: bool = False
     """Add ``kl_loss_coef`` x KL(actor || reference) to the actor loss."""
     kl_loss_coef: float = 0.001
@@ -205,13 +208,16 @@ class AlgoConfig:
     advantage_clip: Optional[float] = None
     """Clip advantages to [-advantage_clip, advantage_clip]; None disables."""
     reward_clip: Optional[float] = None
-    """Clip rewards to [-reward_clip, reward_clip] before normalization; None disables."""
+    """Clip rewards to [-reward_clip, reward_clip] after the overlong penalty and
+    ``reward_norm`` (so it bounds what the advantage estimator sees); None disables."""
     reward_norm: Literal["batch", "group", "running", "none"] = "none"
-    """Reward normalization before advantage estimation (the running statistics are checkpointed)."""
+    """Reward normalization before advantage estimation, Bessel std of one score per response:
+    ``batch`` (global batch), ``group`` (one prompt's responses), ``running`` (every score so far;
+    merged once per step from the global batch, checkpointed) or ``none``."""
     reward_shift: bool = False
-    """With ``reward_norm``: only subtract the mean."""
+    """With ``reward_norm``: only subtract the mean (exclusive with ``reward_scale``)."""
     reward_scale: bool = False
-    """With ``reward_norm``: only divide by the standard deviation."""
+    """With ``reward_norm``: only divide by the standard deviation (exclusive with ``reward_shift``)."""
     overlong_filter: bool = False
     """Zero the loss of truncated responses (finish reason ``length``)."""
     overlong_buffer_len: Optional[int] = None

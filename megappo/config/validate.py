@@ -167,6 +167,24 @@ def _check_algo(cfg: Config) -> None:
                 "algo.dynamic_sampling=true drops groups whose rewards are all equal, which is every group of "
                 "rollout.num_return_sequences_in_group=1"
             )
+    if algo.reward_shift and algo.reward_scale:
+        raise ConfigError(
+            "algo.reward_shift=true and algo.reward_scale=true are exclusive: shift only subtracts the mean, "
+            "scale only divides by the std; set neither for full normalization (r - mean) / std"
+        )
+    if algo.kl_penalty == "full" and algo.add_token_level_kl:
+        raise ConfigError(
+            "algo.kl_penalty=full with algo.add_token_level_kl=true: the exact KL over the vocabulary is computed "
+            "inside the actor update only, so it can be a loss term (algo.use_kl_loss) but not a reward; "
+            "use kl, abs, mse or low_var_kl for KL in the reward"
+        )
+    pp = cfg.parallel.pipeline_model_parallel_size
+    if algo.kl_penalty == "full" and algo.use_kl_loss and pp > 1:
+        raise ConfigError(
+            f"algo.kl_penalty=full with algo.use_kl_loss=true needs parallel.pipeline_model_parallel_size=1 "
+            f"(got {pp}): the exact KL runs the actor and the reference side by side on each micro-batch; "
+            "use kl, abs, mse or low_var_kl with pipeline parallelism"
+        )
     if algo.add_token_level_kl and algo.adv_estimator in ("grpo", "rloo"):
         raise ConfigError(
             f"algo.add_token_level_kl=true needs a token-level estimator (gae, reinforce_pp, reinforce_pp_baseline); "
@@ -178,6 +196,18 @@ def _check_algo(cfg: Config) -> None:
         )
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.min_lr={cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}")
+
+
+def _check_lengths(cfg: Config) -> None:
+    """A prompt and its response must fit the model's positions (when its config is readable)."""
+    prompt, response = cfg.data.prompt_length, cfg.rollout.response_length
+    for what, path in (("model.hf_path", cfg.model.hf_path), ("model.critic_hf_path", cfg.model.critic_hf_path)):
+        limit = (read_hf_config(path) or {}).get("max_position_embeddings")
+        if isinstance(limit, int) and prompt + response > limit:
+            raise ConfigError(
+                f"data.prompt_length + rollout.response_length = {prompt} + {response} = {prompt + response} "
+                f"exceeds max_position_embeddings={limit} of {what}={path}"
+            )
 
 
 def _check_backends(cfg: Config) -> None:
@@ -212,6 +242,8 @@ _IGNORED: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
     ("algo.reward_shift", lambda c: c.algo.reward_norm == "none", "algo.reward_norm is none"),
     ("algo.reward_scale", lambda c: c.algo.reward_norm == "none", "algo.reward_norm is none"),
     ("algo.kl_loss_coef", lambda c: not c.algo.use_kl_loss, "algo.use_kl_loss is false"),
+    ("algo.kl_penalty", lambda c: not (c.algo.use_kl_loss or c.algo.add_token_level_kl),
+     "algo.use_kl_loss and algo.add_token_level_kl are false"),
     ("algo.init_kl_coef", lambda c: not c.algo.add_token_level_kl, "algo.add_token_level_kl is false"),
     ("algo.target_kl", lambda c: not c.algo.add_token_level_kl, "algo.add_token_level_kl is false"),
     ("algo.kl_horizon", lambda c: c.algo.target_kl is None, "algo.target_kl is not set (fixed KL coefficient)"),
@@ -265,6 +297,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     _check_ranges(cfg)
     _check_parallel(cfg, world_size)
     _check_algo(cfg)
+    _check_lengths(cfg)
     _check_backends(cfg)
     warnings = ignored_settings(cfg)
     for message in warnings:
