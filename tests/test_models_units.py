@@ -1,5 +1,6 @@
-"""Single-process unit tests of megappo.models: token batches and micro-batching, the
-loss-scale factor, the config -> build-options mapping, and the FP8 / TE / packing errors.
+"""Single-process unit tests of megappo.models: token batches and micro-batching (padded,
+packed, the interleaved schedule's count rule), packed model inputs, the loss-scale
+factor, the config -> build-options mapping, and the FP8 / TE / packing errors.
 None of these import Megatron (fast)."""
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megappo.config import config_from_dict
-from megappo.models.batch import TokenBatch, check_packed_sequences, microbatch_rows
+from megappo.models.batch import TokenBatch, interleaved_schedule_accepts, microbatch_rows
 from megappo.models.builder import BuildOptions, check_fp8, resolve_transformer_impl
 from megappo.models.factory import build_options, optimizer_settings, resolve_dtype, total_optimizer_steps
+from megappo.models.model_inputs import block_causal_mask, check_packing, model_inputs, packing_mode, pad_multiple
 from megappo.models.optimizer import loss_scale_factor
 from megappo.parallel.state import ParallelLayout
 
@@ -68,24 +70,109 @@ def test_bad_batches_are_rejected(kwargs, match):
     lens=st.lists(st.integers(1, 50), min_size=1, max_size=30),
     budget=st.integers(1, 400),
     min_mb=st.integers(1, 8),
+    packed=st.booleans(),
 )
-def test_microbatches_partition_the_rows_within_the_budget(lens, budget, min_mb):
-    groups = microbatch_rows(torch.tensor(lens), budget, min_microbatches=min_mb)
+def test_microbatches_partition_the_rows_within_the_budget(lens, budget, min_mb, packed):
+    groups = microbatch_rows(torch.tensor(lens), budget, min_microbatches=min_mb, packed=packed)
     rows = sorted(int(i) for g in groups for i in g)
     assert rows == list(range(len(lens)))  # every row exactly once
     for g in groups:
-        longest = max(lens[int(i)] for i in g)
-        assert len(g) == 1 or len(g) * longest <= budget  # padded tokens within budget
+        glens = [lens[int(i)] for i in g]
+        cost = sum(glens) if packed else len(g) * max(glens)  # real tokens, or padded ones
+        assert len(g) == 1 or cost <= budget
     assert len(groups) >= min(min_mb, len(lens))
-    assert [g.tolist() for g in microbatch_rows(torch.tensor(lens), budget, min_microbatches=min_mb)] == [
-        g.tolist() for g in groups
-    ]  # deterministic
+    again = microbatch_rows(torch.tensor(lens), budget, min_microbatches=min_mb, packed=packed)
+    assert [g.tolist() for g in again] == [g.tolist() for g in groups]  # deterministic
 
 
-def test_packed_sequences_are_a_clear_error():
-    check_packed_sequences(False, "local")
-    with pytest.raises(ValueError, match="packed_sequences.*transformer_engine"):
-        check_packed_sequences(True, "local")
+def test_packed_budget_counts_real_tokens():
+    lens = torch.tensor([10, 2, 2, 2])
+    assert len(microbatch_rows(lens, 16)) == 2  # padded: [10, 2] costs 20 > 16
+    assert len(microbatch_rows(lens, 16, packed=True)) == 1  # packed: 16 real tokens
+
+
+def _megatron_interleaved_check(m: int, pp: int, group: int) -> bool:
+    """The two checks of forward_backward_pipelining_with_interleaving (megatron-core 0.16.1)."""
+    if group > m or group < pp:
+        return False
+    rem = m % group
+    return not (0 < rem < pp)
+
+
+@pytest.mark.parametrize("pp, group", [(2, 2), (4, 4), (2, 3), (3, 5)])
+def test_interleaved_count_rule_is_megatrons(pp, group):
+    for m in range(1, 30):
+        assert interleaved_schedule_accepts(m, pp, group) == _megatron_interleaved_check(m, pp, group), m
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lens=st.lists(st.integers(1, 50), min_size=4, max_size=30),
+    budget=st.integers(1, 400),
+    min_mb=st.integers(1, 8),
+    pp=st.sampled_from([2, 4]),
+)
+def test_interleaved_microbatch_counts_are_accepted_by_the_schedule(lens, budget, min_mb, pp):
+    try:
+        groups = microbatch_rows(torch.tensor(lens), budget, min_microbatches=min_mb, interleave=(pp, pp))
+    except ValueError as e:
+        assert f"this data-parallel rank has {len(lens)} sequences" in str(e)
+        return
+    assert interleaved_schedule_accepts(len(groups), pp, pp) and len(groups) >= min(min_mb, len(lens))
+
+
+def test_interleaved_split_goes_up_to_the_next_accepted_count():
+    lens = torch.tensor([5, 5, 5, 5, 5])
+    assert len(microbatch_rows(lens, 100, min_microbatches=3, interleave=(2, 2))) == 4
+    assert len(microbatch_rows(lens, 100, min_microbatches=3, interleave=(2, 3))) == 3
+    with pytest.raises(ValueError, match=r"pipeline_model_parallel_size=4.*has 3 sequences.*M = 4"):
+        microbatch_rows(torch.tensor([5, 5, 5]), 100, min_microbatches=4, interleave=(4, 4))
+
+
+# ---------------------------------------------------------------------- packed model inputs
+
+def test_packed_inputs_concatenate_rows_and_read_outputs_at_the_packed_positions():
+    b = _batch()  # lengths 6, 1, 8
+    inp = model_inputs(b, "block_mask", 4)
+    assert inp.seq_length == 16 and inp.micro_batch_size == 1  # 15 tokens padded to a multiple of 4
+    assert inp.cu_seqlens.tolist() == [0, 6, 7, 15, 16]  # the tail padding is a segment of its own
+    ids = b.input_ids_BS
+    assert inp.input_ids[0].tolist() == ids[0, :6].tolist() + ids[1, :1].tolist() + ids[2, :8].tolist() + [0]
+    # Response token t of row i is predicted at start_i + prompt_i + t - 1.
+    assert inp.out_index_bT[0, :4].tolist() == [1, 2, 3, 4]
+    assert inp.out_index_bT[2].tolist() == [7 + 2, 7 + 3, 7 + 4, 7 + 5, 7 + 6]
+    out = torch.arange(16.0).view(1, 16, 1)
+    assert inp.gather(out).squeeze(-1)[2].tolist() == [9.0, 10.0, 11.0, 12.0, 13.0]
+    no_response = b.select(torch.tensor([1]))  # T = 0: nothing to read
+    for mode in ("padded", "block_mask"):
+        assert model_inputs(no_response, mode).gather(torch.zeros(1, 1, 7)).shape == (1, 0, 7)
+    padded = model_inputs(b)
+    assert padded.input_ids is b.input_ids_BS and padded.cu_seqlens is None
+    out_bS = torch.arange(24.0).view(3, 8, 1)
+    assert padded.gather(out_bS).squeeze(-1)[2].tolist() == [18.0, 19.0, 20.0, 21.0, 22.0]
+
+
+def test_block_causal_mask_keeps_sequences_apart():
+    mask = block_causal_mask(torch.tensor([0, 2, 5]), 5)[0, 0]
+    allowed = (~mask).int().tolist()
+    assert allowed == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [0, 0, 1, 0, 0],
+        [0, 0, 1, 1, 0],
+        [0, 0, 1, 1, 1],
+    ]
+
+
+def test_packing_mode_pad_multiple_and_sliding_window_error():
+    assert packing_mode(False, "transformer_engine") == "padded"
+    assert packing_mode(True, "local") == "block_mask" and packing_mode(True, "transformer_engine") == "thd"
+    assert pad_multiple(4, False, None) == 1 and pad_multiple(4, True, None) == 4
+    assert pad_multiple(4, True, "delayed") == 16 and pad_multiple(2, False, "mxfp8") == 32
+    check_packing("thd", 4096)
+    check_packing("block_mask", None)
+    with pytest.raises(ValueError, match="sliding_window=4096.*packed_sequences=false"):
+        check_packing("block_mask", 4096)
 
 
 # ---------------------------------------------------------------------- loss scaling

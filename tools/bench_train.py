@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     p.add_argument("--transformer-impl", choices=("auto", "local", "transformer_engine"), default="auto")
     p.add_argument("--recompute", choices=("none", "full", "selective"), default="none")
+    p.add_argument("--packed", action="store_true", help="packed sequences (train.packed_sequences)")
     p.add_argument("--matmul-size", type=int, default=None, help="n of the n x n ceiling matmul (8192 GPU, 1024 CPU)")
     args = p.parse_args()
 
@@ -52,6 +53,7 @@ def main() -> None:
     policy = MegatronPolicy(
         spec, "actor", opts, OptimizerSettings(lr=1e-6),
         max_tokens_per_microbatch=args.max_tokens_per_microbatch or seq_len,
+        packed_sequences=args.packed,
     )
     result = measure_actor_update(
         policy, spec, name=name, seq_len=seq_len, rows=args.rows, steps=args.steps, warmup=args.warmup,

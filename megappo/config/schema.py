@@ -314,10 +314,13 @@ class TrainConfig:
     mini_batch_size: Optional[int] = None
     """Prompts per optimizer step (global); None is one optimizer step per epoch over the whole rollout batch."""
     max_tokens_per_microbatch: int = 8192
-    """Token budget of one micro-batch per data-parallel rank (prompt + response tokens)."""
+    """Token budget of one micro-batch per data-parallel rank (prompt + response tokens;
+    padding counts unless ``packed_sequences``)."""
     packed_sequences: bool = False
-    """Remove padding by packing sequences into one row per micro-batch (needs the TE spec);
-    off, micro-batches are right-padded."""
+    """Remove padding: each micro-batch's sequences are concatenated into one row (a
+    block-diagonal causal mask on the local spec, THD ``PackedSeqParams`` on the Transformer
+    Engine spec) and ``max_tokens_per_microbatch`` counts real tokens; off, micro-batches are
+    right-padded."""
     seed: int = 1234
     """Seed of data order, sampling and initialization."""
     run_dir: str = "runs/default"

@@ -220,10 +220,13 @@ def _check_backends(cfg: Config) -> None:
             )
         if par.device == "cpu":
             raise ConfigError(f"model.fp8.format={model.fp8.format} needs an FP8-capable GPU, but parallel.device=cpu")
-    if model.transformer_impl == "local":
-        for path in ("parallel.sequence_parallel", "train.packed_sequences"):
-            if get(cfg, path):
-                raise ConfigError(f"{path}=true needs the Transformer Engine layer spec, but model.transformer_impl=local")
+    if model.transformer_impl == "local" and par.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel=true needs the Transformer Engine layer spec, but model.transformer_impl=local")
+    if model.fp8.param_gather and not par.use_distributed_optimizer:
+        raise ConfigError(
+            "model.fp8.param_gather=true needs parallel.use_distributed_optimizer=true "
+            "(the FP8 parameter all-gather is the distributed optimizer's)"
+        )
     if rollout.engine == "sglang_server" and not rollout.server_urls:
         raise ConfigError("rollout.engine=sglang_server needs rollout.server_urls (the servers' base URLs)")
     if rollout.engine != "embedded" and par.device == "cpu":

@@ -1,11 +1,12 @@
 """Megatron-core models: spec, builder, token batches, the policy wrapper and its factory.
 
-    spec       ModelSpec from an HF config.json
-    builder    TransformerConfig, layer spec, GPT model / critic value head per stage
-    batch      TokenBatch and token-budget micro-batches
-    optimizer  DDP, Megatron optimizer, LR schedule, the loss-scale factor
-    policy     MegatronPolicy (actor / critic / reference): forward passes, train_step
-    factory    build_policy(cfg, spec, role, layout)
+    spec          ModelSpec from an HF config.json
+    builder       TransformerConfig, layer spec, GPT model / critic value head per stage
+    batch         TokenBatch and token-budget micro-batches
+    model_inputs  a micro-batch's GPTModel inputs, right-padded or packed (mask / THD)
+    optimizer     DDP, Megatron optimizer, LR schedule, the loss-scale factor
+    policy        MegatronPolicy (actor / critic / reference): forward passes, train_step
+    factory       build_policy(cfg, spec, role, layout)
 """
 
 from megappo.models.batch import TokenBatch, microbatch_rows

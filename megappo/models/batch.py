@@ -10,11 +10,14 @@ Per-token tensors of a batch are [B, T] with T = ``batch.T`` (the longest respon
 ``response_width`` when the trainer pads its tensors wider).
 
 Micro-batches (``microbatch_rows``): rows are sorted by length (longest first, stable)
-and packed greedily while rows x longest row <= ``max_tokens_per_microbatch`` (padded
-tokens count); a row longer than the budget gets a micro-batch of its own. Each
-micro-batch is sliced to its own longest row, so padding is at most the spread within
-it. Packed sequences (THD, no padding at all) need the Transformer Engine spec and are
-not implemented: ``check_packed_sequences`` says so.
+and taken greedily while the micro-batch's cost stays within ``max_tokens_per_microbatch``;
+a row longer than the budget gets a micro-batch of its own. The cost is what the model
+runs on: right-padded, rows x longest row (each micro-batch is sliced to its own longest
+row, so padding is at most the spread within it); packed (``packed=True``,
+``megappo.models.model_inputs``), the sum of the real lengths. Pipeline schedules add
+count rules on top (at least PP micro-batches so that stages overlap; the interleaved
+schedule's divisibility rule, ``interleaved_schedule_accepts``): micro-batches are split
+further until the count is one Megatron accepts.
 """
 
 from __future__ import annotations
@@ -118,11 +121,33 @@ class TokenBatch:
         return TokenBatch(ids, p, r, self.response_width)
 
 
-def microbatch_rows(seq_lens_B: Tensor, max_tokens: int, *, min_microbatches: int = 1) -> list[Tensor]:
-    """Row indices of each micro-batch under a padded-token budget (see the module doc).
+def interleaved_schedule_accepts(num_microbatches: int, pp: int, group_size: int) -> bool:
+    """Whether Megatron 0.16's interleaved schedule (virtual pipeline stages) runs
+    ``num_microbatches``: it runs them in groups of ``group_size``
+    (``microbatch_group_size_per_vp_stage``, default PP) and raises unless
+    M >= group_size and the last group is whole or has at least PP micro-batches
+    (``forward_backward_pipelining_with_interleaving``). With the default group size
+    that is: M a multiple of PP."""
+    m = num_microbatches
+    return m >= group_size and (m % group_size == 0 or m % group_size >= pp)
 
-    With ``min_microbatches`` (e.g. the pipeline size, so that stages overlap) the
-    micro-batch with the most rows is halved until there are that many (or one row each).
+
+def microbatch_rows(
+    seq_lens_B: Tensor,
+    max_tokens: int,
+    *,
+    min_microbatches: int = 1,
+    packed: bool = False,
+    interleave: Optional[tuple[int, int]] = None,
+) -> list[Tensor]:
+    """Row indices of each micro-batch under a token budget (see the module doc).
+
+    ``packed``: the budget counts real tokens (sum of lengths), else padded ones
+    (rows x longest). With ``min_microbatches`` (e.g. the pipeline size, so that stages
+    overlap) the micro-batch with the most rows is halved until there are that many (or
+    one row each). ``interleave = (PP, group size)`` of the interleaved pipeline schedule:
+    the count is raised further to the next one it accepts; with too few rows for any
+    accepted count it is a ``ValueError`` naming the sizes.
     Deterministic: the same lengths give the same split on every rank.
     """
     if max_tokens < 1:
@@ -131,27 +156,34 @@ def microbatch_rows(seq_lens_B: Tensor, max_tokens: int, *, min_microbatches: in
     order = sorted(range(len(lens)), key=lambda i: -lens[i])
     groups: list[list[int]] = []
     cur: list[int] = []
+    cur_tokens = 0
     for i in order:
         # Sorted longest first, so the group's longest row is its first.
-        if cur and lens[cur[0]] * (len(cur) + 1) > max_tokens:
+        cost = cur_tokens + lens[i] if packed else (lens[cur[0]] if cur else lens[i]) * (len(cur) + 1)
+        if cur and cost > max_tokens:
             groups.append(cur)
-            cur = []
+            cur, cur_tokens = [], 0
         cur.append(i)
+        cur_tokens += lens[i]
     if cur:
         groups.append(cur)
-    while len(groups) < min(min_microbatches, len(lens)):
+    count = max(len(groups), min(min_microbatches, len(lens)))
+    if interleave is not None:
+        pp, group_size = interleave
+        count = max(count, group_size)
+        while not interleaved_schedule_accepts(count, pp, group_size):
+            count += 1
+        if count > len(lens):
+            raise ValueError(
+                f"the interleaved pipeline schedule (pipeline_model_parallel_size={pp} with "
+                f"virtual_pipeline_model_parallel_size, {group_size} micro-batches per virtual-stage group) needs "
+                f"M >= {group_size} micro-batches with M % {group_size} == 0 or >= {pp}; this data-parallel rank has "
+                f"{len(lens)} sequences (the token budget needs >= {len(groups)} micro-batches, min "
+                f"{min_microbatches} asked), so the nearest valid M = {count} is more than it has: give each "
+                f"data-parallel rank at least {count} sequences or drop virtual pipelining"
+            )
+    while len(groups) < count:
         k = max(range(len(groups)), key=lambda j: len(groups[j]))
         g = groups.pop(k)
         groups[k:k] = [g[: len(g) // 2], g[len(g) // 2 :]]
     return [torch.tensor(g, dtype=torch.long) for g in groups]
-
-
-def check_packed_sequences(packed: bool, transformer_impl: str) -> None:
-    """``train.packed_sequences`` is not implemented: THD packing needs the TE spec's
-    attention, and megappo's micro-batches are right-padded. Ask for it and get an error."""
-    if packed:
-        raise ValueError(
-            "train.packed_sequences=true is not supported yet: packing (THD layout via PackedSeqParams) needs "
-            f"model.transformer_impl=transformer_engine (have {transformer_impl}) and is not implemented in "
-            "megappo; set train.packed_sequences=false (micro-batches are right-padded, sorted by length)"
-        )

@@ -103,6 +103,34 @@ def check_fp8(opts: BuildOptions) -> None:
         raise ValueError(f"model.fp8.format={opts.fp8_format} needs " + " and ".join(missing))
 
 
+def fp8_fields(opts: BuildOptions) -> dict:
+    """``model.fp8`` as Megatron's own ``TransformerConfig`` fields (empty without FP8).
+
+    ``fp8`` is the format (e4m3 | hybrid), ``fp8_recipe`` the scaling recipe (delayed |
+    tensorwise | blockwise | mxfp8); the amax history settings only mean something to the
+    delayed recipe, so only it gets them. ``fp8_param`` (keep the GEMM weights in FP8)
+    comes with ``model.fp8.param_gather``, whose other half, the DDP config's
+    ``fp8_param_gather``, is ``ddp_fp8_fields``; Megatron-LM's ``--fp8-param-gather`` sets
+    both the same way."""
+    if opts.fp8_format is None:
+        return {}
+    fields = dict(fp8=opts.fp8_format, fp8_recipe=opts.fp8_recipe, fp8_param=opts.fp8_param)
+    if opts.fp8_recipe == "delayed":
+        fields.update(fp8_amax_history_len=opts.fp8_amax_history_len, fp8_amax_compute_algo=opts.fp8_amax_compute_algo)
+    return fields
+
+
+def ddp_fp8_fields(fp8_param: bool, use_distributed_optimizer: bool) -> dict:
+    """``DistributedDataParallelConfig`` fields: all-gather the parameters in FP8
+    (``fp8_param_gather``) when they are kept in FP8 (``fp8_fields``' ``fp8_param``). That
+    all-gather is the distributed optimizer's (Megatron-LM asserts the same pairing)."""
+    if not fp8_param:
+        return {}
+    if not use_distributed_optimizer:
+        raise ValueError("model.fp8.param_gather=true needs parallel.use_distributed_optimizer=true")
+    return {"fp8_param_gather": True}
+
+
 def transformer_config(spec: ModelSpec, opts: BuildOptions):
     """The Megatron ``TransformerConfig`` for ``spec`` under ``opts``."""
     from megatron.core.transformer import TransformerConfig
@@ -112,15 +140,6 @@ def transformer_config(spec: ModelSpec, opts: BuildOptions):
     if opts.sequence_parallel and opts.transformer_impl != "transformer_engine":
         raise ValueError("parallel.sequence_parallel needs model.transformer_impl=transformer_engine (the local spec's torch norms do not support it)")
     bf16 = opts.dtype == torch.bfloat16
-    fp8 = {}
-    if opts.fp8_format is not None:
-        fp8 = dict(
-            fp8=opts.fp8_format,
-            fp8_recipe=opts.fp8_recipe,
-            fp8_amax_history_len=opts.fp8_amax_history_len,
-            fp8_amax_compute_algo=opts.fp8_amax_compute_algo,
-            fp8_param=opts.fp8_param,
-        )
     recompute = {}
     if opts.recompute_granularity == "full":
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=opts.recompute_num_layers)
@@ -170,7 +189,7 @@ def transformer_config(spec: ModelSpec, opts: BuildOptions):
         # #750); overlapped p2p sends the two directions separately.
         overlap_p2p_comm=opts.vpp is not None,
         batch_p2p_comm=opts.vpp is None,
-        **fp8,
+        **fp8_fields(opts),
         **recompute,
     )
 

@@ -27,6 +27,8 @@ from typing import Literal, Optional
 
 import torch
 
+from megappo.models.builder import ddp_fp8_fields
+
 log = logging.getLogger("megappo")
 
 
@@ -75,6 +77,7 @@ def wrap_ddp(chunks: list, config, settings: OptimizerSettings) -> list:
         overlap_grad_reduce=settings.overlap_grad_reduce,
         use_distributed_optimizer=settings.use_distributed_optimizer,
         bucket_size=settings.bucket_size,
+        **ddp_fp8_fields(bool(config.fp8 and config.fp8_param), settings.use_distributed_optimizer),
     )
     return [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)

@@ -5,7 +5,9 @@ positions (``TokenBatch.T``), b = sequences of one micro-batch, V = vocabulary s
 
 It holds this rank's model chunks (one, or ``vpp`` with interleaved pipelining) and runs
 them through Megatron's pipeline schedules (``get_forward_backward_func``) over
-micro-batches cut by a token budget (``megappo.models.batch``):
+micro-batches cut by a token budget (``megappo.models.batch``), right-padded or, with
+``packed_sequences``, packed into one row each (``megappo.models.model_inputs``; the
+[B, T] results are the same either way):
   - ``forward_logprobs`` / ``forward_values``: forward only, no grad; the [B, T] results
     are broadcast from the last pipeline stage, so every rank of the model-parallel group
     has them (TP ranks already agree).
@@ -39,8 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megappo.models.batch import TokenBatch, check_packed_sequences, microbatch_rows
+from megappo.models.batch import TokenBatch, microbatch_rows
 from megappo.models.builder import BuildOptions, Role, build_model_chunks
+from megappo.models.model_inputs import ModelInputs, check_packing, model_inputs, packing_mode, pad_multiple
 from megappo.models.optimizer import (
     OptimizerSettings,
     build_optimizer,
@@ -57,6 +60,15 @@ from megappo.parallel.vocab_parallel import vocab_parallel_full_kl, vocab_parall
 log = logging.getLogger("megappo")
 
 LossFn = Callable[[dict, Tensor], tuple]
+
+
+@dataclass(frozen=True)
+class _MicroBatch:
+    rows: Tensor
+    """Rows of the rank's batch in this micro-batch (CPU LongTensor)."""
+    batch: TokenBatch
+    """Those rows, cut to their longest sequence, on the device."""
+    inputs: ModelInputs
 
 
 @dataclass
@@ -76,7 +88,8 @@ class MegatronPolicy:
 
     ``spec`` and ``opts`` describe the model (``builder.BuildOptions``); ``optim`` is
     required for the trainable roles (actor, critic) and ignored for the reference.
-    ``max_tokens_per_microbatch`` is the padded-token budget of a micro-batch.
+    ``max_tokens_per_microbatch`` is the token budget of a micro-batch: padded tokens, or
+    real tokens with ``packed_sequences`` (padding removed; ``megappo.models.model_inputs``).
     ``offload_to_cpu`` (reference only) keeps the weights on the CPU between uses; on a
     CPU device it changes nothing.
     """
@@ -96,7 +109,9 @@ class MegatronPolicy:
         from megatron.core.transformer.module import Float16Module
         from megatron.core.utils import get_model_config
 
-        check_packed_sequences(packed_sequences, opts.transformer_impl)
+        self.packing = packing_mode(packed_sequences, opts.transformer_impl)
+        check_packing(self.packing, spec.sliding_window)
+        self._pad_multiple = pad_multiple(opts.tp, opts.sequence_parallel, opts.fp8_recipe if opts.fp8_format else None)
         if max_tokens_per_microbatch < 1:
             raise ValueError(f"train.max_tokens_per_microbatch must be >= 1, got {max_tokens_per_microbatch}")
         self.layout = get_layout()
@@ -133,6 +148,11 @@ class MegatronPolicy:
                 sync = [c.no_sync for c in chunks]
                 config.no_sync_func = sync[0] if len(sync) == 1 else sync
         self.chunks = chunks
+        # (PP, micro-batches per virtual-stage group) of the interleaved schedule, whose count rule
+        # the micro-batch split must meet (batch.interleaved_schedule_accepts).
+        self._interleave = None
+        if opts.vpp is not None:
+            self._interleave = (opts.pp, get_model_config(chunks[0]).microbatch_group_size_per_vp_stage)
         if self._offload:
             self.offload()
 
@@ -308,13 +328,21 @@ class MegatronPolicy:
         for c in self.chunks:
             c.train(mode and self.trainable)
 
-    def _microbatches(self, batch: TokenBatch, min_mb: Optional[int]) -> list[tuple[Tensor, TokenBatch]]:
+    def _microbatches(self, batch: TokenBatch, min_mb: Optional[int]) -> list[_MicroBatch]:
         if batch.B == 0:
             raise ValueError("empty batch: this data-parallel rank has no sequences")
-        rows = microbatch_rows(
-            batch.seq_lens_B.cpu(), self.max_tokens_per_microbatch, min_microbatches=min_mb or self.layout.pp
+        groups = microbatch_rows(
+            batch.seq_lens_B.cpu(),
+            self.max_tokens_per_microbatch,
+            min_microbatches=min_mb or self.layout.pp,
+            packed=self.packing != "padded",
+            interleave=self._interleave,
         )
-        return [(r, batch.select(r).to(self.device)) for r in rows]
+        mbs = []
+        for rows in groups:
+            mb = batch.select(rows).to(self.device)
+            mbs.append(_MicroBatch(rows, mb, model_inputs(mb, self.packing, self._pad_multiple)))
+        return mbs
 
     def _schedule(self, mbs: list, ctx: _Pass, *, forward_only: bool) -> list:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -325,24 +353,25 @@ class MegatronPolicy:
             data_iterator=data,
             model=self.chunks,
             num_microbatches=len(mbs),
-            seq_length=max(mb.S for _, mb in mbs),
-            micro_batch_size=max(mb.B for _, mb in mbs),
+            # Shapes vary per micro-batch: variable_seq_lengths makes the p2p exchange them.
+            seq_length=max(m.inputs.seq_length for m in mbs),
+            micro_batch_size=max(m.inputs.micro_batch_size for m in mbs),
             forward_only=forward_only,
         )
 
     def _forward_step(self, ctx: _Pass, data_iterator, model):
-        rows, mb = next(data_iterator)
-        ids_bS = mb.input_ids_BS
-        pos_bS = torch.arange(mb.S, device=ids_bS.device).unsqueeze(0).expand_as(ids_bS)
-        out = model(ids_bS, pos_bS, None)
+        mbatch = next(data_iterator)
+        args, kwargs = mbatch.inputs.forward_args()
+        out = model(*args, **kwargs)
         ref_logits = None
         if ctx.ref is not None:
             with torch.no_grad():
-                ref_logits = ctx.ref.chunks[0](ids_bS, pos_bS, None)
-        return out, functools.partial(self._loss_func, ctx, rows, mb, ref_logits)
+                ref_logits = ctx.ref.chunks[0](*args, **kwargs)
+        return out, functools.partial(self._loss_func, ctx, mbatch, ref_logits)
 
-    def _loss_func(self, ctx: _Pass, rows: Tensor, mb: TokenBatch, ref_logits, output: Tensor):
-        outputs = self._token_outputs(output, mb, ctx, ref_logits)
+    def _loss_func(self, ctx: _Pass, mbatch: _MicroBatch, ref_logits, output: Tensor):
+        rows = mbatch.rows
+        outputs = self._token_outputs(output, mbatch, ctx, ref_logits)
         if ctx.loss_fn is None:
             detached = {k: v.detach() for k, v in outputs.items()}
             return output.new_zeros((), dtype=torch.float32), {"rows": rows, **detached}
@@ -351,9 +380,10 @@ class MegatronPolicy:
             raise ValueError(f"loss_fn must return a 0-dim loss, got shape {tuple(loss.shape)}")
         return loss * ctx.scale, {"loss": loss.detach(), **metrics}
 
-    def _token_outputs(self, output: Tensor, mb: TokenBatch, ctx: _Pass, ref_logits) -> dict[str, Tensor]:
-        """[b, S, V] logits (or [b, S, 1] values) -> [b, T] per-token outputs, padded to ctx.T."""
-        pos_bT = mb.output_positions_BT()
+    def _token_outputs(self, output: Tensor, mbatch: _MicroBatch, ctx: _Pass, ref_logits) -> dict[str, Tensor]:
+        """[b, S, V] or packed [1, N, V] logits (or values, V = 1) -> [b, T] per-token
+        outputs, padded to ctx.T."""
+        mb, at_response = mbatch.batch, mbatch.inputs.gather
         valid_bT = mb.response_mask_BT.bool()
         pad = (0, ctx.T - mb.T)
 
@@ -361,11 +391,7 @@ class MegatronPolicy:
             return F.pad(torch.where(valid_bT, x_bT, torch.zeros_like(x_bT)), pad)
 
         if self.role == "critic":
-            values_bS = output.squeeze(-1).float()
-            return {"values_BT": finish(values_bS.gather(1, pos_bT))}
-
-        def at_response(logits_bSV: Tensor) -> Tensor:
-            return logits_bSV.gather(1, pos_bT.unsqueeze(-1).expand(-1, -1, logits_bSV.shape[-1]))
+            return {"values_BT": finish(at_response(output).squeeze(-1).float())}
 
         logits_bTV = at_response(output)
         lp_bT, ent_bT = vocab_parallel_logprobs(

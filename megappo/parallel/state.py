@@ -84,7 +84,9 @@ def init_parallel(
     """Initialize torch.distributed and Megatron's model-parallel groups; idempotent.
 
     Applies the CPU patches for megatron-core when the device is the CPU. Raises
-    ``ValueError`` when the world size is not a multiple of ``tp * pp``.
+    ``ValueError`` when the world size is not a multiple of ``tp * pp``, and when the CPU
+    is asked for while CUDA is visible (the patches cannot share a process with CUDA: set
+    ``CUDA_VISIBLE_DEVICES=``).
     """
     global _LAYOUT
     if _LAYOUT is not None:
@@ -95,6 +97,15 @@ def init_parallel(
     dev = resolve_device(device)
     if backend == "auto":
         backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cpu" and torch.cuda.is_available():
+        # cpu_patches rewrite process-wide torch.cuda calls (current_device, Tensor.cuda), which
+        # would silently keep any CUDA user of this process on the CPU; so they refuse.
+        raise ValueError(
+            f"parallel.device=cpu but CUDA is visible ({torch.cuda.device_count()} GPU(s)): megatron-core runs on "
+            "the CPU only through process-wide patches of torch.cuda that cannot share a process with CUDA; "
+            "hide the GPUs with CUDA_VISIBLE_DEVICES= (empty) in the environment of every rank, or use "
+            "parallel.device=cuda (or auto)"
+        )
     if dev.type == "cpu":
         from megappo.parallel import cpu_patches
 

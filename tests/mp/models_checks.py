@@ -11,10 +11,14 @@ file that the tests assert on. One launch lays the same two processes out three 
   tp2   TP=2 DP=1       the checkpoint resharded: outputs, loss, gradients (per-shard
         slices of the TP=1 gradients) and the updated weights against tp1; the
         vocab-parallel functions against torch on gathered logits (odd vocabulary);
-        a bfloat16 model (Float16Module, mixed-precision optimizer) against fp32.
+        a bfloat16 model (Float16Module, mixed-precision optimizer) against fp32;
+        packed sequences against tp1 (right-padded); full activation recomputation
+        against the same model without it.
   pp2   PP=2 DP=1       the same against tp1 (layer names mapped by stage offset; the tied
-        output layer of the last stage against the embedding), plus the broadcasts.
-  vpp2  PP=2 x 2 virtual chunks (interleaved schedule), the same against tp1.
+        output layer of the last stage against the embedding), plus the broadcasts and
+        packed sequences (packed rows of different lengths through the pipeline).
+  vpp2  PP=2 x 2 virtual chunks (interleaved schedule), the same against tp1; 3 requested
+        micro-batches become 4 (the schedule's count rule), a 1-row batch is a clear error.
 
 Every comparison is recorded as a max abs difference (max over ranks).
 """
@@ -263,6 +267,8 @@ def phase_other(tag, tp, pp, vpp, spec, batch, data, ckpt, ref1) -> None:
     load(pols, ckpt)
     actor, critic, ref = pols["actor"], pols["critic"], pols["ref"]
     rows = torch.arange(batch.B)
+    if vpp is not None:
+        check_interleaved_counts(tag, actor, batch, data, ref1, layout)
     if pp == 1:
         out = actor.forward_logprobs(batch, temperature=TEMP, with_entropy=True, ref=ref)
         diff(f"{tag}_kl", out["kl_BT"], ref1["out"]["kl_BT"])
@@ -286,7 +292,8 @@ def phase_other(tag, tp, pp, vpp, spec, batch, data, ckpt, ref1) -> None:
     m = actor.forward_backward(batch, loss_fn, temperature=TEMP)
     INFO[f"{tag}_num_microbatches"] = m["num_microbatches"]
     diff(f"{tag}_loss", m["loss"], ref1["loss"])
-    compare_params(f"{tag}_grads", actor, ref1["grads"], grads_of(actor), layout)
+    grads = grads_of(actor)
+    compare_params(f"{tag}_grads", actor, ref1["grads"], grads, layout)
     step = actor.optimizer_step()
     diff(f"{tag}_grad_norm", step["grad_norm"], ref1["grad_norm"])
     compare_params(f"{tag}_adam_step_weights", actor, ref1["weights"], weights_of(actor), layout)
@@ -296,13 +303,77 @@ def phase_other(tag, tp, pp, vpp, spec, batch, data, ckpt, ref1) -> None:
     compare_params(f"{tag}_critic_grads", critic, ref1["critic_grads"], grads_of(critic), layout)
     critic.optimizer_step()
     compare_params(f"{tag}_critic_adam_step_weights", critic, ref1["critic_weights"], weights_of(critic), layout)
+    if vpp is None:
+        check_packed(tag, spec, tp, pp, batch, data, ckpt, ref1, layout)
     if tp > 1:
+        check_recompute(tag, spec, tp, batch, data, ckpt, m["loss"], grads)
         check_vocab_parallel(layout)
         check_padded_vocab_model(spec, layout)
         check_bf16(spec, batch, data, ckpt, ref1)
 
 
 # ------------------------------------------------------------------------------ checks
+
+def check_packed(tag, spec, tp, pp, batch, data, ckpt, ref1, layout) -> None:
+    """Packed sequences (one row per micro-batch, block-diagonal causal mask, a real-token
+    budget of 40: micro-batches of 1-3 sequences whose packed lengths differ) against the
+    right-padded TP=1 run: outputs, loss and gradients of the actor and the critic."""
+    opts = BuildOptions(tp=tp, pp=pp, value_head_init_std=0.05)
+    pols = {
+        "actor": MegatronPolicy(spec, "actor", opts, OPTIM, max_tokens_per_microbatch=40, packed_sequences=True),
+        "critic": MegatronPolicy(spec, "critic", opts, OPTIM, max_tokens_per_microbatch=40, packed_sequences=True),
+    }
+    load(pols, ckpt)
+    actor, critic = pols["actor"], pols["critic"]
+    rows = torch.arange(batch.B)
+    out = actor.forward_logprobs(batch, temperature=TEMP, with_entropy=True)
+    diff(f"{tag}_packed_logprobs", out["logprobs_BT"], ref1["out"]["logprobs_BT"])
+    diff(f"{tag}_packed_entropy", out["entropy_BT"], ref1["out"]["entropy_BT"])
+    diff(f"{tag}_packed_values", critic.forward_values(batch), ref1["values"])
+    m = actor.forward_backward(batch, actor_loss(batch, data, rows, with_kl=False), temperature=TEMP)
+    INFO[f"{tag}_packed_num_microbatches"] = m["num_microbatches"]
+    INFO[f"{tag}_packed_lengths"] = [mb.inputs.seq_length for mb in actor._microbatches(batch, None)]
+    diff(f"{tag}_packed_loss", m["loss"], ref1["loss"])
+    compare_params(f"{tag}_packed_grads", actor, ref1["grads"], grads_of(actor), layout)
+    cm = critic.forward_backward(batch, critic_loss(batch, data, rows))
+    diff(f"{tag}_packed_critic_loss", cm["loss"], ref1["critic_loss"])
+    compare_params(f"{tag}_packed_critic_grads", critic, ref1["critic_grads"], grads_of(critic), layout)
+
+
+def check_recompute(tag, spec, tp, batch, data, ckpt, loss, grads) -> None:
+    """Full activation recomputation (every layer's forward rerun in backward, Megatron's
+    ``recompute_granularity=full``, uniform, 1 layer per chunk): the same loss and gradients."""
+    opts = BuildOptions(tp=tp, recompute_granularity="full", recompute_num_layers=1)
+    pols = {"actor": MegatronPolicy(spec, "actor", opts, OPTIM, max_tokens_per_microbatch=10_000)}
+    load(pols, ckpt)
+    actor = pols["actor"]
+    INFO[f"{tag}_recompute_granularity"] = actor.models[0].config.recompute_granularity
+    calls = []  # a recomputed layer runs twice per micro-batch: forward, and again in backward
+    hook = actor.models[0].decoder.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    m = actor.forward_backward(batch, actor_loss(batch, data, torch.arange(batch.B), with_kl=False), temperature=TEMP)
+    hook.remove()
+    INFO[f"{tag}_recompute_layer_calls_per_microbatch"] = len(calls) / m["num_microbatches"]
+    diff(f"{tag}_recompute_loss", m["loss"], loss)
+    diff(f"{tag}_recompute_grads", flat(grads_of(actor)), flat(grads))
+
+
+def check_interleaved_counts(tag, actor, batch, data, ref1, layout) -> None:
+    """Interleaved schedule: 3 requested micro-batches at PP=2 become 4 (Megatron runs only
+    multiples of PP), with the loss and gradients unchanged; a batch with fewer rows than
+    any count the schedule accepts is a ValueError naming the sizes. Runs before the
+    phase's own training pass, which then overwrites the gradients."""
+    m = actor.forward_backward(batch, actor_loss(batch, data, torch.arange(batch.B), with_kl=False), temperature=TEMP,
+                               num_microbatches_hint=3)
+    INFO[f"{tag}_hint3_num_microbatches"] = m["num_microbatches"]
+    diff(f"{tag}_hint3_loss", m["loss"], ref1["loss"])
+    compare_params(f"{tag}_hint3_grads", actor, ref1["grads"], grads_of(actor), layout)
+    one = TokenBatch(batch.input_ids_BS[:1], batch.prompt_lens_B[:1], batch.response_lens_B[:1])
+    try:
+        actor.forward_logprobs(one, temperature=TEMP)
+        INFO[f"{tag}_one_row_error"] = None
+    except ValueError as e:
+        INFO[f"{tag}_one_row_error"] = str(e)
+
 
 def check_collectives() -> None:
     """DP=2: global statistics of two halves equal those of the whole."""
