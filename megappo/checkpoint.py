@@ -32,11 +32,11 @@ import os
 import random
 import re
 import shutil
-from contextlib import contextmanager
 from typing import Any, Optional, Sequence
 
 import torch
 
+from megappo.models.optimizer_state import load_optimizer_state, prepare_for_state_load
 from megappo.weights.export import fsync_dir, fsync_tree
 from megappo.weights.megatron_ckpt import check_spec, load_model_state, sharded_model_state
 
@@ -64,69 +64,6 @@ class _Role:
         if self.scheduler is not None and with_optimizer:
             state["scheduler"] = self.scheduler.state_dict()
         return state
-
-
-def _torch_optimizers(optimizer) -> list:
-    """The torch optimizers inside a Megatron (chained) optimizer."""
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [o.optimizer for o in inner if getattr(o, "optimizer", None) is not None]
-
-
-def _prime_torch_adam(optimizer) -> None:
-    """Megatron 0.16 without TE / apex uses torch's Adam, whose state (``step`` included)
-    exists only after a first step; the distributed optimizer's ``state_dict()`` asserts
-    on it while building the state to load into. Give every parameter a zero state first
-    (the load overwrites it)."""
-    for opt in _torch_optimizers(optimizer):
-        if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
-            continue
-        for group in opt.param_groups:
-            for p in group["params"]:
-                if not opt.state[p]:
-                    opt.state[p] = {
-                        "step": torch.tensor(0.0),
-                        "exp_avg": torch.zeros_like(p),
-                        "exp_avg_sq": torch.zeros_like(p),
-                    }
-
-
-@contextmanager
-def _step_from_destination(optimizer):
-    """Megatron 0.16's ``fully_reshardable`` load copies every key of torch Adam's state
-    into place, ``step`` included, but the loaded tensors carry no ``step`` (it comes from
-    the param groups and is already set): keep the destination's. Scoped to this
-    optimizer instance for the duration of one load."""
-    patched = []
-    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
-        orig = getattr(o, "_set_main_param_and_optimizer_states", None)
-        if orig is None or not hasattr(o, "model_param_group_index_map"):
-            continue
-
-        def setter(model_param, tensors, _orig=orig, _o=o):
-            if "step" not in tensors:
-                group, order = _o.model_param_group_index_map[model_param]
-                state = _o.optimizer.state[_o.optimizer.param_groups[group]["params"][order]]
-                if "step" in state:
-                    tensors = {**tensors, "step": state["step"]}
-            return _orig(model_param, tensors)
-
-        o._set_main_param_and_optimizer_states = setter
-        patched.append(o)
-    try:
-        yield
-    finally:
-        for o in patched:
-            del o._set_main_param_and_optimizer_states
-
-
-def _unshare_adam_steps(optimizer) -> None:
-    """The distributed optimizer's ``load_state_dict`` gives every parameter the *same*
-    ``step`` tensor; torch's Adam increments it in place once per parameter, so the bias
-    correction of a resumed run would drift. Give each parameter its own copy."""
-    for opt in _torch_optimizers(optimizer):
-        for st in opt.state.values():
-            if isinstance(st.get("step"), torch.Tensor):
-                st["step"] = st["step"].clone()
 
 
 def _roles(policies, models, optimizers, schedulers) -> dict[str, _Role]:
@@ -282,6 +219,7 @@ class CheckpointManager:
                 "step": step,
                 "roles": sorted(roles),
                 "spec": spec_dict,
+                "specs": {name: _role_spec(role).to_dict() for name, role in roles.items()},
                 "tokenizer_fingerprint": tokenizer_fingerprint,
                 "layout": _layout(),
                 "optimizer_sharding": self.sharding,
@@ -354,6 +292,7 @@ class CheckpointManager:
         roles = _roles(policies, models, optimizers, schedulers)
         run_spec = _spec(spec_dict) if spec_dict is not None else next(iter(roles.values())).chunks[0].megappo_spec
         check_spec(run_spec, meta["spec"], source=path)
+        check_role_specs({name: _role_spec(role) for name, role in roles.items()}, meta, source=path)
         saved_tok = meta.get("tokenizer_fingerprint")
         if tokenizer_fingerprint is not None and saved_tok is not None and saved_tok != tokenizer_fingerprint:
             raise ValueError(
@@ -367,14 +306,12 @@ class CheckpointManager:
         for name, role in roles.items():
             with_opt = load_optimizer and role.optimizer is not None
             if with_opt:
-                _prime_torch_adam(role.optimizer)
+                prepare_for_state_load(role.optimizer)
             state = role.sharded_state(is_loading=True, sharding=meta.get("optimizer_sharding", self.sharding), with_optimizer=with_opt)
             loaded = dist_checkpointing.load(state, os.path.join(path, name))
             load_model_state(role.chunks, loaded)
             if with_opt:
-                with _step_from_destination(role.optimizer):
-                    role.optimizer.load_state_dict(loaded["optimizer"])
-                _unshare_adam_steps(role.optimizer)
+                load_optimizer_state(role.optimizer, loaded["optimizer"])
                 if role.scheduler is not None:
                     role.scheduler.load_state_dict(loaded["scheduler"])
         if load_rng:
@@ -395,6 +332,22 @@ class CheckpointManager:
             )
             return
         set_rng_state(torch.load(os.path.join(path, "rng", f"rank{dist.get_rank():05d}.pt"), weights_only=False))
+
+
+def check_role_specs(run_specs: dict, meta: dict, *, source: str) -> None:
+    """Each role's architecture must be the one saved for it: a critic built from another
+    HF model than the actor (``model.critic_hf_path``) is checked against its own spec.
+    Checkpoints without per-role specs (older ones) are checked by ``meta["spec"]`` only."""
+    saved = meta.get("specs") or {}
+    for name, spec in run_specs.items():
+        if name in saved:
+            check_spec(spec, saved[name], source=f"{source} ({name})")
+
+
+def _role_spec(role: "_Role"):
+    from megappo.weights.model_io import unwrap
+
+    return unwrap(role.chunks[0]).megappo_spec
 
 
 def read_meta(path: str | os.PathLike) -> dict:

@@ -7,6 +7,7 @@ Placement: each data-parallel replica owns one rollout engine on its first rank 
 PP stage 0). That rank generates and scores its replica's prompts, then broadcasts the
 result to the other ranks of its model-parallel group, so every rank builds the same
 ``Experience``. ``generate`` and ``score`` run only where ``engine`` is not None.
+``rollout_metrics`` reduces a step's rollout statistics over the data-parallel ranks.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from megappo.models.batch import TokenBatch
 
@@ -96,13 +96,15 @@ def build_experience(payload: dict[str, Any]) -> Experience:
     )
 
 
-def generate_and_score(engine, prompts, params, reward_fn, tokenizer, *, group_offset: int) -> dict[str, Any]:
+def generate_and_score(engine, prompts, params, reward_fn, tokenizer, *, group_offset: int, on_progress=None) -> dict[str, Any]:
     """On an engine rank: sample ``params.n`` responses per prompt and score them.
 
     Returns plain Python lists so the result can be broadcast to the model-parallel group.
-    ``group_offset`` makes group ids unique over data-parallel ranks.
+    ``group_offset`` makes group ids unique over data-parallel ranks. ``on_progress``:
+    passed to ``engine.generate`` (called with the number of prompts just finished).
     """
-    samples = engine.generate([p.prompt_ids for p in prompts], params)
+    ids = [p.prompt_ids for p in prompts]
+    samples = engine.generate(ids, params) if on_progress is None else engine.generate(ids, params, on_progress=on_progress)
     out = {k: [] for k in ("prompt_ids", "response_ids", "logprobs", "truncated", "group_ids", "texts", "answers", "prompts")}
     for i, (prompt, group) in enumerate(zip(prompts, samples)):
         for sample in group:
@@ -127,10 +129,54 @@ def generate_and_score(engine, prompts, params, reward_fn, tokenizer, *, group_o
     return out
 
 
-def broadcast_from_engine_rank(payload, *, engine_rank: int, group) -> Any:
-    """Send the engine rank's Python payload to every rank of its model-parallel group."""
-    if group is None or dist.get_world_size(group) == 1:
-        return payload
-    box = [payload]
-    dist.broadcast_object_list(box, src=engine_rank, group=group)
-    return box[0]
+def rollout_metrics(exp: Experience, *, reduce, dynamic_sampling: bool) -> dict[str, float]:
+    """The step's rollout metrics over the global batch. ``reduce(x, op)`` all-reduces a
+    float64 vector over the data-parallel ranks (``op`` "sum" or "max"); it is called twice.
+    Means and standard deviations come from global sums: per response for rewards and
+    lengths, per valid token for the mismatch metrics (``megappo.rollout.mismatch``) and
+    the critic's explained variance (1 - Var(R - V) / Var(R), Bessel-corrected, NaN when
+    the returns do not vary); maxima are maxima over ranks."""
+    from megappo.algo import moment_sums, moments_from_sums
+    from megappo.rollout.mismatch import mismatch_from_sums, mismatch_sums
+
+    f64 = torch.float64
+    lens_B = exp.batch.response_lens_B.to(f64)
+    mm_sums, mm_max = mismatch_sums(exp.old_logprobs_BT, exp.rollout_logprobs_BT, exp.mask_BT.float())
+    parts = {
+        "scores": moment_sums(exp.scores_B),
+        "lens": moment_sums(lens_B),
+        "counts": torch.tensor([exp.correct_B.sum().item(), exp.truncated_B.sum().item(), exp.reward_errors, exp.reward_timeouts], dtype=f64),
+        "mismatch": mm_sums,
+    }
+    critic = exp.values_BT is not None and exp.returns_BT is not None
+    if critic:
+        mask_BT, returns_BT = exp.mask_BT.to("cpu", f64), exp.returns_BT.to("cpu", f64)
+        parts["returns"] = moment_sums(returns_BT, mask_BT)
+        parts["residuals"] = moment_sums(returns_BT - exp.values_BT.to("cpu", f64), mask_BT)
+    flat = reduce(torch.cat(list(parts.values())), "sum")
+    sums = dict(zip(parts, flat.split([len(v) for v in parts.values()])))
+    len_max = lens_B.max().reshape(1) if len(lens_B) else torch.zeros(1, dtype=f64)
+    maxima = reduce(torch.cat([len_max, torch.tensor([exp.reward_seconds], dtype=f64), mm_max]), "max")
+
+    score_mean, score_var = moments_from_sums(sums["scores"])
+    num, lens = sums["scores"][0].item(), sums["lens"]
+    correct, truncated, reward_errors, reward_timeouts = sums["counts"].tolist()
+    out = {
+        "reward/mean": float(score_mean),
+        "reward/std": float(score_var.clamp(min=0).sqrt()),
+        "reward/accuracy": correct / num,
+        "reward/errors": reward_errors,
+        "reward/timeouts": reward_timeouts,
+        "response_length/mean": float(lens[1] / lens[0]),
+        "response_length/max": float(maxima[0]),
+        "response_length/truncated_frac": truncated / num,
+        "time/reward": float(maxima[1]),
+    }
+    if dynamic_sampling:
+        out["rollout/sampling_rounds"] = float(exp.sampling_rounds)
+    if critic:
+        _, var_r = moments_from_sums(sums["returns"])
+        _, var_e = moments_from_sums(sums["residuals"])
+        out["critic/explained_variance"] = float(1.0 - var_e / var_r) if var_r > 0 else float("nan")
+    out.update(mismatch_from_sums(sums["mismatch"], maxima[2:]))
+    return out

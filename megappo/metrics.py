@@ -44,13 +44,14 @@ CONSOLE_KEYS = (
     "reward/mean",
     "eval/accuracy",
     "actor/pg_loss",
-    "actor/kl",
+    "actor/kl_ref",
     "actor/entropy",
     "critic/vf_loss",
-    "response/length_mean",
+    "response_length/mean",
     "time/step",
 )
-"""Metrics shown on the console line, in this order, when present."""
+"""Metrics shown on the console line, in this order, when present (each is a name the
+trainer logs: tests/test_metrics.py checks them against the code that makes them)."""
 
 PHASES = ("time/rollout", "time/reward", "time/logprobs", "time/train", "time/sync")
 """Names of the per-phase timings of a step (seconds), for ``Timer``."""
@@ -254,17 +255,20 @@ class Timer:
 
 
 def progress(
-    iterable: Union[Iterable[Any], int, None] = None, desc: str = "", *, enabled: bool = True, rank: int = 0
+    iterable: Union[Iterable[Any], int, None] = None, desc: str = "", *, enabled: bool = True, rank: int = 0, leave: bool = True
 ) -> Any:
-    """A tqdm bar over ``iterable`` (or ``progress(total)`` for manual ``update``), shown only
-    on rank 0, when ``enabled`` (``logging.progress_bar``) and stderr is a terminal; otherwise
-    a silent tqdm that iterates and updates as usual."""
+    """A tqdm bar over ``iterable`` (or ``progress(total)`` for manual ``update``; ``total``
+    may grow), shown only on rank 0, when ``enabled`` (``logging.progress_bar``) and stderr
+    is a terminal; otherwise a silent tqdm that iterates and updates as usual (its
+    ``update`` returns at once). ``leave=False`` erases the bar when it closes (a bar per
+    step under the bar over steps). Redraws at most every 0.1 s, so frequent ``update``
+    calls cost microseconds."""
     from tqdm.auto import tqdm
 
     total = iterable if isinstance(iterable, int) else None
     items = None if isinstance(iterable, int) else iterable
     active = enabled and rank == 0 and sys.stderr.isatty()
-    return tqdm(items, total=total, desc=desc, disable=not active, dynamic_ncols=True)
+    return tqdm(items, total=total, desc=desc, disable=not active, dynamic_ncols=True, leave=leave)
 
 
 def load_metrics(jsonl_path: Union[str, Path]) -> list[dict[str, Any]]:

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from megappo.config import Config, config_to_dict, uses_critic
-from megappo.experience import Experience, generate_and_score
+from megappo.experience import Experience, build_experience, generate_and_score, rollout_metrics
 from megappo.models.spec import ModelSpec
-from megappo.parallel.collectives import dp_all_reduce, dp_size
+from megappo.parallel.collectives import dp_all_reduce
 
 log = logging.getLogger("megappo")
 
@@ -84,6 +84,8 @@ class RunComponents:
     eval_items: list
     ckpt: object
     metrics: object
+    weights_checked: bool = False
+    """Whether a weight sync of this run already compared checksums (the first does)."""
 
     # -- generation ---------------------------------------------------------------------
 
@@ -103,54 +105,99 @@ class RunComponents:
             seed=self.cfg.train.seed + self.layout.dp_rank,
         )
 
+    def sample_experience(self, step: int, *, dynamic: bool, max_rounds: int) -> Experience:
+        """Every rank: this replica's experience of ``step``. The engine holder samples and
+        scores (``generate_batch``); the replica's other ranks receive the result and move
+        their data cursors as the holder did. A failure on any replica (engine or reward)
+        raises ``RolloutEngineError`` on every rank (``megappo.rollout.group``)."""
+        from megappo.rollout.group import run_on_holder
+
+        payload = run_on_holder(lambda: self.generate_batch(step, dynamic=dynamic, max_rounds=max_rounds), self.layout)
+        if self.engine is None:
+            for _ in range(payload["rounds"]):
+                self.data.next_batch()
+        return build_experience(payload)
+
     def generate_batch(self, step: int, *, dynamic: bool, max_rounds: int) -> dict:
         """On an engine rank: this replica's prompts, sampled and scored. With dynamic
         sampling (DAPO), groups whose scores are all equal are dropped and more prompts are
         sampled, up to ``max_rounds`` rounds (the same number on every replica, so the data
-        cursors stay in step); a batch still short is topped up with dropped groups."""
+        cursors stay in step); a batch still short is topped up with dropped groups.
+
+        The engine ranks of all replicas (one data-parallel group) all-reduce after each
+        round whether they are done and whether one failed; a failure raises
+        ``RolloutEngineError`` on all of them there, before any other collective. A bar
+        counts the prompts generated (rank 0, ``logging.progress_bar``)."""
+        from megappo.rollout.group import raise_if_any_replica_failed
+
         params = self.sampling_params()
         kept, dropped, rounds, target = [], [], 0, None
         errors = timeouts = 0
         reward_seconds = 0.0
-        while True:
-            prompts = self.data.next_batch()
-            target = target or len(prompts)
-            rounds += 1
-            # A function of (seed, step, round, replica) only, so a resumed run samples as
-            # the uninterrupted one would.
-            seed = self.cfg.train.seed * 1_000_003 + (step * max_rounds + rounds) * 7919 + self.layout.dp_rank
-            payload = generate_and_score(
-                self.engine, prompts, _with_seed(params, seed), self.reward_fn, self.tokenizer,
-                group_offset=(self.layout.dp_rank * max_rounds + rounds - 1) * len(prompts),
-            )
-            errors += payload["reward_errors"]
-            timeouts += payload["reward_timeouts"]
-            reward_seconds += payload["reward_seconds"]
-            for g in _split_groups(payload, params.n):
-                (kept if not dynamic or len(set(g["scores"])) > 1 else dropped).append(g)
-            # Engine ranks of all replicas form one data-parallel group: stop when all are done.
-            done = torch.tensor([1.0 if (not dynamic or len(kept) >= target or rounds >= max_rounds) else 0.0])
-            if dp_all_reduce(done, "min").item() > 0:
-                break
+        with self.progress(0, f"rollout {step}", leave=False) as bar:
+            while True:
+                rounds += 1
+                error = None
+                try:
+                    prompts = self.data.next_batch()
+                    target = target or len(prompts)
+                    bar.total += len(prompts)
+                    bar.refresh()
+                    # A function of (seed, step, round, replica) only, so a resumed run samples as
+                    # the uninterrupted one would.
+                    seed = self.cfg.train.seed * 1_000_003 + (step * max_rounds + rounds) * 7919 + self.layout.dp_rank
+                    payload = generate_and_score(
+                        self.engine, prompts, _with_seed(params, seed), self.reward_fn, self.tokenizer,
+                        group_offset=(self.layout.dp_rank * max_rounds + rounds - 1) * len(prompts), on_progress=bar.update,
+                    )
+                    errors += payload["reward_errors"]
+                    timeouts += payload["reward_timeouts"]
+                    reward_seconds += payload["reward_seconds"]
+                    for g in _split_groups(payload, params.n):
+                        (kept if not dynamic or len(set(g["scores"])) > 1 else dropped).append(g)
+                except Exception as e:  # noqa: BLE001 - raised on every engine rank below
+                    error = e
+                done = error is not None or not dynamic or len(kept) >= target or rounds >= max_rounds
+                not_done, failed = dp_all_reduce(torch.tensor([0.0 if done else 1.0, 0.0 if error is None else 1.0])).tolist()
+                raise_if_any_replica_failed(error, failed > 0, self.layout)
+                if dynamic:
+                    bar.set_postfix(kept_groups=len(kept), rounds=rounds)
+                if not_done == 0:
+                    break
         out = _join_groups((kept + dropped)[:target])
         out.update(rounds=rounds, reward_errors=errors, reward_timeouts=timeouts, reward_seconds=reward_seconds,
                    kept_groups=min(len(kept), target))
         return out
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy (``rollout.eval_temperature``) accuracy on the held-out prompts."""
+        """Greedy (``rollout.eval_temperature``) accuracy on the held-out prompts, the same
+        dict on every rank; a failure raises ``RolloutEngineError`` on every rank."""
+        from megappo.rollout.group import run_on_holder
+
         if not self.eval_items:
             return {}
-        correct = torch.zeros(2, dtype=torch.float64)
-        if self.engine is not None:
-            mine = self.eval_items[self.layout.dp_rank :: self.layout.dp]
+        return run_on_holder(self._evaluate_on_engine_rank, self.layout)
+
+    def _evaluate_on_engine_rank(self) -> dict[str, float]:
+        from megappo.rollout.group import raise_if_any_replica_failed
+
+        counts = torch.zeros(3, dtype=torch.float64)  # correct, samples, failed replicas
+        error = None
+        mine = self.eval_items[self.layout.dp_rank :: self.layout.dp]
+        try:
             if mine:
-                payload = generate_and_score(self.engine, mine, self.sampling_params(eval_mode=True), self.reward_fn, self.tokenizer, group_offset=0)
-                correct += torch.tensor([sum(payload["correct"]), len(payload["correct"])], dtype=torch.float64)
-            correct = dp_all_reduce(correct)  # over the engine ranks of all replicas
-        if self.engine is None or correct[1] == 0:
+                with self.progress(len(mine), "eval", leave=False) as bar:
+                    payload = generate_and_score(self.engine, mine, self.sampling_params(eval_mode=True), self.reward_fn,
+                                                 self.tokenizer, group_offset=0, on_progress=bar.update)
+                counts[:2] += torch.tensor([sum(payload["correct"]), len(payload["correct"])], dtype=torch.float64)
+        except Exception as e:  # noqa: BLE001 - raised on every engine rank below
+            error = e
+            counts[2] = 1
+        counts = dp_all_reduce(counts)  # over the engine ranks of all replicas
+        raise_if_any_replica_failed(error, counts[2].item() > 0, self.layout)
+        if counts[1] == 0:
             return {}
-        return {"eval/accuracy": float(correct[0] / correct[1]), "eval/num_samples": float(correct[1])}
+        return {"eval/accuracy": float(counts[0] / counts[1]), "eval/num_samples": float(counts[1])}
 
     def minibatches(self, num_rows: int) -> list[torch.Tensor]:
         """Row indices of each mini-batch of this rank's batch (contiguous, whole groups)."""
@@ -161,38 +208,13 @@ class RunComponents:
         return [torch.arange(s, min(s + rows, num_rows)) for s in range(0, num_rows, rows)]
 
     def rollout_metrics(self, exp: Experience) -> dict[str, float]:
-        from megappo.algo import moment_sums, moments_from_sums
-        from megappo.rollout import mismatch_metrics
+        return rollout_metrics(exp, reduce=dp_all_reduce, dynamic_sampling=self.cfg.algo.dynamic_sampling)
 
-        scores = dp_all_reduce(moment_sums(exp.scores_B))
-        mean, var = moments_from_sums(scores)
-        lens = exp.batch.response_lens_B.double()
-        len_sums = dp_all_reduce(moment_sums(lens))
-        acc = dp_all_reduce(torch.tensor([exp.correct_B.double().sum(), float(len(exp))]))
-        trunc = dp_all_reduce(torch.tensor([exp.truncated_B.double().sum()]))
-        errs = dp_all_reduce(torch.tensor([float(exp.reward_errors), float(exp.reward_timeouts)]))
-        out = {
-            "reward/mean": float(mean),
-            "reward/std": float(var.clamp(min=0).sqrt()),
-            "reward/accuracy": float(acc[0] / acc[1]),
-            "reward/errors": float(errs[0]),
-            "reward/timeouts": float(errs[1]),
-            "response_length/mean": float(len_sums[1] / len_sums[0]),
-            "response_length/max": float(dp_all_reduce(lens.max().reshape(1), "max")[0]),
-            "response_length/truncated_frac": float(trunc[0] / acc[1]),
-            "time/reward": float(dp_all_reduce(torch.tensor([exp.reward_seconds], dtype=torch.float64), "max")[0]),
-        }
-        if self.cfg.algo.dynamic_sampling:
-            out["rollout/sampling_rounds"] = float(exp.sampling_rounds)
-        if exp.values_BT is not None and exp.returns_BT is not None:
-            from megappo.algo import explained_variance
-
-            out["critic/explained_variance"] = float(explained_variance(exp.values_BT, exp.returns_BT, exp.mask_BT.float()))
-        mm = mismatch_metrics(exp.old_logprobs_BT, exp.rollout_logprobs_BT, exp.mask_BT.float())
-        keys = sorted(mm)
-        means = dp_all_reduce(torch.tensor([float(mm[k]) for k in keys], dtype=torch.float64)) / dp_size()
-        out.update(zip(keys, means.tolist()))
-        return out
+    def global_tokens(self, exp: Experience) -> int:
+        """Prompt and response tokens of the step over all data-parallel replicas (for
+        ``perf/tokens_per_s``)."""
+        local = exp.batch.prompt_lens_B.sum() + exp.batch.response_lens_B.sum()
+        return int(dp_all_reduce(local.to(torch.float64).reshape(1))[0].item())
 
     def release_engine_memory(self) -> None:
         """Free the engine's memory while the trainer computes; the next weight sync or
@@ -201,9 +223,16 @@ class RunComponents:
             self.engine.release_memory()
 
     def sync_weights(self):
+        """Actor -> engine. The first sync of the run also checks the weights checksum (the
+        engine's own reading against what the trainer sent) and logs the outcome."""
         from megappo.rollout import sync_weights
 
-        return sync_weights(self.actor.models, self.engine, self.layout, bucket_mb=self.cfg.rollout.weight_sync_bucket_mb)
+        first = not self.weights_checked
+        stats = sync_weights(self.actor.models, self.engine, self.layout, bucket_mb=self.cfg.rollout.weight_sync_bucket_mb, checksum=first)
+        self.weights_checked = True
+        if first and self.engine is not None and stats.checksum is not None:
+            _log_checksum_check(self.engine, stats.checksum)
+        return stats
 
     # -- checkpoints --------------------------------------------------------------------
 
@@ -252,10 +281,10 @@ class RunComponents:
     def timer(self) -> PhaseTimer:
         return PhaseTimer()
 
-    def progress(self, iterable, desc: str):
+    def progress(self, iterable, desc: str, *, leave: bool = True):
         from megappo.metrics import progress
 
-        return progress(iterable, desc, enabled=self.cfg.logging.progress_bar, rank=self.layout.rank)
+        return progress(iterable, desc, enabled=self.cfg.logging.progress_bar, rank=self.layout.rank, leave=leave)
 
     def close(self) -> None:
         if self.reward_fn is not None:
@@ -263,6 +292,23 @@ class RunComponents:
         if self.engine is not None:
             self.engine.shutdown()
         self.metrics.close()
+
+
+def _log_checksum_check(engine, trainer_checksum: float) -> None:
+    """Log whether the engine's own reading of its weights equals what the trainer sent."""
+    from megappo.rollout import RolloutEngineError, checksums_match
+
+    try:
+        held = engine.weights_checksum()
+    except RolloutEngineError as e:
+        log.warning("cannot check the engine's weights after the first sync: %s", e)
+        return
+    kind = "a spot-check of %d tensors" % len(engine.checksum_scope()) if engine.checksum_scope() is not None else "every weight"
+    if checksums_match(trainer_checksum, held):
+        log.info("%s holds the trainer's weights (checksum %.12g over %s)", engine.name, held, kind)
+    else:
+        log.warning("%s: weights checksum %.12g differs from the trainer's %.12g (over %s): the engine does not hold "
+                    "the weights it was sent, or holds them in another dtype", engine.name, held, trainer_checksum, kind)
 
 
 def _with_seed(params, seed: int):

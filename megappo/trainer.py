@@ -18,10 +18,9 @@ import time
 import torch
 
 from megappo.config import Config, config_to_dict, uses_critic
-from megappo.experience import Experience, broadcast_from_engine_rank, build_experience, generate_and_score
+from megappo.experience import Experience
 from megappo.objective import Objective
 from megappo.parallel.collectives import all_reduce, dp_sum_reducer
-from megappo.rollout.group import holder_rank, model_parallel_group
 from megappo.run_setup import RunComponents, build_components
 
 log = logging.getLogger("megappo")
@@ -93,7 +92,7 @@ class Trainer:
         with timer("sync"):
             metrics |= self.sync_weights()
         metrics |= self.c.rollout_metrics(exp)
-        metrics |= timer.metrics(tokens=int(exp.batch.prompt_lens_B.sum() + exp.batch.response_lens_B.sum()))
+        metrics |= timer.metrics(tokens=self.c.global_tokens(exp))
         return metrics
 
     # -- the phases -------------------------------------------------------------------
@@ -101,16 +100,8 @@ class Trainer:
     def rollout(self, step: int) -> Experience:
         """Sample a group of responses per prompt and score them (dynamic sampling keeps
         only groups whose rewards differ, sampling more prompts to fill the batch)."""
-        c, a = self.c, self.cfg.algo
-        payload = None
-        if c.engine is not None:
-            payload = c.generate_batch(step, dynamic=a.dynamic_sampling, max_rounds=a.max_sampling_rounds)
-        layout = c.layout
-        payload = broadcast_from_engine_rank(payload, engine_rank=holder_rank(layout), group=model_parallel_group(layout))
-        if c.engine is None:  # keep this rank's data cursor in step with the engine rank's
-            for _ in range(payload["rounds"]):
-                c.data.next_batch()
-        return build_experience(payload)
+        a = self.cfg.algo
+        return self.c.sample_experience(step, dynamic=a.dynamic_sampling, max_rounds=a.max_sampling_rounds)
 
     def score_with_models(self, exp: Experience) -> None:
         """Old and reference log-probs and old values, mini-batch by mini-batch so that the

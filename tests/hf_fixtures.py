@@ -194,6 +194,7 @@ def run_mp(script: str | Path, nproc: int, args: list[str], *, timeout: float = 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests"), env.get("PYTHONPATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the mp scripts run Megatron on the CPU, also on a GPU host
     env["PYTHONWARNINGS"] = "ignore"
     env["MEGAPPO_TEST_LAUNCH"] = marker = uuid.uuid4().hex
     if nproc == 1:

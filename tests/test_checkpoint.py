@@ -119,3 +119,28 @@ def test_bad_settings_and_foreign_directories(tmp_path):
     (tmp_path / META).write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match="expected 'megappo-train/1'"):
         read_meta(tmp_path)
+
+
+def test_each_role_is_checked_against_its_own_saved_spec():
+    from megappo.checkpoint import check_role_specs
+    from megappo.models.spec import ModelSpec
+
+    base = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+    actor = ModelSpec.from_hf_config(base)
+    critic = ModelSpec.from_hf_config({**base, "num_hidden_layers": 3})  # model.critic_hf_path: another trunk
+    meta = {"spec": actor.to_dict(), "specs": {"actor": actor.to_dict(), "critic": critic.to_dict()}}
+    check_role_specs({"actor": actor, "critic": critic}, meta, source="ckpt")
+    with pytest.raises(ValueError, match=r"ckpt \(critic\).*num_layers: this run 2, checkpoint 3"):
+        check_role_specs({"actor": actor, "critic": actor}, meta, source="ckpt")
+    check_role_specs({"actor": actor, "critic": actor}, {"spec": actor.to_dict()}, source="old")  # no per-role specs
+
+
+def test_tokenizer_fingerprint_tells_tokenizers_apart():
+    from megappo.data.char_tokenizer import build_char_tokenizer
+    from megappo.run_setup import tokenizer_fingerprint
+
+    a, b = build_char_tokenizer("0123456789+="), build_char_tokenizer("0123456789+-=")
+    assert tokenizer_fingerprint(a) == tokenizer_fingerprint(build_char_tokenizer("0123456789+="))
+    assert tokenizer_fingerprint(a) != tokenizer_fingerprint(b)

@@ -54,7 +54,8 @@ def _command(toy, run_dir: Path, overrides: list[str]) -> list[str]:
 
 
 def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # The toy recipe runs on the CPU; hide any GPU so that also holds on a GPU host.
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
 
 
 def _train(toy, run_dir: Path, overrides: list[str], timeout: float = 400) -> list[dict]:
@@ -70,14 +71,42 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 # The loop's options ride along with the presets: dynamic sampling with GRPO, the overlong
 # filter, DAPO's soft overlong penalty and truncated importance sampling with Dr.GRPO.
+# ppo packs its micro-batches (padding removed, several per mini-batch at PP=2);
+# grpo uses the exact vocabulary KL loss from the TP-sharded logits (kl_penalty=full);
+# reinforce_pp_baseline also saves HF weights every step and scores with a reward function
+# that raises on some responses; dr_grpo adds a KL loss so the reference runs at PP=2 too.
 PRESET_LAYOUTS = [
     ("liteppo", ["parallel.tensor_model_parallel_size=2"]),
-    ("grpo", ["parallel.tensor_model_parallel_size=2", "algo.dynamic_sampling=true", "algo.max_sampling_rounds=3"]),
-    ("reinforce_pp_baseline", ["parallel.tensor_model_parallel_size=2"]),
-    ("ppo", ["parallel.pipeline_model_parallel_size=2", "rollout.num_return_sequences_in_group=2"]),
+    ("grpo", ["parallel.tensor_model_parallel_size=2", "algo.dynamic_sampling=true", "algo.max_sampling_rounds=3",
+              "algo.kl_penalty=full"]),
+    ("reinforce_pp_baseline", ["parallel.tensor_model_parallel_size=2", "checkpoint.save_hf_every=1"]),
+    ("ppo", ["parallel.pipeline_model_parallel_size=2", "rollout.num_return_sequences_in_group=2",
+             "train.packed_sequences=true", "train.max_tokens_per_microbatch=256"]),
     ("dr_grpo", ["parallel.pipeline_model_parallel_size=2", "algo.overlong_filter=true",
-                 "algo.overlong_buffer_len=2", "algo.tis_clip=2.0"]),
+                 "algo.overlong_buffer_len=2", "algo.tis_clip=2.0", "algo.use_kl_loss=true"]),
 ]
+USES_REFERENCE = {"grpo", "reinforce_pp_baseline", "dr_grpo"}
+
+# The metrics the end-to-end issue names, logged every step (the critic's for PPO, the
+# reference KL where a reference model runs).
+STEP_METRICS = (
+    "reward/mean", "reward/std", "reward/accuracy", "reward/errors", "reward/timeouts",
+    "response_length/mean", "response_length/max", "response_length/truncated_frac",
+    "actor/entropy", "actor/pg_loss", "actor/pg_clipfrac", "actor/pg_clipfrac_low", "actor/pg_clipfrac_high",
+    "actor/ppo_kl", "actor/grad_norm", "actor/lr",
+    "time/rollout", "time/reward", "time/logprobs", "time/train", "time/sync", "perf/tokens_per_s",
+    "rollout/logp_diff_mean", "rollout/logp_diff_max", "sync/seconds", "sync/gbps",
+)
+CRITIC_METRICS = ("critic/vf_loss", "critic/explained_variance", "critic/grad_norm", "critic/lr")
+
+FLAKY_REWARD = """
+from megappo.data.toy import toy_reward
+
+def flaky_toy(response, answer, prompt):
+    if response.endswith("7"):
+        raise RuntimeError("this reward function fails on purpose")
+    return toy_reward(response, answer, prompt)
+"""
 
 
 @pytest.mark.parametrize("preset,layout", PRESET_LAYOUTS, ids=[p for p, _ in PRESET_LAYOUTS])
@@ -85,21 +114,30 @@ def test_preset_first_step_is_on_policy(toy, tmp_path, preset, layout):
     # One mini-batch per step: the whole update is on-policy, so the ratio of step 1 is 1.
     on_policy = ["train.mini_batch_size=null", "algo.ppo_epochs=1"]
     export = ["train.eval_every=1", "checkpoint.save_hf_at_end=true"] if preset == "liteppo" else ["train.eval_every=0"]
+    if preset == "reinforce_pp_baseline":
+        (tmp_path / "flaky_reward.py").write_text(FLAKY_REWARD)
+        export.append(f"reward.fn={tmp_path / 'flaky_reward.py'}:flaky_toy")
     rows = _train(toy, tmp_path, [f"algo.preset={preset}", "train.steps=2", *export, *on_policy, *layout])
     assert [r["step"] for r in rows] == ([0, 1, 2] if preset == "liteppo" else [1, 2])  # step 0: the evaluation before training
     first = next(r for r in rows if r["step"] == 1)
     assert first["actor/ratio_min"] == 1.0 and first["actor/ratio_max"] == 1.0, first
     assert first["actor/pg_clipfrac"] == 0.0
-    if "actor/kl_ref" in first:
-        assert first["actor/kl_ref"] == 0.0
-    if preset in ("grpo", "reinforce_pp_baseline"):
-        assert "actor/kl_ref" in first, "these presets use a reference model"
+    if preset in USES_REFERENCE:  # the reference starts as the actor: exactly zero KL
+        assert first["actor/kl_ref"] == 0.0, first.get("actor/kl_ref")
+    else:
+        assert "actor/kl_ref" not in first, "no reference model should run"
+    expected = STEP_METRICS + (CRITIC_METRICS if preset == "ppo" else ())
+    for row in (r for r in rows if r["step"] >= 1):
+        missing = [k for k in expected if k not in row]
+        assert not missing, f"step {row['step']} lacks {missing}"
+    if preset == "grpo":  # the exact KL of two identical models' distributions is exactly 0
+        assert first["actor/kl_loss"] == 0.0 and rows[-1]["actor/kl_loss"] > 0.0
     if preset == "grpo":  # dynamic sampling: 1 to 3 generation rounds per step
         assert all(1 <= r["rollout/sampling_rounds"] <= 3 for r in rows), [r["rollout/sampling_rounds"] for r in rows]
     if preset == "dr_grpo":  # truncated IS weights are exp(old - rollout) ~ 1 right after a sync
         assert first["actor/tis_weight_mean"] == pytest.approx(1.0, abs=1e-4)
-    if preset == "ppo":
-        assert "critic/vf_loss" in first or "critic/loss" in first, sorted(first)
+    if preset == "reinforce_pp_baseline":
+        _check_failing_reward_and_hf_every_step(tmp_path, rows)
     # The engine and the trainer agree on the rollout log-probs after the initial sync.
     assert first["rollout/logp_diff_max"] < 1e-4
     assert (tmp_path / "checkpoints" / "latest").exists()
@@ -121,6 +159,20 @@ def _check_export_evaluates_like_trainer(toy, run_dir: Path, rows: list[dict]) -
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["num_samples"] == rows[-1]["eval/num_samples"]
     assert result["accuracy"] == pytest.approx(rows[-1]["eval/accuracy"], abs=1e-9)
+
+
+def _check_failing_reward_and_hf_every_step(run_dir: Path, rows: list[dict]) -> None:
+    """A reward function that raises scores 0 and is counted, and the run goes on; with
+    checkpoint.save_hf_every=1 each step leaves an HF directory transformers loads."""
+    assert sum(r["reward/errors"] for r in rows) > 0, "the failing reward function was never counted"
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    weights = []
+    for step in (1, 2):
+        model = AutoModelForCausalLM.from_pretrained(run_dir / "hf" / f"step_{step}", dtype=torch.float32)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.equal(weights[0], weights[1]), "step 2's export should hold the weights after its update"
 
 
 def test_killed_run_resumes_like_uninterrupted(toy, tmp_path):
@@ -150,6 +202,51 @@ def test_killed_run_resumes_like_uninterrupted(toy, tmp_path):
     for a, b in zip(resumed[saved:], reference[saved:]):
         for k in keys:
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (a["step"], k, a[k], b[k])
+
+
+# Loaded by every Python process of the run through PYTHONPATH; only the trainer ranks
+# (torchrun sets LOCAL_RANK) patch the embedded engine so that its N-th generate call fails
+# inside generation, as a crashing kernel or an out-of-memory error would.
+FAILING_ENGINE = """
+import os
+if os.environ.get("LOCAL_RANK") is not None and os.environ.get("MEGAPPO_TEST_FAIL_GENERATE_AT"):
+    from megappo.rollout import embedded
+
+    fail_at = int(os.environ["MEGAPPO_TEST_FAIL_GENERATE_AT"])
+    calls = [0]
+    original = embedded.EmbeddedEngine._generate_chunk
+
+    def failing_chunk(self, prompts, first, *args, **kwargs):
+        if first == 0:
+            calls[0] += 1
+        if calls[0] >= fail_at:
+            raise RuntimeError("injected generation failure")
+        return original(self, prompts, first, *args, **kwargs)
+
+    embedded.EmbeddedEngine._generate_chunk = failing_chunk
+"""
+
+
+def test_engine_failure_stops_the_run_and_keeps_its_checkpoint(toy, tmp_path):
+    """Generation fails at step 3: the run exits non-zero with an error naming the engine,
+    the step-2 checkpoint stays the latest and intact, and a restart resumes from it."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FAILING_ENGINE)
+    run_dir = tmp_path / "run"
+    common = ["train.eval_every=0", "checkpoint.save_every=2", "checkpoint.keep_last=2"]
+    env = dict(_env(), PYTHONPATH=os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")]),
+               MEGAPPO_TEST_FAIL_GENERATE_AT="3")  # fmt: skip
+    proc = subprocess.run(_command(toy, run_dir, [*common, "train.steps=4"]), env=env, capture_output=True,
+                          text=True, timeout=400)  # fmt: skip
+    assert proc.returncode != 0, "the run should fail when its engine fails"
+    output = proc.stdout + proc.stderr
+    assert "embedded" in output and "injected generation failure" in output, output[-4000:]
+    latest = run_dir / "checkpoints" / "latest"
+    assert latest.read_text().strip().endswith("_2"), latest.read_text()
+    assert [r["step"] for r in _metrics(run_dir)] == [1, 2]
+    resumed = _train(toy, run_dir, [*common, "train.steps=4"])
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4], "the restart resumes after step 2, each step once"
 
 
 @pytest.mark.parametrize("preset", ["liteppo", "grpo", "ppo"])

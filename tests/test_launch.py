@@ -41,7 +41,7 @@ QUIET = ["checkpoint.save_hf_at_end=false", "logging.progress_bar=false", "loggi
 
 def _env(**extra: str) -> dict[str, str]:
     """The test's interpreter first on PATH (the launchers call `python` and `torchrun`)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU recipes
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     for key in ("NPROC", "NPROC_PER_NODE", "NNODES", "RECIPE", "OVERRIDES", "WORLD_SIZE", "RANK"):
         env.pop(key, None)

@@ -122,3 +122,42 @@ def test_plot_writes_png(tmp_run_dir):
             metrics.log(step, {"reward/mean": step * 0.1, **({"eval/accuracy": 0.5} if step % 2 == 0 else {})})
     png = plot_metrics(tmp_run_dir / "metrics.jsonl", tmp_run_dir / "plots" / "curves.png", keys=("reward/mean", "eval/accuracy", "absent"))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+
+
+def _logged_names() -> set[str]:
+    """Metric names the code makes: every "<group>/<name>" string literal in megappo/
+    (metrics.py aside), plus "<role>/<key>" for the keys of the loss functions' metrics,
+    which the trainer prefixes with the role ("actor", "critic") of the model it updates."""
+    import ast
+    import re
+    from pathlib import Path
+
+    import torch
+
+    from megappo import algo
+
+    root = Path(__file__).resolve().parent.parent / "megappo"
+    names = set()
+    for path in root.rglob("*.py"):
+        if path.name == "metrics.py" and path.parent == root:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"[a-z_]+/[a-z_0-9]+", node.value):
+                names.add(node.value)
+    x = torch.zeros(2, 3)
+    mask = torch.ones(2, 3)
+    _, actor = algo.policy_loss(x, x, x, mask, clip_low=0.2, clip_high=0.2, entropy=x)
+    _, kl = algo.kl_loss(x, x, mask)
+    _, critic = algo.value_loss(x, x, x, mask)
+    names |= {f"actor/{k}" for k in [*actor, *kl, "loss", "grad_norm", "lr"]}
+    names |= {f"critic/{k}" for k in [*critic, "loss", "grad_norm", "lr"]}
+    return names
+
+
+def test_every_console_key_is_a_logged_name():
+    from megappo.metrics import CONSOLE_KEYS
+
+    logged = _logged_names()
+    assert {"reward/mean", "time/step", "actor/pg_loss", "critic/vf_loss"} <= logged  # the scan finds them
+    assert not {"actor/kl", "response/length_mean"} & logged  # nor names that no code makes
+    assert [k for k in CONSOLE_KEYS if k not in logged] == []

@@ -116,6 +116,44 @@ def test_engine_holds_the_trainers_weights(synced):
     assert checksums_match(engine.weights_checksum(), checksum_of(hf_tensors(trainer)))
 
 
+def test_checksum_is_read_from_the_held_weights():
+    """After a sync the engine's checksum (of its own parameters) equals the sync's (of
+    what was sent); one weight changed inside the engine afterwards breaks the equality,
+    even a change the sync never saw."""
+    cfg, trainer = make_trainer_model("llama", tie=True)
+    engine = EmbeddedEngine(cfg, eos_token_ids=[EOS])
+    assert not engine.spot_checked and engine.checksum_scope() is None
+    stats = stream_to_engine(hf_tensors(trainer), engine, bucket_mb=0.05, checksum=True)
+    assert checksums_match(engine.weights_checksum(), stats.checksum)
+    with torch.no_grad():
+        engine.model.model.layers[1].mlp.down_proj.weight[3, 7] += 1e-4
+    assert not checksums_match(engine.weights_checksum(), stats.checksum)
+    with torch.no_grad():
+        engine.model.model.layers[1].mlp.down_proj.weight[3, 7] -= 1e-4
+        engine.model.lm_head.weight[0, 0] += 1e-4  # the tied head is the embedding
+    assert not checksums_match(engine.weights_checksum(), stats.checksum)
+
+
+def test_progress_counts_each_prompt_once(synced):
+    """``on_progress`` hears of every prompt exactly once, as its last sample ends, chunked
+    or not, and does not change the samples."""
+    _, engine = synced
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=12, seed=8)
+    plain = engine.generate(PROMPTS, params)
+    for rows in (None, 3):
+        engine.max_batch_rows = rows
+        calls = []
+        try:
+            out = engine.generate(PROMPTS, params, on_progress=calls.append)
+        finally:
+            engine.max_batch_rows = None
+        assert sum(calls) == len(PROMPTS) and all(c > 0 for c in calls)
+        if rows is None:
+            assert out == plain
+        else:  # one prompt per chunk (batched and alone agree to 1e-5 only: test_chunked_equals_whole_call)
+            assert calls == [1] * len(PROMPTS)
+
+
 def test_deterministic_under_seed_and_distinct_samples(synced):
     _, engine = synced
     p = SamplingParams(n=4, temperature=1.0, max_new_tokens=12, seed=11)

@@ -12,7 +12,7 @@ from hf_fixtures import tiny_hf_config
 
 from megappo.config.schema import RolloutConfig
 from megappo.parallel.state import ParallelLayout
-from megappo.rollout import SamplingParams, build_engine, checksum_of, checksums_match, generate_in_group, mismatch_metrics
+from megappo.rollout import RolloutEngineError, SamplingParams, build_engine, checksum_of, checksums_match, generate_in_group, mismatch_metrics
 from megappo.rollout.sampling import choose_tokens, filter_logits_bV, row_seed
 from megappo.rollout.sglang_protocol import check_server_args, version_supported
 
@@ -149,10 +149,18 @@ def test_supported_versions():
     assert [version_supported(v) for v in ("0.5.17", "0.5.18", "0.5.21", "0.5.21.post1", "0.5.22")] == [False, True, True, True, False]
 
 
-def test_generate_in_group_single_rank_passes_errors_through():
+def test_generate_in_group_single_rank_raises_an_engine_error():
     class Broken:
         def generate(self, prompts, params):
             raise RuntimeError("engine down")
 
-    with pytest.raises(RuntimeError, match="engine down"):
+    with pytest.raises(RolloutEngineError, match=r"rollout on rank 0 \(data-parallel replica 0\) failed: RuntimeError: engine down") as e:
         generate_in_group(Broken(), [[1]], SamplingParams(), layout())
+    assert isinstance(e.value.__cause__, RuntimeError)
+
+    class Named:
+        def generate(self, prompts, params):
+            raise RolloutEngineError("embedded engine (cpu): generation failed")
+
+    with pytest.raises(RolloutEngineError, match=r"^embedded engine \(cpu\): generation failed$"):
+        generate_in_group(Named(), [[1]], SamplingParams(), layout())

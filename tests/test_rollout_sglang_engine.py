@@ -13,7 +13,9 @@ import types
 import pytest
 import torch
 
-from megappo.rollout import RolloutEngineError, SamplingParams, checksum_of, checksums_match
+from megappo.rollout import RolloutEngineError, SamplingParams, checksums_match
+from megappo.rollout.engine import SPOT_ROWS
+from megappo.rollout.sglang_protocol import SPOT_MAX_ELEMENTS, spot_tensor
 from megappo.rollout.weight_sync import stream_to_engine
 
 
@@ -56,6 +58,13 @@ class RecordingEngine:
 
     def get_server_info(self):
         return {}
+
+    def get_weights_by_name(self, name, truncate_size=100):
+        """As SGLang's: the whole parameter as float32 Python lists, then the first rows
+        (None when the model cannot read it back). ``held`` is set by the test."""
+        self.calls.append(("get_weights_by_name", dict(name=name, truncate_size=truncate_size)))
+        held = getattr(self, "held", {})
+        return held[name].float().tolist()[:truncate_size] if name in held else None
 
     def shutdown(self):
         self.calls.append(("shutdown", {}))
@@ -132,11 +141,55 @@ def test_weight_update_sequence(fake_sglang):
     calls = RecordingEngine.instances[-1].calls
     assert [c[0] for c in calls] == ["begin_weight_update"] + ["update_weights_from_tensor"] * 3 + ["end_weight_update", "flush_cache"]
     assert all(c[1] == dict(n=2, load_format="flattened_bucket", flush_cache=False) for c in calls[1:4])
-    assert checksums_match(engine.weights_checksum(), checksum_of(tensors))
     out = engine.generate([[1, 2], [3]], SamplingParams(n=2, max_new_tokens=5))
     assert [[s.token_ids for s in g] for g in out] == [[[7], [7]], [[7], [7]]]
     kwargs = calls[-1][1]
     assert kwargs["input_ids"] == [[1, 2], [3]] and kwargs["return_logprob"] is True
+
+
+def test_weights_checksum_is_a_spot_check_read_back(fake_sglang):
+    """The engine side of the checksum comes from get_weights_by_name (first SPOT_ROWS rows
+    of a few small tensors), the trainer side from the sync over the same scope."""
+    g = torch.Generator().manual_seed(1)
+    tensors = [
+        ("a.weight", torch.randn(10, 8, generator=g)),
+        ("b.bias", torch.randn(6, generator=g)),
+        ("big.weight", torch.zeros(SPOT_MAX_ELEMENTS + 1)),  # never read back: too large
+        ("c.weight", torch.randn(3, 5, generator=g).to(torch.bfloat16)),
+        ("d.weight", torch.randn(7, 2, generator=g)),
+        ("e.weight", torch.randn(9, 4, generator=g)),
+    ]
+    engine = make_engine()
+    stats = stream_to_engine(tensors, engine, bucket_mb=1, checksum=True)
+    rec = RecordingEngine.instances[-1]
+    assert engine.spot_checked and engine.checksum_scope() == ("a.weight", "b.bias", "d.weight", "e.weight")
+    rec.held = {n: t.clone() for n, t in tensors}
+    rec.calls.clear()
+    assert checksums_match(engine.weights_checksum(), stats.checksum)
+    reads = [c[1] for c in rec.calls if c[0] == "get_weights_by_name"]
+    assert reads == [dict(name=n, truncate_size=SPOT_ROWS) for n in engine.checksum_scope()]
+
+    rec.held["d.weight"][SPOT_ROWS:] += 1.0  # beyond the spot rows: a spot-check does not see it
+    assert checksums_match(engine.weights_checksum(), stats.checksum)
+    rec.held["d.weight"][1, 0] += 1e-3  # within them: it does
+    assert not checksums_match(engine.weights_checksum(), stats.checksum)
+
+    engine.release_memory()
+    rec.calls.clear()
+    engine.weights_checksum()  # reads held weights: resumes them first
+    assert rec.calls[0] == ("resume_memory_occupation", {"tags": ["weights"]})
+    del rec.held["a.weight"]
+    with pytest.raises(RolloutEngineError, match=r"sglang engine .*get_weights_by_name\('a.weight'\) returned nothing.*cannot be spot-checked"):
+        engine.weights_checksum()
+
+
+def test_spot_answers_per_data_parallel_rank_and_shapes():
+    t = torch.arange(12.0).reshape(6, 2)
+    assert torch.equal(spot_tensor(t.tolist()[:SPOT_ROWS], "x", (6, 2), "e"), t[:SPOT_ROWS])
+    per_dp = [t.tolist()[:SPOT_ROWS]] * 2  # SGLang with dp_size 2: one list per rank
+    assert torch.equal(spot_tensor(per_dp, "x", (6, 2), "e"), t[:SPOT_ROWS])
+    with pytest.raises(RolloutEngineError, match=r"e: get_weights_by_name\('x'\) answered shape \(4, 2\), expected \(4, 3\)"):
+        spot_tensor(t.tolist()[:SPOT_ROWS], "x", (6, 3), "e")
 
 
 def test_memory_release_and_resume(fake_sglang):

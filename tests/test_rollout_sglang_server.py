@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from megappo.rollout import RolloutEngineError, SamplingParams, checksum_of, checksums_match
+from megappo.rollout.engine import combine_checksums, spot_checksum
+from megappo.rollout.sglang_protocol import choose_spots
 from megappo.rollout.sglang_server import SGLangServerEngine
 from megappo.rollout.weight_sync import stream_to_engine
 
@@ -96,7 +98,9 @@ def test_generate_spreads_prompts_and_keeps_order(servers):
     a, b = servers(generating), servers(generating)
     engine = SGLangServerEngine([a.url, b.url + "/"], timeout_s=10, eos_token_ids=[2], backend="gloo")
     prompts = [[10], [20, 21], [30], [40, 41, 42], [50]]
-    out = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=4, stop_token_ids=(33,)))
+    progress = []
+    out = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=4, stop_token_ids=(33,)), on_progress=progress.append)
+    assert sorted(progress) == [2, 3]  # each server's share as it comes back
     assert [[s.token_ids for s in g] for g in out] == [
         [[11, 12, 13, 14], [12, 13, 14, 15]], [[22, 23, 24, 25], [23, 24, 25, 26]],
         [[31, 32, 33], [32, 33]], [[43, 44, 45, 46], [44, 45, 46, 47]], [[51, 52, 53, 54], [52, 53, 54, 55]],
@@ -153,6 +157,36 @@ def test_error_answers_name_the_url(servers):
         gone.generate([[1]], SamplingParams())
     engine.shutdown()
     gone.shutdown()
+
+
+def test_weights_checksum_reads_every_server_and_names_disagreement(servers):
+    held = {"a.weight": torch.arange(12.0).reshape(6, 2), "b.bias": torch.arange(3.0)}
+
+    def holding(weights):
+        def behave(path, body):
+            if path == "/get_weights_by_name":
+                if body["name"] not in weights:
+                    return 400, {"error": {"message": "Get parameter by name failed"}}
+                return 200, weights[body["name"]].tolist()[: body["truncate_size"]]
+            return 404, None
+
+        return behave
+
+    same, other = servers(holding(dict(held))), servers(holding(dict(held)))
+    engine = SGLangServerEngine([same.url, other.url], timeout_s=5, eos_token_ids=[2], backend="gloo")
+    with pytest.raises(RolloutEngineError, match="no complete weight sync"):
+        engine.weights_checksum()
+    engine._spots = {name: tuple(t.shape) for name, t in held.items()}  # as the last sync chose them
+    assert checksums_match(engine.weights_checksum(), combine_checksums({n: spot_checksum(n, t) for n, t in held.items()}))
+    assert [b for p, b in same.requests if p == "/get_weights_by_name"] == [{"name": "a.weight", "truncate_size": 4}, {"name": "b.bias", "truncate_size": 4}]
+    differing = servers(holding({**held, "b.bias": held["b.bias"] + 1}))  # the second server holds other weights
+    engine.urls[1] = differing.url
+    with pytest.raises(RolloutEngineError, match=rf"the servers hold different weights: \['{differing.url}'\]"):
+        engine.weights_checksum()
+    engine.urls[1] = servers(holding({})).url
+    with pytest.raises(RolloutEngineError, match=r"POST /get_weights_by_name answered 400"):
+        engine.weights_checksum()
+    engine.shutdown()
 
 
 def test_only_the_owner_sends_weights():
@@ -214,8 +248,9 @@ def test_weights_reach_every_server(fake_server_procs, sessions):
             tensors = weights(seed)
             stats = stream_to_engine(tensors, engine, bucket_mb=3000 / 2**20, checksum=True)
             assert stats.num_buckets == 2  # 3200 bytes alone, then 640
+            assert engine.checksum_scope() == choose_spots({n: tuple(t.shape) for n, t in tensors})
+            assert checksums_match(engine.weights_checksum(), stats.checksum)  # read back from the servers
             expected = checksum_of(tensors)
-            assert checksums_match(engine.weights_checksum(), expected)
             for url in urls:
                 got = server_checksum(url)
                 assert got["names"] == sorted(n for n, _ in tensors)

@@ -93,7 +93,9 @@ def test_engine_failure_drains_the_stream_then_raises():
 
 def test_sync_memory_is_about_one_bucket():
     """Count the bytes of streamed tensors still alive (weakref finalizers) while a real
-    engine loads them: the peak stays within one bucket plus two tensors, far below the model."""
+    engine loads them: the peak stays within one bucket plus two tensors, far below the
+    model. (Only the tensors this generator makes: test_sync_peak_memory_measured measures
+    the process's memory during a real sync.)"""
     from test_rollout_embedded import hf_tensors, make_trainer_model
 
     from megappo.rollout.embedded import EmbeddedEngine
@@ -124,12 +126,30 @@ def test_sync_memory_is_about_one_bucket():
 
 
 @pytest.mark.slow
+def test_sync_peak_memory_measured(tmp_path, monkeypatch):
+    """The real thing, measured: the peak resident memory of a world-size-1 sync of a
+    ~115 MB Megatron actor into the embedded engine stays within a bucket plus the
+    largest tensor (and 8 MiB of slack) of what the process held before, far below the
+    model; the same measure sees a whole extra copy of the model when the sync is fed
+    from one (the control: the measure can fail). See tests/mp/rollout_sync_memory.py."""
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # freed tensors leave the resident set at once
+    out = tmp_path / "memory.json"
+    run_mp(REPO / "tests/mp/rollout_sync_memory.py", 1, ["--out", str(out), "--bucket-mb", "8"], timeout=300)
+    r = json.loads(out.read_text())
+    assert r["synced_bytes"] == r["model_bytes"] > 100e6
+    bound = r["bucket_bytes"] + r["largest_tensor_bytes"] + 8 * 2**20
+    assert bound < 0.4 * r["model_bytes"]
+    assert r["sync_peak_extra_bytes"] <= bound, r
+    assert r["materialized_peak_extra_bytes"] >= 0.9 * r["model_bytes"], r
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_megatron_actor_to_embedded_engine(layout, tmp_path):
     """TP=2 (qwen2, untied) and PP=2 (llama, tied): after a sync the engine's log-probs of
     its own samples equal the actor's (fp32), the PPO ratio is 1, the checksum of what
     arrived equals the engine's and the HF files', bucket size changes nothing, and a
-    sync that fails on the holder does not hang the other rank."""
+    sync that fails on the holder raises on the other rank too (no hang)."""
     out = tmp_path / "result.json"
     extra = ["--tp", "2", "--family", "qwen2"] if layout == "tp2" else ["--pp", "2", "--family", "llama", "--tie"]
     run_mp(REPO / "tests/mp/rollout_sync.py", 2, [*extra, "--workdir", str(tmp_path), "--out", str(out)])
@@ -143,6 +163,7 @@ def test_megatron_actor_to_embedded_engine(layout, tmp_path):
     biggest_tensor = 103 * 64 * 4
     assert small["peak_bucket_bytes"] <= 0.02 * 2**20 + biggest_tensor
     assert res["same_samples_across_bucket_sizes"]
+    assert res["gather_to_rank0_bitwise_equal"]
     assert res["failing_sync_outcomes"][0].startswith("raised: embedded engine (cpu): injected failure")
-    assert res["failing_sync_outcomes"][1] == "returned"
+    assert res["failing_sync_outcomes"][1] == "raised: weight sync failed on rank 0: embedded engine (cpu): injected failure after one bucket"
     assert res["after_failure_checksum_ok"]

@@ -47,6 +47,15 @@ def test_tp2_checkpoint_converts_at_world_1(tools_run):
 
 
 @pytest.mark.slow
+def test_hf_to_megatron_tool_at_tp2_round_trips(tools_run):
+    from mp.weights_launch import results
+
+    for rank in results().read("tools_tp2"):
+        assert rank["hf2m_tp2_rc"] == 0 and rank["hf2m_tp2_meta"] == {"tp": 2, "pp": 1, "vpp": None}
+    assert tools_run["m2hf_tool_tp2_rc"] == 0 and tools_run["m2hf_tool_tp2_mismatch"] == []
+
+
+@pytest.mark.slow
 def test_training_checkpoint_actor_converts(tools_run):
     assert tools_run["m2hf_train_rc"] == 0
     assert tools_run["m2hf_train_mismatch"] == []  # equals the resumed, trained actor
@@ -57,7 +66,9 @@ def test_training_checkpoint_actor_converts(tools_run):
 def test_compare_logprobs_prints_one_json_line_per_comparison(tools_run):
     assert tools_run["compare_rc"] == 0
     lines = {row["compare"]: row for row in tools_run["compare_lines"]}
-    assert set(lines) == {"megatron_vs_hf", "engine_vs_megatron"}
+    assert set(lines) == {"megatron_vs_hf", "engine_vs_megatron", "weights_checksum"}
+    checksum = lines.pop("weights_checksum")
+    assert checksum["match"] is True and checksum["scope"] == "all"
     assert lines["megatron_vs_hf"]["num_tokens"] == 12  # two given sequences of 7 tokens
     for row in lines.values():
         assert row["max_abs_diff"] < 1e-4 and row["mean_abs_diff"] <= row["max_abs_diff"]

@@ -3,6 +3,10 @@ rollout engine after a weight sync. Prints one JSON line per comparison (rank 0)
 
     {"compare": "megatron_vs_hf", "max_abs_diff": ..., "mean_abs_diff": ..., ...}
     {"compare": "engine_vs_megatron", "max_abs_diff": ..., "mean_abs_diff": ..., ...}
+    {"compare": "weights_checksum", "trainer": ..., "engine": ..., "match": true, "scope": "all", ...}
+
+The checksum line compares what the weight sync sent with what the engine reads back from
+the weights it holds ("scope": "all", or the few tensors an SGLang engine spot-checks).
 
     torchrun --nproc-per-node 2 tools/compare_logprobs.py --hf-dir MODEL --tp 2 --pp 1
     python tools/compare_logprobs.py --hf-dir MODEL --ckpt CONVERTED_CKPT --token-ids "1,5,9,2;3,3,7,8"

@@ -17,7 +17,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 def main(argv=None) -> int:
@@ -27,7 +27,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size of this run (default 1)")
     ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of this run (default 1)")
     ap.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
-    ap.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter dtype of the checkpoint")
+    ap.add_argument("--dtype", choices=DTYPES, default="auto",
+                    help="parameter dtype of the checkpoint (default auto: the dtype config.json declares, "
+                         "bfloat16 or float32, so a bf16 model is not doubled in memory; else float32)")
     args = ap.parse_args(argv)
 
     import torch
@@ -35,7 +37,8 @@ def main(argv=None) -> int:
     from megappo.weights.convert import convert_hf_to_megatron
 
     try:
-        convert_hf_to_megatron(args.hf_dir, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, dtype=getattr(torch, args.dtype))
+        dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+        convert_hf_to_megatron(args.hf_dir, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, dtype=dtype)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import importlib
 import logging
 import math
 import os

@@ -8,6 +8,8 @@ Public API:
   generate_in_group(engine_or_None, prompts, params, layout)      holder generates, replica receives
   sync_weights(policy_models, engine_or_None, layout, *, bucket_mb, checksum=False) -> SyncStats
   mismatch_metrics(trainer_logprobs_BT, rollout_logprobs_BT, mask_BT) -> dict
+  group.run_on_holder(work, layout), group.raise_if_any_replica_failed(...)   failures on every rank
+  mismatch.mismatch_sums / mismatch_from_sums                     the metrics over data-parallel ranks
 The engine modules (``embedded``, ``sglang_engine``, ``sglang_server``) are imported on
 demand by ``build_engine``; nothing here imports SGLang.
 """

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import torch
 
-from megappo.rollout.engine import Bucket, RolloutEngine, RolloutEngineError, Sample, SamplingParams, checksum_of
+from megappo.rollout.engine import Bucket, Progress, RolloutEngine, RolloutEngineError, Sample, SamplingParams, checksum_of
 from megappo.rollout.sampling import choose_tokens, row_seed
 
 if TYPE_CHECKING:
@@ -132,12 +132,16 @@ class EmbeddedEngine(RolloutEngine):
         self._ready = True
 
     def weights_checksum(self) -> float:
+        """Over the model's own parameters as they are now (HF names; a tied head once, as
+        the embedding, as the trainer sends it)."""
         self._check_open()
         return checksum_of(self.model.named_parameters())
 
     # ------------------------------------------------------------- generation
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Sample]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, on_progress: Optional[Progress] = None
+    ) -> list[list[Sample]]:
         self._check_open()
         self._check_prompts(prompts)
         if not self._ready:
@@ -148,7 +152,7 @@ class EmbeddedEngine(RolloutEngine):
         results: list[list[Sample]] = []
         try:
             for start in range(0, len(prompts), per_chunk):
-                results.extend(self._generate_chunk(prompts[start : start + per_chunk], start, params, seed))
+                results.extend(self._generate_chunk(prompts[start : start + per_chunk], start, params, seed, on_progress))
         except RolloutEngineError:
             raise
         except Exception as e:
@@ -167,7 +171,7 @@ class EmbeddedEngine(RolloutEngine):
 
     @torch.no_grad()
     def _generate_chunk(
-        self, prompts: Sequence[Sequence[int]], first: int, params: SamplingParams, seed: int
+        self, prompts: Sequence[Sequence[int]], first: int, params: SamplingParams, seed: int, on_progress: Optional[Progress]
     ) -> list[list[Sample]]:
         from transformers import DynamicCache
 
@@ -202,9 +206,10 @@ class EmbeddedEngine(RolloutEngine):
         tokens: list[list[int]] = [[] for _ in rows]
         logps: list[list[float]] = [[] for _ in rows]
         reasons: list[str] = ["length"] * len(rows)
+        unfinished = [n] * B  # rows of each prompt still decoding
         for step in range(params.max_new_tokens):
             tok_r, lp_r = choose_tokens(logits_rV, params, [gens[r] for r in rows])
-            keep = []
+            keep, done = [], 0
             for k, (t, lp) in enumerate(zip(tok_r.tolist(), lp_r.tolist())):
                 r = rows[k]
                 tokens[r].append(t)
@@ -213,6 +218,11 @@ class EmbeddedEngine(RolloutEngine):
                     reasons[r] = "stop"
                 elif step + 1 < params.max_new_tokens:
                     keep.append(k)
+                    continue
+                unfinished[r // n] -= 1
+                done += unfinished[r // n] == 0
+            if done and on_progress is not None:
+                on_progress(done)
             if not keep:
                 break
             if len(keep) < len(rows):

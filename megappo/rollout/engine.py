@@ -13,8 +13,14 @@ to ``update_weights`` must deliver every weight of the model (a full sync). An e
 sync failed half-way refuses to generate until a later sync completes.
 
 ``checksum_of`` / ``RolloutEngine.weights_checksum``: a cheap fingerprint of HF-named full
-tensors, computable on the trainer side from the same ``(name, tensor)`` pairs. Each tensor
-contributes ``f(name) * sum_c (c + 1) * <x_c, v>``, where ``x_c`` is the c-th chunk of
+tensors, computable on the trainer side from the same ``(name, tensor)`` pairs. An engine
+computes it from the weights it holds, read back after loading, never from what it was
+sent: the embedded engine over every weight; the SGLang engines, whose parameters are
+fused and sharded, over a spot-check (``spot_checked``): the first ``SPOT_ROWS`` rows of
+the few tensors ``checksum_scope()`` names, read back with SGLang's
+``get_weights_by_name``. ``sync_weights(..., checksum=True)`` computes the trainer side
+over the same scope, so ``SyncStats.checksum`` and ``weights_checksum()`` always compare.
+Each tensor contributes ``f(name) * sum_c (c + 1) * <x_c, v>``, where ``x_c`` is the c-th chunk of
 ``2**20`` elements of the tensor in float64, ``v`` a fixed pseudo-random vector in
 [0.5, 1.5) and ``f(name) = 1 + crc32(name) / 2**32``; the per-tensor terms are summed in
 name order. It changes when an element moves within a tensor, when two tensors swap names,
@@ -30,7 +36,7 @@ import abc
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Literal, Optional, Sequence
 
 import torch
 
@@ -40,6 +46,8 @@ if TYPE_CHECKING:
 
 FinishReason = Literal["stop", "length"]
 Bucket = Sequence[tuple[str, torch.Tensor]]
+Progress = Callable[[int], object]
+"""``on_progress(k)``: ``k`` more prompts have all their samples."""
 
 
 class RolloutEngineError(RuntimeError):
@@ -118,9 +126,17 @@ class RolloutEngine(abc.ABC):
     """False on an engine that shares its weights with another rank's engine (SGLang
     servers: only the first data-parallel replica sends); weight sync skips it."""
 
+    spot_checked: bool = False
+    """True when ``weights_checksum`` covers only the first ``SPOT_ROWS`` rows of the
+    tensors ``checksum_scope()`` names (a spot-check); False: every weight in full."""
+
     @abc.abstractmethod
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Sample]]:
-        """``params.n`` samples for each prompt (token ids), in prompt order."""
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, on_progress: Optional[Progress] = None
+    ) -> list[list[Sample]]:
+        """``params.n`` samples for each prompt (token ids), in prompt order.
+        ``on_progress``: told as prompts finish (as finely as the engine can tell cheaply;
+        at the latest when the call returns)."""
 
     @abc.abstractmethod
     def update_weights(self, buckets: Iterable[Bucket]) -> None:
@@ -140,7 +156,13 @@ class RolloutEngine(abc.ABC):
 
     @abc.abstractmethod
     def weights_checksum(self) -> float:
-        """``checksum_of`` the weights the engine holds (see the module docstring)."""
+        """``checksum_of`` the weights the engine holds, read back from the engine (see the
+        module docstring); a spot-check when ``spot_checked``."""
+
+    def checksum_scope(self) -> Optional[tuple[str, ...]]:
+        """The HF names ``weights_checksum`` covers when ``spot_checked`` (chosen at the
+        last sync); None when it covers every weight."""
+        return None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
@@ -170,6 +192,15 @@ def tensor_checksum(name: str, tensor: torch.Tensor) -> float:
         x = flat[start : start + _CHUNK].to(torch.float64)
         total += (c + 1) * torch.dot(x, v[: x.numel()])
     return float(total) * (1.0 + zlib.crc32(name.encode()) / 2**32)
+
+
+SPOT_ROWS = 4
+"""Rows (first-dimension slices; elements of a 1-D tensor) of each spot-checked tensor."""
+
+
+def spot_checksum(name: str, tensor: torch.Tensor) -> float:
+    """A spot-checked tensor's term: ``tensor_checksum`` of its first ``SPOT_ROWS`` rows."""
+    return tensor_checksum(name, tensor[:SPOT_ROWS])
 
 
 def combine_checksums(terms: dict[str, float]) -> float:

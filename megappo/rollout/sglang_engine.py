@@ -20,8 +20,10 @@ once at the end. Memory: ``release_memory`` frees weights, KV cache and CUDA gra
 (``release_memory_occupation``); a weight update first resumes the weights, generation
 resumes everything.
 
-``weights_checksum`` is the checksum of the tensors last delivered in full: SGLang keeps
-fused, sharded parameters that are not HF-named, so it cannot be read back cheaply.
+``weights_checksum`` is a spot-check read back from the engine (``sglang_protocol``):
+SGLang keeps fused, sharded parameters that are not HF-named, so only a few tensors' first
+rows are read, with ``get_weights_by_name`` (Llama-like models only in 0.5.21). Progress:
+``Engine.generate`` returns all prompts at once, so ``on_progress`` is told at the end.
 """
 
 from __future__ import annotations
@@ -32,8 +34,17 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from megappo.rollout.engine import Bucket, RolloutEngine, RolloutEngineError, Sample, SamplingParams, combine_checksums, tensor_checksum
-from megappo.rollout.sglang_protocol import check_result, check_server_args, generate_request, import_sglang, parse_samples
+from megappo.rollout.engine import Bucket, Progress, RolloutEngine, RolloutEngineError, Sample, SamplingParams
+from megappo.rollout.sglang_protocol import (
+    check_result,
+    check_server_args,
+    choose_spots,
+    generate_request,
+    import_sglang,
+    parse_samples,
+    spot_check,
+    weights_by_name_request,
+)
 
 log = logging.getLogger("megappo")
 
@@ -77,6 +88,8 @@ def flattened_bucket_payload(named_tensors: Sequence[tuple[str, torch.Tensor]]) 
 class SGLangEngine(RolloutEngine):
     """A colocated ``sglang.Engine`` (module docstring)."""
 
+    spot_checked = True
+
     def __init__(self, hf_dir: str, *, server_args: dict[str, Any], eos_token_ids: Sequence[int], tp_size: int, gpu_id: int, seed: int = 0):
         sglang = import_sglang()
         from sglang.srt.server_args import ServerArgs
@@ -91,7 +104,7 @@ class SGLangEngine(RolloutEngine):
         self._device = torch.device("cuda", int(args["base_gpu_id"]))
         self._released: set[str] = set()
         self._ready = False
-        self._checksum: float | None = None
+        self._spots: dict[str, tuple[int, ...]] | None = None
         try:
             self._engine = sglang.Engine(**args)
         except Exception as e:
@@ -107,12 +120,17 @@ class SGLangEngine(RolloutEngine):
         check_result(result, what, self.name)
         return result
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Sample]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, on_progress: Progress | None = None
+    ) -> list[list[Sample]]:
         if not self._ready:
             raise RolloutEngineError(f"{self.name}: no complete weight sync yet (or the last one failed); cannot generate")
         self.resume_memory()
         out = self._call("generate", self._engine.generate, **generate_request(prompts, params, self.eos_token_ids))
-        return parse_samples(out, len(prompts), params.n, self.name)
+        samples = parse_samples(out, len(prompts), params.n, self.name)
+        if on_progress is not None:
+            on_progress(len(prompts))
+        return samples
 
     def update_weights(self, buckets: Iterable[Bucket]) -> None:
         from sglang.srt.utils import MultiprocessingSerializer
@@ -128,12 +146,12 @@ class SGLangEngine(RolloutEngine):
         session = hasattr(self._engine, "begin_weight_update")
         if session:
             self._call("begin_weight_update", self._engine.begin_weight_update)
-        terms: dict[str, float] = {}
+        self._spots = None
+        shapes: dict[str, tuple[int, ...]] = {}
         try:
             for bucket in buckets:
                 named = [(name, t.detach().to(self._device).contiguous()) for name, t in bucket]
-                for name, t in named:
-                    terms[name] = tensor_checksum(name, t)
+                shapes.update((name, tuple(t.shape)) for name, t in named)
                 for payload in flattened_bucket_payload(named):
                     serialized = MultiprocessingSerializer.serialize(payload, output_str=True)
                     self._call(
@@ -154,13 +172,22 @@ class SGLangEngine(RolloutEngine):
         if session:
             self._call("end_weight_update", self._engine.end_weight_update)
         self._call("flush_cache", self._engine.flush_cache)
-        self._checksum = combine_checksums(terms)
+        self._spots = {name: shapes[name] for name in choose_spots(shapes)}
         self._ready = True
 
+    def checksum_scope(self) -> tuple[str, ...] | None:
+        return tuple(self._spots) if self._spots is not None else None
+
     def weights_checksum(self) -> float:
-        if self._checksum is None:
+        """A spot-check of the weights the engine holds (module docstring)."""
+        if self._spots is None:
             raise RolloutEngineError(f"{self.name}: no complete weight sync yet")
-        return self._checksum
+        self._resume(["weights"])
+
+        def read(name: str):
+            return self._call(f"get_weights_by_name({name!r})", self._engine.get_weights_by_name, **weights_by_name_request(name))
+
+        return spot_check(read, self._spots, self.name)
 
     def _resume(self, tags: list[str] | None) -> None:
         todo = sorted(self._released if tags is None else self._released & set(tags))

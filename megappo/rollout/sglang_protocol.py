@@ -18,17 +18,30 @@ for the colocated engine) and, greedy, those of T = 1: the contract of
 ``megappo.rollout.engine``. Seeds: SGLang's per-request ``sampling_seed`` would give the
 ``n`` samples of a prompt the same draws and is unsupported by its FlashInfer top-p/top-k
 kernels, so it is not sent; SGLang sampling is not reproducible per call.
+
+Weights read back (the engines' ``weights_checksum``, a spot-check): ``get_weights_by_name``
+(``Engine.get_weights_by_name(name, truncate_size)``, ``POST /get_weights_by_name`` with
+``{"name", "truncate_size"}``) answers ``param.cpu().float().tolist()[:truncate_size]``:
+the first rows of the named HF tensor (elements of a 1-D one) in float32, from the
+engine's own fused parameter (q/k/v, gate/up sliced out; TP shards of o_proj / down_proj
+gathered, others from TP rank 0, whose first rows are the tensor's), one list per
+data-parallel rank when SGLang runs with dp_size > 1, ``None`` (HTTP 400) on failure.
+0.5.21 implements it for Llama-family (Llama, Mistral), Granite, EXAONE-4 and OPT models
+only (not Qwen2/Qwen3), and
+converts the whole tensor to a list before truncating, so ``choose_spots`` picks small
+tensors.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from typing import Any, Iterable, Sequence
 
 import torch
 
-from megappo.rollout.engine import RolloutEngineError, Sample, SamplingParams
+from megappo.rollout.engine import SPOT_ROWS, RolloutEngineError, Sample, SamplingParams, combine_checksums, spot_checksum
 
 SUPPORTED_VERSIONS = (">=0.5.18", "<0.5.22")
 INSTALL_HINT = "pip install megappo[sglang]  (sglang>=0.5.18,<0.5.22; CUDA GPUs only)"
@@ -185,3 +198,51 @@ def init_group_request(master_address: str, master_port: int, rank_offset: int, 
         "group_name": GROUP_NAME,
         "backend": backend,
     }
+
+
+# ---- weights read back (spot-check) -------------------------------------------------------
+
+SPOT_COUNT = 4
+SPOT_MAX_ELEMENTS = 1 << 22
+"""Spot-checked tensors: at most ``SPOT_COUNT`` of at most ``SPOT_MAX_ELEMENTS`` elements
+(``get_weights_by_name`` turns the whole tensor into Python floats first)."""
+
+
+def choose_spots(shapes: dict[str, tuple[int, ...]]) -> tuple[str, ...]:
+    """The HF names to spot-check among the synced tensors ``{name: shape}``: up to
+    ``SPOT_COUNT``, evenly spread over the sorted names of the small ones (the smallest
+    tensor when none is small), so different layers and kinds of weight are read."""
+    small = sorted(n for n, shape in shapes.items() if math.prod(shape) <= SPOT_MAX_ELEMENTS)
+    if not small:
+        small = [min(sorted(shapes), key=lambda n: math.prod(shapes[n]))] if shapes else []
+    k = min(SPOT_COUNT, len(small))
+    picks = [small[round(i * (len(small) - 1) / (k - 1))] if k > 1 else small[0] for i in range(k)]
+    return tuple(dict.fromkeys(picks))
+
+
+def weights_by_name_request(name: str) -> dict[str, Any]:
+    """Keyword arguments of ``Engine.get_weights_by_name`` = JSON body of its HTTP route."""
+    return {"name": name, "truncate_size": SPOT_ROWS}
+
+
+def spot_tensor(answer: Any, name: str, shape: tuple[int, ...], engine_name: str) -> torch.Tensor:
+    """``get_weights_by_name``'s answer for ``name`` (shape ``shape`` as synced) as the
+    float32 tensor of its first ``SPOT_ROWS`` rows; the first data-parallel rank's when
+    the answer is one list per rank."""
+    if answer is None:
+        raise RolloutEngineError(
+            f"{engine_name}: get_weights_by_name({name!r}) returned nothing: SGLang 0.5.21 reads weights back only for "
+            "Llama-family (Llama, Mistral), Granite, EXAONE-4 and OPT models, so this model's weights cannot be spot-checked"
+        )
+    t = torch.tensor(answer, dtype=torch.float32)
+    if t.dim() == len(shape) + 1:  # one answer per SGLang data-parallel rank
+        t = t[0]
+    expected = (min(SPOT_ROWS, shape[0]),) + tuple(shape[1:]) if shape else ()
+    if tuple(t.shape) != expected:
+        raise RolloutEngineError(f"{engine_name}: get_weights_by_name({name!r}) answered shape {tuple(t.shape)}, expected {expected}")
+    return t
+
+
+def spot_check(read, spots: dict[str, tuple[int, ...]], engine_name: str) -> float:
+    """The spot-check checksum: ``read(name)`` is ``get_weights_by_name``'s answer."""
+    return combine_checksums({name: spot_checksum(name, spot_tensor(read(name), name, shape, engine_name)) for name, shape in spots.items()})

@@ -19,7 +19,9 @@ the trainer broadcasts the bucket's bytes end to end (SGLang's ``FlattenedTensor
 layout; the trainer holds the bucket and that flat copy, two buckets of memory). 0.5.21 servers need ``/begin_weight_update`` and ``/end_weight_update`` around
 the loads; a 404 there means an older server that has no sessions. The radix caches are
 flushed once at the end. ``release_memory``/``resume_memory`` do nothing: the servers have
-their own GPUs. ``weights_checksum`` is that of the tensors last delivered in full.
+their own GPUs. ``weights_checksum`` is a spot-check read back from every server with
+``POST /get_weights_by_name`` (``sglang_protocol``); servers that disagree are an error
+naming them. Progress: ``on_progress`` is told as each server's share comes back.
 """
 
 from __future__ import annotations
@@ -30,20 +32,23 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from megappo.rollout.engine import Bucket, RolloutEngine, RolloutEngineError, Sample, SamplingParams, combine_checksums, tensor_checksum
+from megappo.rollout.engine import Bucket, Progress, RolloutEngine, RolloutEngineError, Sample, SamplingParams, checksums_match
 from megappo.rollout.sglang_protocol import (
     GROUP_NAME,
+    choose_spots,
     flatten_bucket,
     generate_request,
     init_group_request,
     parse_samples,
+    spot_check,
     update_distributed_request,
+    weights_by_name_request,
 )
 
 
@@ -87,6 +92,8 @@ def _free_port(address: str) -> int:
 class SGLangServerEngine(RolloutEngine):
     """SGLang servers by URL (module docstring)."""
 
+    spot_checked = True
+
     def __init__(
         self,
         urls: Sequence[str],
@@ -107,7 +114,7 @@ class SGLangServerEngine(RolloutEngine):
         self._pool = ThreadPoolExecutor(max_workers=len(self.urls), thread_name_prefix="sglang-http")
         self._group = None
         self._sessions = True
-        self._checksum: Optional[float] = None
+        self._spots: Optional[dict[str, tuple[int, ...]]] = None
 
     # ------------------------------------------------------------------- HTTP
 
@@ -147,17 +154,22 @@ class SGLangServerEngine(RolloutEngine):
 
     # ------------------------------------------------------------- generation
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Sample]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, on_progress: Optional[Progress] = None
+    ) -> list[list[Sample]]:
         S = len(self.urls)
         shares = [list(range(s, len(prompts), S)) for s in range(S)]
         futures = {
-            s: self._pool.submit(self._generate_on, s, [prompts[i] for i in rows], params)
+            self._pool.submit(self._generate_on, s, [prompts[i] for i in rows], params): s
             for s, rows in enumerate(shares) if rows
         }
         results: list[Optional[list[Sample]]] = [None] * len(prompts)
-        for s, future in futures.items():
+        for future in as_completed(futures):
+            s = futures[future]
             for i, samples in zip(shares[s], future.result()):
                 results[i] = samples
+            if on_progress is not None:
+                on_progress(len(shares[s]))
         return results  # type: ignore[return-value]
 
     def _generate_on(self, s: int, prompts: list, params: SamplingParams) -> list[list[Sample]]:
@@ -175,20 +187,19 @@ class SGLangServerEngine(RolloutEngine):
         if self._group is None:
             self._init_group()
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
-        self._checksum = None
+        self._spots = None
         if self._sessions:
             answers = self._on_all("/begin_weight_update", [{}] * len(self.urls), allow_404=True)
             found = [a is not NOT_FOUND for a in answers]
             if len(set(found)) > 1:
                 raise RolloutEngineError(f"{self.name}: some servers have /begin_weight_update and some do not (mixed SGLang versions)")
             self._sessions = found[0]
-        terms: dict[str, float] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
         try:
             for bucket in buckets:
                 body = update_distributed_request(bucket, flush_cache=False)
                 flat = flatten_bucket(bucket).to(device)
-                for name, t in bucket:
-                    terms[name] = tensor_checksum(name, t)
+                shapes.update((name, tuple(t.shape)) for name, t in bucket)
                 futures = [self._pool.submit(self._http, url, "/update_weights_from_distributed", body) for url in self.urls]
                 work = dist.broadcast(flat, group=self._group, group_src=0, async_op=True)
                 for f in futures:
@@ -201,7 +212,7 @@ class SGLangServerEngine(RolloutEngine):
         if self._sessions:
             self._on_all("/end_weight_update", [{}] * len(self.urls))
         self._on_all("/flush_cache", [None] * len(self.urls))
-        self._checksum = combine_checksums(terms)
+        self._spots = {name: shapes[name] for name in choose_spots(shapes)}
 
     def _abandon_group(self) -> None:
         group, self._group = self._group, None
@@ -236,10 +247,25 @@ class SGLangServerEngine(RolloutEngine):
             f.result()
         self._group = group
 
+    def checksum_scope(self) -> Optional[tuple[str, ...]]:
+        return tuple(self._spots) if self._spots is not None else None
+
     def weights_checksum(self) -> float:
-        if self._checksum is None:
+        """A spot-check read back from every server; they must agree (module docstring)."""
+        if self._spots is None:
             raise RolloutEngineError(f"{self.name}: no complete weight sync from this engine yet")
-        return self._checksum
+
+        def server_checksum(url: str) -> float:
+            def read(name: str):
+                return self._http(url, "/get_weights_by_name", weights_by_name_request(name))
+
+            return spot_check(read, self._spots, f"SGLang server {url}")
+
+        values = [f.result() for f in [self._pool.submit(server_checksum, url) for url in self.urls]]
+        differ = [url for url, v in zip(self.urls, values) if not checksums_match(v, values[0])]
+        if differ:
+            raise RolloutEngineError(f"{self.name}: the servers hold different weights: {differ} differ from {self.urls[0]}")
+        return values[0]
 
     def shutdown(self) -> None:
         group, self._group = self._group, None

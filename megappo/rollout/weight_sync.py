@@ -1,12 +1,14 @@
 """Weight sync: the actor's Megatron shards -> full HF-named tensors -> the rollout engine.
 
 Per data-parallel replica (one engine each, held by its tp0/pp0 rank):
-  1. Every pipeline stage's TP group runs ``megappo.weights.iter_hf_tensors`` (a TP
-     collective yielding that stage's full tensors with global layer numbers).
+  1. Every pipeline stage's TP group runs ``megappo.weights.iter_hf_tensors(dst=0)`` (a TP
+     collective gathering that stage's full tensors, global layer numbers, to TP rank 0
+     only: the ranks that talk to the engine; the other TP ranks send their shards and
+     build nothing).
   2. The holder streams its own stage's tensors into the engine; stage k > 0's TP rank 0
      sends its tensors to the holder with ``torch.distributed`` send/recv (a pickled header
      of names, dtypes and shapes per bucket, then one message per tensor), stage after
-     stage; the other TP ranks iterate and drop. Plain send/recv, so it runs on gloo too.
+     stage. Plain send/recv, so it runs on gloo too.
   3. The holder groups the stream into buckets of about ``bucket_mb`` MiB (a tensor larger
      than that is a bucket of its own) and hands them to ``engine.update_weights``.
 
@@ -14,8 +16,13 @@ Memory: a bucket lives until the engine asks for the next one (the list is clear
 so the extra memory of a sync is about one bucket plus the tensor being gathered, on the
 holder and on each sender. A replica whose engine does not take weights
 (``RolloutEngine.receives_weights`` False: SGLang servers fed by replica 0) skips the sync.
-If the engine fails half-way, the holder still drains the stream so the senders finish,
-then every rank leaves through the closing barrier and the holder raises.
+If the engine fails half-way, the holder still drains the stream so the senders finish;
+the closing all-reduce over all ranks then tells every rank, and every rank raises
+``RolloutEngineError`` (the holder its own, the others one quoting the failed engines).
+
+``checksum=True``: the holder also computes the checksum of what it delivers over the
+scope of ``engine.weights_checksum`` (every weight, or the engine's spot-check), so
+``SyncStats.checksum`` compares with the engine's reading.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megappo.rollout.engine import RolloutEngine, RolloutEngineError, combine_checksums, tensor_checksum
+from megappo.rollout.engine import RolloutEngine, RolloutEngineError, combine_checksums, spot_checksum, tensor_checksum
 from megappo.rollout.group import holder_rank, holds_engine, model_parallel_group
 
 if TYPE_CHECKING:
@@ -48,7 +55,8 @@ class SyncStats:
     """Bytes per second / 1e9 over the whole sync (gather, transfer and load)."""
     num_buckets: int
     checksum: Optional[float] = None
-    """``checksum_of`` the delivered tensors (holder only, when asked for)."""
+    """``checksum_of`` the delivered tensors over the engine's checksum scope (holder only,
+    when asked for): compare with ``engine.weights_checksum()``."""
     peak_bucket_bytes: int = 0
     """The largest bucket assembled (the sync's extra memory is about this)."""
 
@@ -74,11 +82,13 @@ def iter_buckets(named_tensors: NamedTensors, bucket_bytes: int) -> Iterator[lis
 
 
 class _Meter:
-    """Counts what passes through a bucket stream (bytes, buckets, largest, checksum)."""
+    """Counts what passes through a bucket stream (bytes, buckets, largest, checksum terms:
+    of whole tensors, or of their first rows when ``spot``)."""
 
-    def __init__(self, checksum: bool):
+    def __init__(self, checksum: bool, spot: bool = False):
         self.bytes = self.num_buckets = self.peak = 0
         self.terms: Optional[dict[str, float]] = {} if checksum else None
+        self.term = spot_checksum if spot else tensor_checksum
 
     def watch(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> Iterator[list[tuple[str, torch.Tensor]]]:
         for bucket in buckets:
@@ -90,11 +100,18 @@ class _Meter:
                 for name, t in bucket:
                     if name in self.terms:
                         raise RolloutEngineError(f"weight sync: tensor {name!r} was sent twice")
-                    self.terms[name] = tensor_checksum(name, t)
+                    self.terms[name] = self.term(name, t)
             yield bucket
 
-    def stats(self, seconds: float) -> SyncStats:
-        checksum = combine_checksums(self.terms) if self.terms is not None else None
+    def stats(self, seconds: float, scope: Optional[Sequence[str]] = None) -> SyncStats:
+        """``scope``: the names the checksum covers (None: all that passed)."""
+        terms = self.terms
+        if terms is not None and scope is not None:
+            missing = [n for n in scope if n not in terms]
+            if missing:
+                raise RolloutEngineError(f"weight sync: the engine spot-checks {missing}, which this sync did not send")
+            terms = {n: terms[n] for n in scope}
+        checksum = combine_checksums(terms) if terms is not None else None
         gbps = self.bytes / seconds / 1e9 if seconds > 0 else 0.0
         return SyncStats(seconds, self.bytes, gbps, self.num_buckets, checksum, self.peak)
 
@@ -108,7 +125,7 @@ def stream_to_engine(
     engine error is raised; an engine that returns before the end is an error too.
     """
     start = time.perf_counter()
-    meter = _Meter(checksum)
+    meter = _Meter(checksum, spot=engine.spot_checked)
     buckets = meter.watch(iter_buckets(named_tensors, int(bucket_mb * 2**20)))
     try:
         engine.update_weights(buckets)
@@ -117,7 +134,7 @@ def stream_to_engine(
         raise
     if _drain(buckets):
         raise RolloutEngineError(f"{engine.name}: update_weights returned before the end of the weight stream")
-    return meter.stats(time.perf_counter() - start)
+    return meter.stats(time.perf_counter() - start, engine.checksum_scope() if checksum and engine.spot_checked else None)
 
 
 def _drain(buckets: Iterator) -> int:
@@ -143,22 +160,36 @@ def sync_weights(
     error: Optional[BaseException] = None
     stats = SyncStats(0.0, 0, 0.0, 0)
     if _replica_takes_weights(engine, layout):
-        own = iter_hf_tensors(policy_models)
+        own = iter_hf_tensors(policy_models, dst=0)
         if is_holder:
             stages = [own] + [_receive_stage(_stage_rank(layout, k), layout.device) for k in range(1, layout.pp)]
             try:
                 stats = stream_to_engine(itertools.chain(*stages), engine, bucket_mb=bucket_mb, checksum=checksum)
-            except Exception as e:  # noqa: BLE001 - raised after the closing barrier
+            except Exception as e:  # noqa: BLE001 - raised after the closing all-reduce
                 error = e
         elif layout.tp_rank == 0:
             stats = _send_stage(own, _first_stage_rank(), int(bucket_mb * 2**20), start)
         else:
-            _drain(iter(own))
+            _drain(iter(own))  # takes part in the gathers; receives nothing
+    _raise_on_every_rank(error, layout)
+    return stats
+
+
+def _raise_on_every_rank(error: Optional[BaseException], layout: "ParallelLayout") -> None:
+    """The closing collective of a sync (over all ranks): when any holder failed, every
+    rank raises; the holder its own error, the others a ``RolloutEngineError`` quoting all."""
+    from megappo.parallel.collectives import all_reduce
+
     if layout.world_size > 1:
-        dist.barrier()
+        failed = all_reduce(torch.tensor([0.0 if error is None else 1.0]), "max", dist.group.WORLD)
+        if failed.item() > 0:
+            messages: list = [None] * layout.world_size
+            dist.all_gather_object(messages, None if error is None else f"{error}")
+            if error is None:
+                quoted = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
+                raise RolloutEngineError(f"weight sync failed on {quoted}")
     if error is not None:
         raise error
-    return stats
 
 
 def _replica_takes_weights(engine: Optional[RolloutEngine], layout: "ParallelLayout") -> bool:

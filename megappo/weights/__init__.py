@@ -5,7 +5,7 @@ sync, HF export and the offline conversion tools alike.
 Public API (``models``: this rank's GPTModel chunks, or a policy with ``.models`` and
 ``.optimizer``, whose fp32 master copy is then refreshed after a load):
   load_hf_into_model(models, hf_dir, *, strict=True)         HF directory -> this rank's shards
-  iter_hf_tensors(models, *, dtype=None)                       this stage's full HF tensors (TP collective)
+  iter_hf_tensors(models, *, dtype=None, dst=None)             this stage's full HF tensors (TP collective; dst: to one TP rank)
   save_hf(models, out_dir, *, hf_config, tokenizer_dir=None,   all stages -> HF directory (collective)
           max_shard_bytes=5 GiB, dtype=None)
   hf_to_megatron_state / megatron_to_hf_state                  pure functions on state dicts

@@ -10,7 +10,11 @@ same weights. ``engine_vs_megatron`` (when ``megappo.rollout`` is importable): t
 engine receives the actor's weights through ``sync_weights``, decodes greedily from the
 sequences' first tokens and reports per-token log-probs, which the actor then scores
 on the same tokens. Each comparison is one dict: max / mean absolute difference over the
-scored tokens.
+scored tokens. ``weights_checksum``: the checksum of what that sync sent (the trainer side)
+against the engine's own reading of the weights it holds (``RolloutEngine.weights_checksum``:
+every weight for the embedded engine, a spot-check of a few tensors for SGLang, named in
+``scope``); ``engine`` and ``match`` are null with an ``error`` when the engine cannot read
+its weights back.
 """
 
 from __future__ import annotations
@@ -101,27 +105,45 @@ def compare_logprobs(
     if dist.get_rank() == 0:
         results.append(summarize("megatron_vs_hf", mg_NT, hf_logprobs_NT(hf_dir, ids_NS), batch.response_mask_BT, **layout_info))
     if engine is not None:
-        row = engine_vs_megatron(policy, hf_dir, ids_NS[:, :prompt_len], layout, engine=engine, gen_tokens=gen_tokens, seed=seed)
-        if row is not None and dist.get_rank() == 0:
-            results.append({**row, **layout_info})
+        rows = engine_vs_megatron(policy, hf_dir, ids_NS[:, :prompt_len], layout, engine=engine, gen_tokens=gen_tokens, seed=seed)
+        if dist.get_rank() == 0:
+            results += [{**row, **layout_info} for row in rows]
     return results
 
 
-def engine_vs_megatron(policy, hf_dir: str, prompts_NP: torch.Tensor, layout, *, engine: str, gen_tokens: int, seed: int) -> Optional[dict]:
-    """Sync the actor into a fresh rollout engine, decode greedily, and compare the engine's
-    log-probs with the actor's on the same tokens. None when ``megappo.rollout`` is absent."""
+def checksum_row(eng, trainer_checksum: float) -> dict:
+    """The ``weights_checksum`` comparison of an engine just synced (module docstring)."""
+    from megappo.rollout import RolloutEngineError, checksums_match
+
+    scope = eng.checksum_scope()
+    row = {"compare": "weights_checksum", "trainer": trainer_checksum, "engine": None, "match": None,
+           "scope": "all" if scope is None else list(scope)}
+    try:
+        held = eng.weights_checksum()
+    except RolloutEngineError as e:
+        return {**row, "error": str(e)}
+    return {**row, "engine": held, "match": checksums_match(trainer_checksum, held)}
+
+
+def engine_vs_megatron(policy, hf_dir: str, prompts_NP: torch.Tensor, layout, *, engine: str, gen_tokens: int, seed: int) -> list[dict]:
+    """Sync the actor into a fresh rollout engine, compare checksums, decode greedily, and
+    compare the engine's log-probs with the actor's on the same tokens. The rows (the
+    checksum's on the holder only); none when ``megappo.rollout`` is absent."""
     try:
         from megappo.rollout import SamplingParams, build_engine, generate_in_group, sync_weights
     except ImportError:
-        return None
+        return []
     from megappo.config.schema import RolloutConfig
     from megappo.models import TokenBatch
 
     with open(os.path.join(hf_dir, "config.json")) as f:
         hf_config = json.load(f)
     eng = build_engine(RolloutConfig(engine=engine), hf_config=hf_config, hf_dir=hf_dir, layout=layout, eos_token_ids=())
+    rows = []
     try:
-        sync_weights(policy.models, eng, layout, bucket_mb=64)
+        stats = sync_weights(policy.models, eng, layout, bucket_mb=64, checksum=True)
+        if eng is not None and stats.checksum is not None:
+            rows.append(checksum_row(eng, stats.checksum))
         params = SamplingParams(n=1, temperature=0.0, max_new_tokens=gen_tokens, seed=seed)
         samples = generate_in_group(eng, prompts_NP.tolist(), params, layout)
     finally:
@@ -138,4 +160,4 @@ def engine_vs_megatron(policy, hf_dir: str, prompts_NP: torch.Tensor, layout, *,
         engine_NT[i, : len(s[0].logprobs)] = torch.tensor(s[0].logprobs)
     batch = TokenBatch(ids_NS, torch.full((N,), P), torch.tensor([len(r) for r in resp]))
     mg_NT = policy.forward_logprobs(batch.to(layout.device), temperature=1.0)["logprobs_BT"].cpu()
-    return summarize("engine_vs_megatron", engine_NT, mg_NT, batch.response_mask_BT, engine=engine)
+    return [summarize("engine_vs_megatron", engine_NT, mg_NT, batch.response_mask_BT, engine=engine)] + rows

@@ -47,10 +47,11 @@ def convert_hf_to_megatron(
     tp: int = 1,
     pp: int = 1,
     vpp: Optional[int] = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: Optional[torch.dtype] = torch.float32,
 ) -> None:
     """Write the HF model ``hf_dir`` as a Megatron distributed checkpoint ``out_dir``
-    (with ``megappo_model.json``: spec, HF config, source directory)."""
+    (with ``megappo_model.json``: spec, HF config, source directory). ``dtype=None``
+    keeps the dtype ``config.json`` declares when it is bfloat16 or float32 (else float32)."""
     from megappo.models.spec import ModelSpec
     from megappo.weights.hf_io import HFCheckpoint
     from megappo.weights.megatron_ckpt import save_megatron_model
@@ -60,6 +61,9 @@ def convert_hf_to_megatron(
     with HFCheckpoint(hf_dir) as ckpt:  # fail on a bad directory before starting Megatron
         validate_hf_dir(spec, ckpt)
         hf_config = ckpt.config
+    if dtype is None:
+        declared = config_dtype(hf_config)
+        dtype = declared if declared in (torch.bfloat16, torch.float32) else torch.float32
     chunks = _build_actor(spec, tp, pp, vpp, dtype)
     load_hf_into_model(chunks, hf_dir)
     save_megatron_model(chunks, out_dir, hf_config=hf_config, source_dir=os.path.abspath(hf_dir))

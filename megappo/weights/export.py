@@ -127,7 +127,7 @@ def save_hf(
         writer = None
         if mpu.get_tensor_model_parallel_rank() == 0:
             writer = ShardWriter(tmp, f"stage{mpu.get_pipeline_model_parallel_rank():03d}", max_shard_bytes)
-        for name, tensor in iter_hf_tensors(chunks, dtype=dtype):
+        for name, tensor in iter_hf_tensors(chunks, dtype=dtype, dst=0):  # only the writer needs them
             if writer is not None:
                 writer.add(name, tensor)
         if writer is not None:

@@ -3,9 +3,9 @@
 ``load_hf_into_model`` validates an HF directory against the models' ``ModelSpec`` (the
 config, then every tensor's name and shape), then streams each rank's TP chunk of each
 tensor from safetensors straight into the parameters: peak memory is the model plus one
-tensor. ``iter_hf_tensors`` gathers the TP shards of this pipeline stage's parameters and
-yields full HF-named tensors with global layer numbers, one at a time (weight sync and HF
-export both use it).
+tensor. ``iter_hf_tensors`` gathers the TP shards of this pipeline stage's parameters (to
+every TP rank, or to one) and yields full HF-named tensors with global layer numbers, one
+at a time (weight sync and HF export both use it).
 
 Both take a list of model chunks or a policy (an object with ``.models`` and
 ``.optimizer``, e.g. ``MegatronPolicy``). Given a policy, loading ends with
@@ -125,21 +125,27 @@ def load_hf_into_model(models, hf_dir: str | os.PathLike, *, strict: bool = True
 
 
 @torch.no_grad()
-def iter_hf_tensors(models, *, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_tensors(models, *, dtype: torch.dtype | None = None, dst: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, full_tensor)`` for this pipeline stage's weights (every chunk,
     global layer numbers, vocabulary unpadded), one tensor at a time.
 
     Collective over the tensor-parallel group of this stage: every TP rank must iterate to
-    the end, in step; each receives the same tensors. A tied head is yielded once (as the
-    embedding, by the first stage); the critic's value head is not an HF tensor and is
-    skipped. ``dtype``: cast to it (default: the parameter dtype). Tensors are contiguous
-    and on the parameters' device.
+    the end, in step. ``dst`` None: every TP rank receives the same tensors (all-gather).
+    ``dst`` a TP rank: only that rank receives them (gather); the others send their shards
+    and yield nothing, so they neither build nor hold full tensors. The tensors are the
+    same either way, bit for bit. A tied head is yielded once (as the embedding, by the
+    first stage); the critic's value head is not an HF tensor and is skipped. ``dtype``:
+    cast to it (default: the parameter dtype). Tensors are contiguous and on the
+    parameters' device.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state as mpu
 
     group = mpu.get_tensor_model_parallel_group()
     tp = mpu.get_tensor_model_parallel_world_size()
+    if dst is not None and not 0 <= dst < tp:
+        raise ValueError(f"iter_hf_tensors: dst must be a tensor-parallel rank in [0, {tp}), got {dst}")
+    receives = dst is None or mpu.get_tensor_model_parallel_rank() == dst
     for model in model_chunks(models)[0]:
         spec, _, entries, params = _entries(model)
         for e in entries:
@@ -147,9 +153,14 @@ def iter_hf_tensors(models, *, dtype: torch.dtype | None = None) -> Iterator[tup
                 continue
             local = params[e.megatron].detach()
             if tp > 1 and e.rule.tp_dim is not None:
-                shards = [torch.empty_like(local) for _ in range(tp)]
-                dist.all_gather(shards, local.contiguous(), group=group)
+                shards = [torch.empty_like(local) for _ in range(tp)] if receives else None
+                if dst is None:
+                    dist.all_gather(shards, local.contiguous(), group=group)
+                else:
+                    dist.gather(local.contiguous(), shards, dst=dist.get_global_rank(group, dst), group=group)
             else:
                 shards = [local]
+            if not receives:
+                continue
             for name, tensor in hf_from_shards(e, spec, shards):
                 yield name, (tensor if dtype is None else tensor.to(dtype)).contiguous()

@@ -8,7 +8,9 @@ their bytes end to end from rank 0 and keeps them; 0.5.21 sessions are enforced
 (``--sessions``) or the session routes answer 404 (0.5.18). ``--fail-update`` answers 400
 to weight updates without joining the broadcast. ``/generate`` answers deterministic
 samples (token t+1 after t, log-prob -0.5 - 0.01 * step) with the finish reason
-``length``, or ``stop`` at the first stop id. Test-only: ``GET /megappo_test/checksum``.
+``length``, or ``stop`` at the first stop id. ``/get_weights_by_name`` answers as SGLang's
+(the first ``truncate_size`` rows as float32 lists; 400 for an unknown name). Test-only:
+``GET /megappo_test/checksum``.
 
 Run: python rollout_fake_sglang_server.py --port-file F [--sessions] [--fail-update]
 (the bound port is written to F once the server listens).
@@ -97,6 +99,11 @@ class Handler(BaseHTTPRequestHandler):
             return self._answer(200, fake_generate(body))
         if self.path == "/flush_cache":
             return self._answer(200, "Cache flushed.")
+        if self.path == "/get_weights_by_name":
+            t = STATE["weights"].get(body["name"])
+            if t is None:
+                return self._answer(400, {"error": {"message": "Get parameter by name failed"}})
+            return self._answer(200, t.float().tolist()[: body["truncate_size"]])
         if self.path in ("/begin_weight_update", "/end_weight_update"):
             if not args.sessions:
                 return self._answer(404, {"detail": "Not Found"})

@@ -134,6 +134,7 @@ def main() -> None:
         init_group_request,
         update_distributed_request,
         version_supported,
+        weights_by_name_request,
     )
 
     root = Path(sglang.__file__).parent / "srt"
@@ -182,6 +183,7 @@ def main() -> None:
             "DestroyWeightsUpdateGroupReqInput": {"group_name": "megappo_weight_sync"},
             "BeginWeightUpdateReqInput": {},
             "EndWeightUpdateReqInput": {},
+            "GetWeightsByNameReqInput": weights_by_name_request("model.norm.weight"),
         }
         found = {}
         for cls_name, body in bodies.items():
@@ -234,6 +236,7 @@ def main() -> None:
             "flush_cache": set(),
             "shutdown": set(),
             "get_server_info": set(),
+            "get_weights_by_name": {"name", "truncate_size"},
         }
         for meth, params in need.items():
             assert meth in m and params <= set(m[meth]), (meth, m.get(meth))
@@ -245,10 +248,23 @@ def main() -> None:
     def _():
         text = (root / "entrypoints/http_server.py").read_text()
         routes = ["/generate", "/health", "/get_server_info", "/flush_cache", "/init_weights_update_group",
-                  "/update_weights_from_distributed", "/destroy_weights_update_group"]
+                  "/update_weights_from_distributed", "/destroy_weights_update_group", "/get_weights_by_name"]
         missing = [r for r in routes if f'"{r}"' not in text]
         assert not missing, missing
         return {"sessions": '"/begin_weight_update"' in text and '"/end_weight_update"' in text}
+
+    @check("weights_read_back")
+    def _():
+        # The spot-check reads the first rows of a tensor (sglang_protocol.spot_tensor):
+        # Llama's get_weights_by_name answers the whole parameter, as float32 lists, cut to
+        # truncate_size rows; the exporter hands the name through to the model.
+        llama = (root / "models/llama.py").read_text()
+        body = llama[llama.index("def get_weights_by_name"):]
+        body = body[: body.index("\n    def ", 10)]
+        assert ".to(torch.float32).numpy().tolist()[:truncate_size]" in body, "truncation semantics changed"
+        assert "stacked_params_mapping" in body and "all_gather" in body
+        runner = [root / "model_executor/model_runner_components/weight_exporter.py", root / "model_executor/model_runner.py"]
+        assert any(p.exists() and ".get_weights_by_name(" in p.read_text() for p in runner)
 
     @check("bucketed_distributed_receive")
     def _():

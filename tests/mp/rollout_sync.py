@@ -6,9 +6,10 @@ tests/test_rollout_weight_sync.py under ``torchrun --nproc-per-node 2`` (TP=2 or
      checksum of what arrived equals the engine's and the HF files'; the peak bucket.
   3. ``generate_in_group`` (sampled, n=2); the actor scores the same sequences with
      ``forward_logprobs`` at the same temperature: max |trainer - rollout| and the PPO ratio.
-  4. The two bucket sizes give the same samples.
-  5. An engine that fails half-way through a sync: the holder raises, every other rank
-     returns (no hang), and the next sync works.
+  4. The two bucket sizes give the same samples; ``iter_hf_tensors(dst=0)`` (the sync's
+     gather) yields the all-gather's tensors bit for bit on TP rank 0, nothing elsewhere.
+  5. An engine that fails half-way through a sync: the holder raises its error, every
+     other rank a RolloutEngineError quoting it (no hang), and the next sync works.
 
 Rank 0 writes OUT (JSON) for pytest to assert on.
 """
@@ -39,7 +40,7 @@ from megappo.rollout import (  # noqa: E402
     generate_in_group,
     sync_weights,
 )
-from megappo.weights import load_hf_into_model  # noqa: E402
+from megappo.weights import iter_hf_tensors, load_hf_into_model  # noqa: E402
 
 TEMP = 0.8
 PROMPTS = [[5, 6, 7, 8, 9, 10], [12, 13], [3, 4, 3, 4, 3, 30, 31, 32], [40]]
@@ -98,6 +99,15 @@ def main() -> None:
     params = SamplingParams(n=2, temperature=TEMP, max_new_tokens=12, seed=17)
     hf_checksum = checksum_of(read_hf_state(hf_dir).items())
 
+    # Gathering to TP rank 0 only (what the sync does) gives the all-gather's tensors, bit for bit.
+    everywhere = dict(iter_hf_tensors(actor.models))
+    to_first = dict(iter_hf_tensors(actor.models, dst=0))
+    if layout.tp_rank == 0:
+        res["gather_to_rank0_bitwise_equal"] = list(to_first) == list(everywhere) and all(
+            torch.equal(to_first[n], everywhere[n]) for n in everywhere)
+    else:
+        assert to_first == {}, "a TP rank other than dst receives nothing"
+
     samples_by_bucket = {}
     for bucket_mb in (0.02, 1000.0):
         engine = build_engine(rollout, hf_config=hf_config, hf_dir=None, layout=layout, eos_token_ids=[2])
@@ -123,7 +133,7 @@ def main() -> None:
         final_engine = engine
     res["same_samples_across_bucket_sizes"] = samples_by_bucket[0.02] == samples_by_bucket[1000.0]
 
-    # The failing sync (armed above on the holder): the holder raises, the others return.
+    # The failing sync (armed above on the holder): every rank raises.
     try:
         sync_weights(actor.models, final_engine, layout, bucket_mb=0.02)
         outcome = "returned"

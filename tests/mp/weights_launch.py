@@ -2,8 +2,9 @@
 checkpoints and the conversion tools share three launches (a Megatron import costs ~6 s
 per process and a 2-rank torchrun start 11-21 s on the CI box):
 
-  A  torchrun x2   tp2 (TP=2, every family; saves a TP=2 Megatron checkpoint), ckpt_train
-                   (TP=1 DP=2; ends by SIGKILLing itself mid-save, so the launch fails by design)
+  A  torchrun x2   tp2 (TP=2, every family; saves a TP=2 Megatron checkpoint), tools_tp2 (the
+                   HF -> Megatron tool at TP=2), ckpt_train (TP=1 DP=2; ends by SIGKILLing
+                   itself mid-save, so the launch fails by design)
   B  torchrun x2   pp2 (PP=2, every family; loads A's TP=2 checkpoint), vpp2 (PP=2 x VPP=2)
   C  python        world1 (every family), ckpt_resume (DP=1 from A's DP=2 checkpoint), tools
 
@@ -31,8 +32,9 @@ PHASES = {
     "ckpt_train": None,
     "ckpt_resume": None,
     "tools": None,
+    "tools_tp2": None,
 }
-LAUNCHES = (("A", 2, ("tp2", "ckpt_train")), ("B", 2, ("pp2", "vpp2")), ("C", 1, ("world1", "ckpt_resume", "tools")))
+LAUNCHES = (("A", 2, ("tp2", "tools_tp2", "ckpt_train")), ("B", 2, ("pp2", "vpp2")), ("C", 1, ("world1", "ckpt_resume", "tools")))
 
 
 def _regroup() -> None:
@@ -49,11 +51,11 @@ def _regroup() -> None:
 def run_phases(ctx, phases, out_dir) -> None:
     from weights_ckpt_resume import phase_resume, phase_train
     from weights_parallel import layout_phase
-    from weights_tools import phase_tools
+    from weights_tools import phase_tools, phase_tools_tp2
 
     import torch.distributed as dist
 
-    special = {"ckpt_train": phase_train, "ckpt_resume": phase_resume, "tools": phase_tools}
+    special = {"ckpt_train": phase_train, "ckpt_resume": phase_resume, "tools": phase_tools, "tools_tp2": phase_tools_tp2}
     for name in phases:
         res: dict = {}
 

@@ -3,6 +3,7 @@
 
   convert_hf_to_megatron (world 1) -> convert_megatron_to_hf: bit-exact round trip
   convert_megatron_to_hf on the TP=2 checkpoint of the tp2 phase: bit-exact
+  convert_hf_to_megatron under torchrun at TP=2 (phase tools_tp2), back at world 1: bit-exact
   convert_megatron_to_hf on the training checkpoint (its actor): the trained weights
   compare_logprobs on given token ids: one JSON line per comparison
 """
@@ -48,6 +49,8 @@ def phase_tools(ctx, res, write):
 
     res["m2hf_tp2_rc"] = m2hf.main(["--ckpt", str(w / "mcore-tp2"), "--out", str(w / "tool-hf-tp2")])
     res["m2hf_tp2_mismatch"] = same_weights(read_hf_state(ctx.zoo["qwen3-tied"]), read_hf_state(w / "tool-hf-tp2"))
+    res["m2hf_tool_tp2_rc"] = m2hf.main(["--ckpt", str(w / "tool-mcore-tp2"), "--out", str(w / "tool-hf-tool-tp2")])
+    res["m2hf_tool_tp2_mismatch"] = same_weights(read_hf_state(ctx.zoo["llama-untied"]), read_hf_state(w / "tool-hf-tool-tp2"))
 
     res["m2hf_train_rc"] = m2hf.main(
         ["--ckpt", str(ctx.ckpt_dir), "--out", str(w / "tool-hf-train"), "--hf-config", str(ctx.zoo["qwen3-tied"])]
@@ -62,3 +65,10 @@ def phase_tools(ctx, res, write):
     with contextlib.redirect_stdout(out):
         res["compare_rc"] = compare.main(["--hf-dir", str(ctx.zoo["llama-tied"]), "--token-ids", "1,5,9,2,7,3,88;3,3,7,8,100,0,9"])
     res["compare_lines"] = [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
+
+
+def phase_tools_tp2(ctx, res, write):
+    """tools/convert_hf_to_megatron.py under torchrun at TP=2 (each rank loads its shards)."""
+    out = Path(ctx.work) / "tool-mcore-tp2"
+    res["hf2m_tp2_rc"] = tool("convert_hf_to_megatron").main(["--hf-dir", str(ctx.zoo["llama-untied"]), "--out", str(out), "--tp", "2"])
+    res["hf2m_tp2_meta"] = json.loads((out / "megappo_model.json").read_text())["saved_layout"]
