@@ -159,6 +159,15 @@ def _check_export_evaluates_like_trainer(toy, run_dir: Path, rows: list[dict]) -
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["num_samples"] == rows[-1]["eval/num_samples"]
     assert result["accuracy"] == pytest.approx(rows[-1]["eval/accuracy"], abs=1e-9)
+    # The same from the training checkpoint (TP=2 shards, exported inside the tool).
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "evaluate.py"), "--config", str(RECIPE), "--ckpt", str(run_dir / "checkpoints"),
+         "--data", toy["eval"], f"model.hf_path={toy['model']}", f"data.train_path={toy['train']}"],
+        env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    from_ckpt = json.loads(out.stdout.strip().splitlines()[-1])
+    assert from_ckpt["accuracy"] == result["accuracy"] and from_ckpt["num_samples"] == result["num_samples"]
 
 
 def _check_failing_reward_and_hf_every_step(run_dir: Path, rows: list[dict]) -> None:

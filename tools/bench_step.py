@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Where an RL step's time goes, on the demo setup: one measured run, printed as fractions.
 
-    python tools/bench_step.py [--steps 20] [--out runs/bench_step] [--nproc 2] [overrides ...]
+    python tools/bench_step.py [--steps 20] [--out runs/bench_step] [overrides ...]
 
 Builds the demo's warmed-up tiny model and toy data (``megappo.demo.prepare``), trains
-``--steps`` LitePPO steps under torchrun with ``recipes/toy_liteppo_cpu.yaml``, skips the
+``--steps`` LitePPO steps under torchrun (2 processes, as the demo) with ``recipes/toy_liteppo_cpu.yaml``, skips the
 first steps (start-up effects), and prints the mean seconds of each phase and its fraction
 of the step (rollout includes reward scoring, which is also shown on its own), so the next
 bottleneck is visible.
