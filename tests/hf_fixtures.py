@@ -225,3 +225,13 @@ def _end_marked_processes(marker: str) -> None:
                     os.kill(int(pid), signal.SIGKILL)
         except (OSError, ProcessLookupError):
             continue
+
+
+def assert_diffs_small(results: dict, *names: str, tol: float) -> None:
+    """Every named check of a model-checks run (``results["diffs"]``: max abs differences)
+    ran and stayed within ``tol``."""
+    diffs = results["diffs"]
+    missing = [n for n in names if n not in diffs]
+    assert not missing, f"checks did not run: {missing}"
+    bad = {n: diffs[n] for n in names if not diffs[n] <= tol}
+    assert not bad, f"max abs differences above {tol}: {bad}"

@@ -59,6 +59,25 @@ def test_aggregate_loss_rejects_bad_input():
         aggregate_loss(torch.zeros(2, 3), torch.ones(2, 3), "seq-mean-token-sum-norm")
 
 
+def _assert_split_invariant(piece_loss, x_BT, cuts):
+    """Summing ``piece_loss(x, rows)`` over row slices cut at ``cuts`` gives the loss and
+    gradient of the whole batch (the pieces use global denominators)."""
+    B = x_BT.shape[0]
+
+    def run(pieces):
+        x = x_BT.clone().requires_grad_(True)
+        total = sum(piece_loss(x, s) for s in pieces)
+        total.backward()
+        return total.detach(), x.grad
+
+    bounds = sorted({min(c, B) for c in cuts} | {0, B})
+    pieces = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    full_loss, full_grad = run([slice(0, B)])
+    split_loss, split_grad = run(pieces)
+    torch.testing.assert_close(split_loss, full_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(split_grad, full_grad, rtol=1e-10, atol=1e-12)
+
+
 @SETTINGS
 @given(
     mode=st.sampled_from(LOSS_AGG_MODES),
@@ -75,23 +94,11 @@ def test_split_with_global_denominators_gives_same_loss_and_grad(mode, lengths, 
     adv_BT = torch.randn(B, T, generator=g, dtype=torch.float64)
     old_BT = logits_BT + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
 
-    def run(pieces):
-        x = logits_BT.clone().requires_grad_(True)
-        total = 0.0
-        for s in pieces:
-            loss, _ = policy_loss(x[s], old_BT[s], adv_BT[s], mask_BT[s], clip_low=0.2, clip_high=0.28,
-                                  dual_clip_c=3.0, loss_agg_mode=mode, num_tokens=mask_BT.sum(),
-                                  num_seqs=B, norm_len=NORM_LEN)
-            total = total + loss
-        total.backward()
-        return total.detach(), x.grad
+    def piece_loss(x, s):
+        return policy_loss(x[s], old_BT[s], adv_BT[s], mask_BT[s], clip_low=0.2, clip_high=0.28, dual_clip_c=3.0,
+                           loss_agg_mode=mode, num_tokens=mask_BT.sum(), num_seqs=B, norm_len=NORM_LEN)[0]
 
-    bounds = sorted({min(c, B) for c in cuts} | {0, B})
-    pieces = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    full_loss, full_grad = run([slice(0, B)])
-    split_loss, split_grad = run(pieces)
-    torch.testing.assert_close(split_loss, full_loss, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(split_grad, full_grad, rtol=1e-10, atol=1e-12)
+    _assert_split_invariant(piece_loss, logits_BT, cuts)
 
 
 def loop_policy_token(lp, old, a, cl, ch, c):
@@ -265,22 +272,11 @@ def test_value_loss_split_with_global_denominators_gives_same_loss_and_grad(mode
     old_BT = values_BT + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
     returns_BT = torch.randn(B, T, generator=g, dtype=torch.float64)
 
-    def run(pieces):
-        v = values_BT.clone().requires_grad_(True)
-        total = 0.0
-        for s in pieces:
-            loss, _ = value_loss(v[s], old_BT[s], returns_BT[s], mask_BT[s], value_clip=clip, loss_agg_mode=mode,
-                                 num_tokens=mask_BT.sum(), num_seqs=B, norm_len=NORM_LEN)
-            total = total + loss
-        total.backward()
-        return total.detach(), v.grad
+    def piece_loss(v, s):
+        return value_loss(v[s], old_BT[s], returns_BT[s], mask_BT[s], value_clip=clip, loss_agg_mode=mode,
+                          num_tokens=mask_BT.sum(), num_seqs=B, norm_len=NORM_LEN)[0]
 
-    bounds = sorted({min(c, B) for c in cuts} | {0, B})
-    pieces = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    full_loss, full_grad = run([slice(0, B)])
-    split_loss, split_grad = run(pieces)
-    torch.testing.assert_close(split_loss, full_loss, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(split_grad, full_grad, rtol=1e-10, atol=1e-12)
+    _assert_split_invariant(piece_loss, values_BT, cuts)
 
 
 def test_explained_variance():

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from hf_fixtures import assert_diffs_small
+
 pytestmark = pytest.mark.slow
 
 TOL = 1e-5
@@ -46,11 +48,7 @@ def results(tmp_path_factory):
 
 
 def _assert_small(results, *names, tol=TOL):
-    diffs = results["diffs"]
-    missing = [n for n in names if n not in diffs]
-    assert not missing, f"checks did not run: {missing}"
-    bad = {n: diffs[n] for n in names if not diffs[n] <= tol}
-    assert not bad, f"max abs differences above {tol}: {bad}"
+    assert_diffs_small(results, *names, tol=tol)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

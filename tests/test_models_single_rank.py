@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from hf_fixtures import assert_diffs_small
+
 TOL = 1e-5
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,11 +49,7 @@ def results(tmp_path_factory):
 
 
 def _assert_small(results, *names, tol=TOL):
-    diffs = results["diffs"]
-    missing = [n for n in names if n not in diffs]
-    assert not missing, f"checks did not run: {missing}"
-    bad = {n: diffs[n] for n in names if not diffs[n] <= tol}
-    assert not bad, f"max abs differences above {tol}: {bad}"
+    assert_diffs_small(results, *names, tol=tol)
 
 
 def test_packed_forward_outputs_equal_padded(results):
