@@ -126,6 +126,21 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("megappo").setLevel(getattr(logging, level.upper()) if rank == 0 else logging.WARNING)
     if level != "debug":
         logging.getLogger("megatron").setLevel(logging.WARNING)
+        _summarize_fallback_warnings(rank)
+
+
+def _summarize_fallback_warnings(rank: int) -> None:
+    """megatron-core warns once per module that apex / Transformer Engine are missing (half a
+    dozen ``UserWarning``s per rank): say it once, on rank 0, in one line instead."""
+    import importlib.util
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"(Transformer Engine and )?Apex (is|are) not installed", category=UserWarning)
+    missing = [name for name, mod in (("apex", "apex"), ("Transformer Engine", "transformer_engine")) if importlib.util.find_spec(mod) is None]
+    if missing and rank == 0:
+        logging.getLogger("megappo").info(
+            "%s not installed: megatron-core uses its plain-torch fallbacks (fused kernels off)", " and ".join(missing)
+        )
 
 
 if __name__ == "__main__":

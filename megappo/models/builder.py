@@ -191,7 +191,16 @@ def transformer_config(spec: ModelSpec, opts: BuildOptions):
         batch_p2p_comm=opts.vpp is None,
         **fp8_fields(opts),
         **recompute,
+        **_no_cuda_graph_scope(TransformerConfig),
     )
+
+
+def _no_cuda_graph_scope(config_cls) -> dict:
+    """No CUDA graphs: an empty scope. megatron-core 0.16's default, ``"full"``, warns that
+    it is deprecated on every config built (and means the same as the empty list)."""
+    import dataclasses
+
+    return {"cuda_graph_scope": []} if any(f.name == "cuda_graph_scope" for f in dataclasses.fields(config_cls)) else {}
 
 
 def layer_spec(spec: ModelSpec, opts: BuildOptions):

@@ -21,6 +21,7 @@ deterministic under ``SamplingParams.seed`` whatever ``max_batch_rows`` is.
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import torch
@@ -88,6 +89,10 @@ class EmbeddedEngine(RolloutEngine):
         self.max_batch_rows = max_batch_rows
         self.model = _build_model(hf_config, dtype, attn_implementation).to(self.device)
         self.vocab_size = int(self.model.config.vocab_size)
+        # transformers renamed the KV-cache argument (``past_key_values`` -> ``cache``, 5.x);
+        # pass it by the name this model's forward takes.
+        params = inspect.signature(type(self.model).forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._expected = frozenset(n for n, _ in self.model.named_parameters())
         self._ready = False
         self._offloaded = False
@@ -188,7 +193,8 @@ class EmbeddedEngine(RolloutEngine):
 
         cache = DynamicCache(config=self.model.config)
         out = self.model(
-            input_ids=ids_BL, attention_mask=mask_BL, position_ids=pos_BL, past_key_values=cache, use_cache=True, logits_to_keep=1
+            input_ids=ids_BL, attention_mask=mask_BL, position_ids=pos_BL, use_cache=True, logits_to_keep=1,
+            **{self._cache_arg: cache},
         )
         logits_rV = out.logits[:, -1, :]
         mask_rS, next_pos_r = mask_BL, pos_BL[:, -1] + 1
@@ -233,7 +239,7 @@ class EmbeddedEngine(RolloutEngine):
             mask_rS = torch.cat([mask_rS, mask_rS.new_ones(len(rows), 1)], dim=1)
             out = self.model(
                 input_ids=tok_r[:, None], attention_mask=mask_rS, position_ids=next_pos_r[:, None],
-                past_key_values=cache, use_cache=True,
+                use_cache=True, **{self._cache_arg: cache},
             )
             logits_rV = out.logits[:, -1, :]
             next_pos_r = next_pos_r + 1
