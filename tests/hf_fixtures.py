@@ -157,7 +157,10 @@ _ZOO: dict[str, Path] = {}
 def model_zoo() -> dict[str, Path]:
     """Every family tied and untied (4 layers, vocabulary 103, so TP=2 pads a row and
     PP=2 x VPP=2 has a layer per chunk), built once per test session in a temporary
-    directory. Keys: ``"{family}-tied"`` / ``"{family}-untied"``."""
+    directory. Keys: ``"{family}-tied"`` / ``"{family}-untied"``; and two variants whose
+    positions matter within the 16-token test sequences: ``"llama-rope-llama3"`` (Llama 3's
+    RoPE frequency scaling, original context 8) and ``"mistral-window"`` (a sliding window
+    of 6 tokens)."""
     if not _ZOO:
         import atexit
         import shutil
@@ -169,6 +172,12 @@ def model_zoo() -> dict[str, Path]:
             for tie in (False, True):
                 path = make_tiny_hf_model(root, family, tie=tie, layers=4, vocab=103, tokenizer=True)
                 _ZOO[path.name] = path
+        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8}
+        variants = {"llama-rope-llama3": ("llama", dict(rope_scaling=rope)), "mistral-window": ("mistral", dict(sliding_window=6))}
+        for name, (family, extra) in variants.items():
+            path = make_tiny_hf_model(root, family, layers=4, vocab=103, tokenizer=True, name=name, seed=5, **extra)
+            _ZOO[name] = path
     return dict(_ZOO)
 
 

@@ -1,5 +1,5 @@
 """HF weights into and out of real Megatron models at world 1, TP=2, PP=2 and PP=2 x VPP=2,
-for every family tied and untied: logits against transformers, bit-exact export
+for every family tied and untied (and Llama-3 RoPE scaling, a Mistral sliding window): logits against transformers, bit-exact export
 (iter_hf_tensors, save_hf), the critic, and a TP=2 Megatron checkpoint read at PP=2.
 
 The work runs in the shared launches of tests/mp/weights_launch.py (one process group per
@@ -15,7 +15,7 @@ from mp.weights_launch import CRITIC_KEYS, results
 
 pytestmark = pytest.mark.slow
 
-KEYS = [f"{f}-{t}" for f in FAMILIES for t in ("untied", "tied")]
+KEYS = [f"{f}-{t}" for f in FAMILIES for t in ("untied", "tied")] + ["llama-rope-llama3", "mistral-window"]
 LAYOUTS = {"world1": "tp1pp1", "tp2": "tp2pp1", "pp2": "tp1pp2"}
 LOGITS_TOL = 1e-4
 
