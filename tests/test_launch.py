@@ -100,6 +100,21 @@ def _run(cmd: list, env: dict, timeout: float = 120, cwd: Path = ROOT) -> subpro
 # -- dry-run through the launchers (no Slurm, no torch: seconds) ------------------------------
 
 
+def test_nothing_kills_processes_by_name():
+    """House rule: launchers, CI and tests stop processes by PID (or process group), never
+    by name, which could hit another user's or another job's processes."""
+    import re
+
+    by_name = re.compile(r"\b(pkill|killall|pgrep)\b")
+    files = [ROOT / "Makefile", *(ROOT / ".ci").iterdir()]
+    for folder in ("launch", "tests", "megappo", "tools"):
+        files += [p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".sh", ".sbatch", "") and p.is_file()]
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in files if "__pycache__" not in p.parts
+                 for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+                 if by_name.search(line) and p.name != Path(__file__).name]  # fmt: skip
+    assert len(files) > 20 and not offenders, offenders
+
+
 def test_torchrun_sh_dry_run_good_layout():
     out = _run([TORCHRUN_SH, BIG_RECIPE, "--nproc", "8", "--dry-run"], _env())
     assert out.returncode == 0, out.stderr
