@@ -303,7 +303,8 @@ def _log_checksum_check(engine, trainer_checksum: float) -> None:
     except RolloutEngineError as e:
         log.warning("cannot check the engine's weights after the first sync: %s", e)
         return
-    kind = "a spot-check of %d tensors" % len(engine.checksum_scope()) if engine.checksum_scope() is not None else "every weight"
+    scope = engine.checksum_scope()
+    kind = "every weight" if scope is None else f"a spot-check of {len(scope)} tensors"
     if checksums_match(trainer_checksum, held):
         log.info("%s holds the trainer's weights (checksum %.12g over %s)", engine.name, held, kind)
     else:

@@ -101,10 +101,16 @@ def raise_if_any_replica_failed(error: Optional[BaseException], any_failed: bool
     if group is None or dist.get_world_size(group) == 1:
         assert error is not None
         raise error
+    raise RolloutEngineError(f"rollout failed: {failures_in_group(error, group, 'data-parallel replica')}") from error
+
+
+def failures_in_group(error: Optional[BaseException], group, label: str) -> str:
+    """``"{label} i: message; ..."`` for every member ``i`` of ``group`` whose ``error`` is
+    not None (``error``: this rank's, or None). Collective over ``group``: call it on every
+    member once an all-reduce has told them all that one failed."""
     messages: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(messages, None if error is None else _describe(error), group=group)
-    failed = "; ".join(f"data-parallel replica {i}: {m}" for i, m in enumerate(messages) if m is not None)
-    raise RolloutEngineError(f"rollout failed: {failed}") from error
+    return "; ".join(f"{label} {i}: {m}" for i, m in enumerate(messages) if m is not None)
 
 
 def generate_in_group(

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from megappo.rollout.engine import RolloutEngine, RolloutEngineError, combine_checksums, spot_checksum, tensor_checksum
-from megappo.rollout.group import holder_rank, holds_engine, model_parallel_group
+from megappo.rollout.group import failures_in_group, holder_rank, holds_engine, model_parallel_group
 
 if TYPE_CHECKING:
     from megappo.parallel.state import ParallelLayout
@@ -183,10 +183,8 @@ def _raise_on_every_rank(error: Optional[BaseException], layout: "ParallelLayout
     if layout.world_size > 1:
         failed = all_reduce(torch.tensor([0.0 if error is None else 1.0]), "max", dist.group.WORLD)
         if failed.item() > 0:
-            messages: list = [None] * layout.world_size
-            dist.all_gather_object(messages, None if error is None else f"{error}")
+            quoted = failures_in_group(error, dist.group.WORLD, "rank")
             if error is None:
-                quoted = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
                 raise RolloutEngineError(f"weight sync failed on {quoted}")
     if error is not None:
         raise error
