@@ -115,12 +115,39 @@ def test_adaptive_kl_controller_follows_ziegler():
         assert ctl.update(kl, n) == pytest.approx(coef, rel=1e-12)
     state = ctl.state_dict()
     assert all(isinstance(v, float) for v in state.values())
-    other = AdaptiveKLController(1.0, 1.0, 1.0)
+    other = AdaptiveKLController(1.0, 0.1, 10000)
     other.load_state_dict(state)
     assert other.state_dict() == state
     assert other.update(0.5, 100) == ctl.update(0.5, 100)
     with pytest.raises(ValueError):
         AdaptiveKLController(0.2, 0.0, 10)
+
+
+def test_kl_controller_resume_keeps_the_new_config():
+    """Resuming restores the state (the coefficient), never the config: a new `algo.target_kl`
+    / `kl_horizon` takes effect, and a fixed-KL run's state resumes into an adaptive controller."""
+    old = AdaptiveKLController(init_kl_coef=0.2, target_kl=0.1, kl_horizon=10000)
+    old.update(0.3, 512)
+    resumed = AdaptiveKLController(init_kl_coef=0.2, target_kl=6.0, kl_horizon=500)
+    resumed.load_state_dict(old.state_dict())
+    assert resumed.value == old.value
+    assert (resumed.target_kl, resumed.kl_horizon) == (6.0, 500.0)
+    coef = old.value
+    assert resumed.update(5.4, 100) == pytest.approx(coef * (1 + (5.4 / 6.0 - 1) * 100 / 500), rel=1e-12)
+
+    fixed = FixedKLController(0.05)
+    adaptive = AdaptiveKLController(init_kl_coef=0.2, target_kl=0.1, kl_horizon=10000)
+    adaptive.load_state_dict(fixed.state_dict())
+    assert adaptive.value == 0.05 and adaptive.target_kl == 0.1
+    # and back: an adaptive run's state (old checkpoints carried the config too) into a fixed one
+    legacy = {"value": 0.3, "target_kl": 9.0, "kl_horizon": 7.0}
+    back = FixedKLController(0.0)
+    back.load_state_dict(legacy)
+    assert back.value == 0.3
+    adaptive.load_state_dict(legacy)
+    assert (adaptive.target_kl, adaptive.kl_horizon, adaptive.value) == (0.1, 10000.0, 0.3)
+    with pytest.raises(KeyError, match="value"):
+        adaptive.load_state_dict({"target_kl": 0.1})
 
 
 def test_fixed_kl_controller_and_factory():

@@ -142,12 +142,13 @@ class AdaptiveKLController:
         return self.value
 
     def state_dict(self) -> dict:
-        return {"value": self.value, "target_kl": self.target_kl, "kl_horizon": self.kl_horizon}
+        return {"value": self.value}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the state only (the current coefficient). `target_kl` and `kl_horizon`
+        are config: the resumed run's config wins, and a fixed-KL run's state (or an older
+        checkpoint that also stored the config) loads the same way."""
         self.value = float(state["value"])
-        self.target_kl = float(state["target_kl"])
-        self.kl_horizon = float(state["kl_horizon"])
 
 
 def make_kl_controller(
