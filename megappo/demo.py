@@ -1,7 +1,7 @@
 """The CPU demo: ``make demo`` (``python -m megappo.demo``).
 
 From nothing (no downloads) it builds a toy verifiable task (small-integer addition, see
-``megappo.data.toy``), a character-level tokenizer and a tiny Llama-shaped model, gives the
+``megappo.toolkit.toy``), a character-level tokenizer and a tiny Llama-shaped model, gives the
 model a short supervised warm-up so it starts with some reward, saves it as a HuggingFace
 directory, and then trains it with LitePPO under ``torchrun --nproc-per-node 2`` with the
 embedded rollout engine (``recipes/toy_liteppo_cpu.yaml``). It prints the held-out accuracy
@@ -83,8 +83,8 @@ def warm_up(model, tokenizer, pairs: list[tuple[str, str]], *, steps: int, batch
 
 def prepare(out: Path, *, seed: int, sft_steps: int) -> dict[str, str]:
     """Tokenizer, data and warmed-up model under ``out``; returns their paths."""
-    from megappo.data.char_tokenizer import build_char_tokenizer
-    from megappo.data.toy import make_toy_dataset, toy_problems, toy_sft_pairs
+    from megappo.toolkit.char_tokenizer import build_char_tokenizer
+    from megappo.toolkit.toy import make_toy_dataset, toy_problems, toy_sft_pairs
 
     out.mkdir(parents=True, exist_ok=True)
     model_dir = out / "model"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from megappo.config.schema import DataConfig
-from megappo.data.char_tokenizer import build_char_tokenizer
+from megappo.toolkit.char_tokenizer import build_char_tokenizer
 from megappo.data.dataset import PromptDataset
 
 

@@ -100,7 +100,7 @@ STEP_METRICS = (
 CRITIC_METRICS = ("critic/vf_loss", "critic/explained_variance", "critic/grad_norm", "critic/lr")
 
 FLAKY_REWARD = """
-from megappo.data.toy import toy_reward
+from megappo.data.answers import exact_integer_reward as toy_reward
 
 def flaky_toy(response, answer, prompt):
     if response.endswith("7"):

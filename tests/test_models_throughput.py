@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from megappo.models.spec import ModelSpec
-from megappo.models.throughput import PRESETS, matmul_params, total_params, train_flops_per_token
+from megappo.toolkit.throughput import PRESETS, matmul_params, total_params, train_flops_per_token
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,7 @@ def test_bf16_forward_backward_of_a_1b_model_on_gpu():
 
     from megappo.models import BuildOptions, MegatronPolicy, OptimizerSettings, TokenBatch
     from megappo.models.builder import resolve_transformer_impl
-    from megappo.models.throughput import measure_actor_update
+    from megappo.toolkit.throughput import measure_actor_update
     from megappo.parallel import destroy_parallel, init_parallel
 
     layout = init_parallel(1, 1, seed=0, device="cuda")

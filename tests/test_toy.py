@@ -1,4 +1,4 @@
-"""The toy arithmetic task and the offline char tokenizer (megappo.data.toy, char_tokenizer)."""
+"""The toy arithmetic task and the offline char tokenizer (megappo.toolkit.toy, char_tokenizer)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import json
 import pytest
 
 from megappo.config.schema import DataConfig
-from megappo.data.char_tokenizer import BOS, EOS, PAD, build_char_tokenizer, save_char_tokenizer
+from megappo.toolkit.char_tokenizer import BOS, EOS, PAD, build_char_tokenizer, save_char_tokenizer
 from megappo.data.dataset import PromptDataset
-from megappo.data.toy import TOY_TASKS, make_toy_dataset, toy_problems, toy_reward, toy_sft_pairs, toy_well_formed
+from megappo.data.answers import exact_integer_reward as toy_reward, is_single_integer as toy_well_formed
+from megappo.toolkit.toy import TOY_TASKS, make_toy_dataset, toy_problems, toy_sft_pairs
 
 
 @pytest.mark.parametrize("kind", sorted(TOY_TASKS))

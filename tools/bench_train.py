@@ -1,5 +1,5 @@
 """Actor-update throughput: tokens/s and model FLOPs utilization against the measured
-matrix-multiply ceiling (``megappo.models.throughput``).
+matrix-multiply ceiling (``megappo.toolkit.throughput``).
 
 GPU (one device, bf16, random weights, Llama-3.2-1B shape, 4096-token sequences):
     python tools/bench_train.py
@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import json
 
-from megappo.models.throughput import PRESETS
+from megappo.toolkit.throughput import PRESETS
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     from megappo.models import BuildOptions, MegatronPolicy, ModelSpec, OptimizerSettings
     from megappo.models.builder import resolve_transformer_impl
     from megappo.models.factory import resolve_dtype
-    from megappo.models.throughput import measure_actor_update
+    from megappo.toolkit.throughput import measure_actor_update
     from megappo.parallel import destroy_parallel, init_parallel
 
     name = "tiny" if args.tiny else args.model

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-tokens", type=int, default=8, help="tokens the engine decodes greedily per sequence")
     args = ap.parse_args(argv)
 
-    from megappo.weights.compare import compare_logprobs
+    from megappo.toolkit.compare import compare_logprobs
 
     try:
         rows = compare_logprobs(

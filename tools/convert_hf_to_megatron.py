@@ -34,7 +34,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from megappo.weights.convert import convert_hf_to_megatron
+    from megappo.toolkit.convert import convert_hf_to_megatron
 
     try:
         dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)

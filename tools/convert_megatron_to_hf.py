@@ -36,7 +36,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from megappo.weights.convert import convert_megatron_to_hf
+    from megappo.toolkit.convert import convert_megatron_to_hf
 
     try:
         convert_megatron_to_hf(

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-samples", type=int, default=None)
     args, overrides = ap.parse_known_args(argv)
     from megappo.config import ConfigError, load_config
-    from megappo.evaluation import evaluate_hf_dir
+    from megappo.toolkit.evaluation import evaluate_hf_dir
 
     try:
         if args.hf_dir is not None:
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
         else:
             import tempfile
 
-            from megappo.weights.convert import convert_megatron_to_hf
+            from megappo.toolkit.convert import convert_megatron_to_hf
 
             cfg = load_config(args.config, overrides)
             with tempfile.TemporaryDirectory(prefix="megappo-eval-") as tmp:

@@ -8,8 +8,8 @@ Modules:
   answers         GSM8K ``####`` and MATH ``\\boxed{}`` answer extraction
   rewards         ``RewardFunction``, ``RewardResult``, the reward registry
   reward_pool     spawn worker pool with per-item timeouts
-  toy             the toy arithmetic task (dataset, SFT pairs, reward)
-  char_tokenizer  an offline character-level tokenizer
+
+(The toy arithmetic task and its character tokenizer live in ``megappo.toolkit``.)
 
 The names below are importable from this package, but only load their module on first
 use (PEP 562): reward worker processes import ``megappo.data.rewards`` and with it this

@@ -105,3 +105,25 @@ def extract_boxed(text: str) -> Optional[str]:
 def has_boxed(response: str) -> bool:
     """True when the response has a complete ``\\boxed{...}`` (or ``\\fbox``) answer."""
     return extract_boxed(response) is not None
+
+
+EOS_MARKERS = ("<eos>", "</s>", "<|endoftext|>", "<|im_end|>", "<|end|>")
+"""End-of-sequence spellings a response may still contain when decoded with special tokens
+(``<eos>`` is the toy task's character tokenizer's)."""
+_INTEGER_RE = re.compile(r"-?\d+")
+
+
+def _before_eos(response: str) -> str:
+    cut = min((i for i in (response.find(m) for m in EOS_MARKERS) if i >= 0), default=len(response))
+    return response[:cut].strip()
+
+
+def exact_integer_reward(response: str, answer: str, prompt: str) -> bool:
+    """Exact match of the response before its end-of-sequence marker with the answer (the
+    ``toy`` reward: the toy arithmetic task in ``megappo.toolkit.toy``)."""
+    return _before_eos(response) == answer.strip()
+
+
+def is_single_integer(response: str) -> bool:
+    """The response (before end of sequence) is one integer and nothing else."""
+    return _INTEGER_RE.fullmatch(_before_eos(response)) is not None

@@ -24,7 +24,8 @@ Registered (``reward.fn``):
   math_verify  ``math_verify.verify`` of the parsed reference and response (Hugging Face
                Math-Verify: boxed / LaTeX / plain expressions, equal up to sympy
                simplification and 6 decimal places).
-  toy          the toy task's exact match (``megappo.data.toy``).
+  toy          exact match of an integer answer (``answers.exact_integer_reward``; the toy
+               task of ``megappo.toolkit.toy`` and the CPU recipes use it).
   module:fn    a user function, imported from a module on ``sys.path`` or from a file
                (``path/to/rewards.py:fn``).
 
@@ -43,7 +44,6 @@ from typing import Callable, Optional, Sequence, Union
 
 from megappo.data import answers
 from megappo.data.reward_pool import Outcome, Preload, RewardWorkerPool, import_preload
-from megappo.data.toy import toy_reward, toy_well_formed
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class RewardSpec:
 REWARDS: dict[str, RewardSpec] = {
     "gsm8k": RewardSpec(gsm8k_reward, answers.has_gsm8k_marker, in_workers=False),
     "math_verify": RewardSpec(math_verify_reward, answers.has_boxed, preload=("math_verify",)),
-    "toy": RewardSpec(toy_reward, toy_well_formed, in_workers=False),
+    "toy": RewardSpec(answers.exact_integer_reward, answers.is_single_integer, in_workers=False),
 }
 
 

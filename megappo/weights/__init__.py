@@ -11,7 +11,7 @@ Public API (``models``: this rank's GPTModel chunks, or a policy with ``.models`
   hf_to_megatron_state / megatron_to_hf_state                  pure functions on state dicts
   save_megatron_model / load_megatron_model                    Megatron distributed checkpoints of a model
   validate_hf_dir(spec, HFCheckpoint(dir), strict=True)        the checks load_hf_into_model runs first
-Offline tools: ``convert`` (both directions), ``compare`` (log-prob parity).
+The offline tools' logic (conversion, log-prob parity) is in ``megappo.toolkit``.
 """
 
 from megappo.weights.base import (

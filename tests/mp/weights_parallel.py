@@ -7,7 +7,7 @@
   critic             -> trunk loaded, value head kept
   save_mcore / load_mcore: a Megatron distributed checkpoint written at this layout / read
   at this layout (resharded) and compared with the HF weights
-  compare            -> megappo.weights.compare at this layout (Megatron vs HF, engine vs Megatron)
+  compare            -> megappo.toolkit.compare at this layout (Megatron vs HF, engine vs Megatron)
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def layout_phase(ctx, res, *, tp, pp, vpp=None, keys=None, critic_keys=(), save_
             check_actor(f"{tag}/{key}/from_mcore", path, fresh, res, ctx.work, tag + "-mcore")
         res[f"{tag}/{key}/seconds"] = round(time.perf_counter() - t0, 2)
     if compare is not None:
-        from megappo.weights.compare import compare_logprobs
+        from megappo.toolkit.compare import compare_logprobs
 
         key, from_mcore = compare
         rows = compare_logprobs(ctx.zoo[key], ckpt=mcore_dir if from_mcore else None, tp=tp, pp=pp, num_seqs=3, seq_len=16)

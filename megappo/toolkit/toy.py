@@ -26,7 +26,7 @@ after 300. Such a warm-up is the "partially learned" starting point for RL.
 Train and eval problems never overlap: a problem belongs to the eval split when the MD5 of
 its prompt is 0 modulo 10 (about a tenth of each kind), independent of the seed.
 
-The reward (``toy`` in ``megappo.data.rewards``) is exact match of the response's text
+The reward (``toy`` in ``megappo.data.rewards``, ``answers.exact_integer_reward``) is exact match of the response's text
 before the first end-of-sequence marker, whitespace stripped, with the answer.
 """
 
@@ -36,17 +36,11 @@ import hashlib
 import itertools
 import json
 import random
-import re
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Union
 
-from megappo.data.char_tokenizer import EOS
 
 Split = Literal["train", "eval"]
-EOS_MARKERS = (EOS, "</s>", "<|endoftext|>", "<|im_end|>", "<|end|>")
-"""End-of-sequence spellings a response may still contain when decoded with special tokens."""
-
-
 def _add(low: int, high: int) -> list[tuple[str, str]]:
     return [(f"{a}+{b}=", str(a + b)) for a in range(low, high + 1) for b in range(low, high + 1)]
 
@@ -113,21 +107,3 @@ def toy_sft_pairs(n: int, seed: int, kind: str = "add2", split: Split = "train")
     """``n`` (prompt, completion) pairs for the supervised warm-up; the trainer appends
     ``<eos>`` to the completion and trains on the completion tokens."""
     return list(_sample(kind, n, seed, split))
-
-
-def _before_eos(response: str) -> str:
-    cut = min((i for i in (response.find(m) for m in EOS_MARKERS) if i >= 0), default=len(response))
-    return response[:cut].strip()
-
-
-_INTEGER_RE = re.compile(r"-?\d+")
-
-
-def toy_reward(response: str, answer: str, prompt: str) -> bool:
-    """Exact match of the response before its end-of-sequence marker with the answer."""
-    return _before_eos(response) == answer.strip()
-
-
-def toy_well_formed(response: str) -> bool:
-    """The response (before end of sequence) is one integer and nothing else."""
-    return _INTEGER_RE.fullmatch(_before_eos(response)) is not None

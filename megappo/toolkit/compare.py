@@ -81,7 +81,7 @@ def compare_logprobs(
     spec = ModelSpec.from_hf_dir(hf_dir)
     policy = MegatronPolicy(spec, "reference", BuildOptions(tp=tp, pp=pp))
     if ckpt is not None:
-        from megappo.weights.convert import resolve_model_source
+        from megappo.toolkit.convert import resolve_model_source
 
         src = resolve_model_source(ckpt, hf_config_dir=hf_dir)
         load_megatron_model(policy.models, src.dist_dir, spec_dict=src.spec_dict)
