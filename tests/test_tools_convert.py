@@ -104,3 +104,14 @@ def test_token_ids_argument():
     assert parse("1,5,9;3,3,7") == [[1, 5, 9], [3, 3, 7]]
     with pytest.raises(Exception, match="must look like"):
         parse("1,x")
+
+
+def test_corrupt_safetensors_is_a_clear_error(tmp_path, capsys):
+    d = make_tiny_hf_model(tmp_path, "llama", layers=1)
+    weights = d / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    capsys.readouterr()
+    rc = _tool("convert_hf_to_megatron").main(["--hf-dir", str(d), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"error: {weights}: not a readable safetensors file") and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -6,6 +6,7 @@ model being loaded. No process group or Megatron import is needed for these."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -106,3 +107,47 @@ def test_not_a_safetensors_directory(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no config.json"):
         HFCheckpoint(tmp_path / "empty")
+
+
+def test_corrupt_safetensors_is_named(sharded, tmp_path):
+    """A truncated or garbled file (an interrupted download) is a ValueError naming the file,
+    not safetensors' own SafetensorError naming none."""
+    single = make_tiny_hf_model(tmp_path, "llama", layers=1, name="single")
+    data = (single / "model.safetensors").read_bytes()
+    (single / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"single/model.safetensors: not a readable safetensors file \(SafetensorError: .*\); "
+                                         r"it is corrupt or truncated"):
+        HFCheckpoint(single)
+
+    d = _copy(sharded, tmp_path)
+    victim = sorted(set(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"].values()))[1]
+    (d / victim).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbled header}")
+    with pytest.raises(ValueError, match=rf"m/{victim}: not a readable safetensors file .*invalid JSON"):
+        _validate(d)  # the index opens; the shard fails when its header is read
+
+
+def _tied_with_head(tmp_path, head_from_embedding):
+    d = make_tiny_hf_model(tmp_path, "qwen3", layers=1, tie=True, name=f"tied-{head_from_embedding}")
+    state = load_file(d / "model.safetensors")
+    assert "lm_head.weight" not in state  # transformers does not store a tied head
+    emb = state["model.embed_tokens.weight"]
+    state["lm_head.weight"] = emb.clone() if head_from_embedding else emb + 0.25
+    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+def test_tied_config_with_a_stored_head_warns(tmp_path, caplog):
+    from megappo.weights import model_io
+
+    for same in (True, False):
+        d = _tied_with_head(tmp_path, same)
+        with caplog.at_level(logging.WARNING, logger="megappo"):
+            caplog.clear()
+            assert _validate(d) == []  # tolerated, not an error, even when strict
+            _validate(d)  # once per directory: actor and reference load the same one
+        warned = [r.getMessage() for r in caplog.records if "tie_word_embeddings" in r.getMessage()]
+        assert len(warned) == 1, warned
+        assert f"{d}: config.json sets tie_word_embeddings=true, so the file's lm_head.weight is not loaded" in warned[0]
+        assert ("it equals the embedding" in warned[0]) == same
+        assert ("it DIFFERS from the embedding (max |diff| 0.25)" in warned[0]) != same
+    model_io._TIED_HEAD_WARNED.clear()

@@ -132,7 +132,7 @@ class PromptDataset(Sequence[PromptItem]):
         rows: list[tuple[str, str, str]] = []  # (location, rendered text, answer)
         total = 0
         flattened = 0
-        for location, row in read_rows(path):
+        for location, row in read_rows(path, role=_config_key(data_cfg, path)):
             total += 1
             if isinstance(row, RowProblem):
                 report.skip(location, row)
@@ -163,6 +163,53 @@ class PromptDataset(Sequence[PromptItem]):
         items = _tokenize_and_filter(rows, tokenizer, use_template, data_cfg.prompt_length, report)
         _finish_report(path, data_cfg, total, len(items), report, verbose)
         return cls(items, path=path)
+
+
+TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+"""Files of which a tokenizer directory needs at least one (the vocabulary itself)."""
+
+
+def tokenizer_source(data_cfg: Any, model_path: Union[str, Path, None]) -> tuple[str, str]:
+    """``(directory, setting)``: ``data.tokenizer_path`` when set, else the model's
+    directory; ``setting`` is the config key that named it, for messages."""
+    if data_cfg.tokenizer_path:
+        return str(data_cfg.tokenizer_path), "data.tokenizer_path"
+    if model_path is None:
+        raise ValueError("no tokenizer: set data.tokenizer_path or model.hf_path")
+    return str(model_path), "model.hf_path"
+
+
+def check_tokenizer_dir(path: Union[str, Path], setting: str = "data.tokenizer_path") -> None:
+    """Files-only check (no transformers import; the dry run can call it): ``path`` is a
+    directory holding a tokenizer vocabulary. transformers' own error for a model directory
+    without one ("Couldn't instantiate the backend tokenizer ...") names no directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{setting}={str(path)!r}: not a directory (expected a HuggingFace tokenizer or model directory)")
+    if not any((path / name).is_file() for name in TOKENIZER_MODEL_FILES):
+        raise ValueError(
+            f"{setting}={str(path)!r}: no tokenizer files in the directory (expected one of "
+            f"{', '.join(TOKENIZER_MODEL_FILES)}); point data.tokenizer_path at the directory that has them"
+        )
+
+
+def load_tokenizer(data_cfg: Any, model_path: Union[str, Path, None]) -> Any:
+    """The run's tokenizer (``AutoTokenizer``, local files only), with any failure a
+    ``ValueError`` naming the directory and the setting that chose it."""
+    from transformers import AutoTokenizer
+
+    path, setting = tokenizer_source(data_cfg, model_path)
+    check_tokenizer_dir(path, setting)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{setting}={path!r}: cannot load the tokenizer: {type(error).__name__}: {error}") from error
+
+
+def _config_key(data_cfg: Any, path: Path) -> str:
+    """Which ``data.*_path`` setting names ``path`` ("" if none does), for error messages."""
+    keys = [key for key in ("train_path", "eval_path") if getattr(data_cfg, key, None) and Path(getattr(data_cfg, key)) == path]
+    return " and ".join(f"data.{key}" for key in keys)
 
 
 def _use_chat_template(mode: str, tokenizer: Any) -> bool:

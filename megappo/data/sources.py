@@ -23,17 +23,20 @@ class RowProblem:
     detail: str = ""
 
 
-def read_rows(path: Union[str, Path]) -> Iterator[tuple[str, Union[dict[str, Any], RowProblem]]]:
-    """Rows of a ``.jsonl`` or ``.parquet`` file with their location ("line 7", "row 6")."""
+def read_rows(path: Union[str, Path], *, role: str = "") -> Iterator[tuple[str, Union[dict[str, Any], RowProblem]]]:
+    """Rows of a ``.jsonl`` or ``.parquet`` file with their location ("line 7", "row 6").
+    ``role`` (e.g. ``data.eval_path``) is named in the errors, so a user with two files
+    knows which one is bad."""
     path = Path(path)
+    named = f"{path} ({role})" if role else str(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}")
+        raise FileNotFoundError(f"prompt file not found: {named}")
     if path.suffix == ".jsonl":
         yield from _jsonl_rows(path)
     elif path.suffix == ".parquet":
-        yield from _parquet_rows(path)
+        yield from _parquet_rows(path, named)
     else:
-        raise ValueError(f"{path}: unsupported prompt file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
+        raise ValueError(f"{named}: unsupported prompt file type {path.suffix!r}; use one of {', '.join(SUFFIXES)}")
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Union[dict[str, Any], RowProblem]]]:
@@ -41,7 +44,9 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Union[dict[str, Any], RowProb
         for number, raw in enumerate(lines, start=1):
             location = f"line {number}"
             try:
-                text = raw.decode("utf-8")
+                # utf-8-sig on the first line: editors on Windows start files with a byte-order
+                # mark, which json.loads rejects, and the first row would be skipped.
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as error:
                 yield location, RowProblem("not valid UTF-8", f"byte {error.start}")
                 continue
@@ -58,15 +63,22 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Union[dict[str, Any], RowProb
             yield location, row
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[str, Union[dict[str, Any], RowProblem]]]:
+def _parquet_rows(path: Path, named: str) -> Iterator[tuple[str, Union[dict[str, Any], RowProblem]]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
     index = 0
-    for batch in parquet.iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
-            yield f"row {index}", row
-            index += 1
+    try:
+        # A broken footer fails at open, a broken page while reading its batch: pyarrow's
+        # messages ("Parquet magic bytes not found", "Couldn't deserialize thrift") name no file.
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                yield f"row {index}", row
+                index += 1
+    except (pa.ArrowException, OSError) as error:
+        where = f" after row {index - 1}" if index else ""
+        reason = " ".join(str(error).split())  # pyarrow's messages span lines
+        raise ValueError(f"{named}: not a readable parquet file{where} (corrupt or truncated?): {reason}") from error
 
 
 def column_names(path: Union[str, Path]) -> list[str]:

@@ -20,6 +20,18 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 
 
+def open_safetensors(path: str):
+    """``safe_open`` on ``path``; a corrupt or truncated file is a ``ValueError`` naming it
+    (safetensors' own error names neither the file nor what to do)."""
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:  # SafetensorError (not a ValueError), or OSError for an unreadable file
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); it is corrupt or "
+            "truncated (an interrupted download or copy?): fetch or save it again"
+        ) from e
+
+
 class HFCheckpoint:
     """The tensors and ``config.json`` of an HF model directory, read lazily."""
 
@@ -53,7 +65,7 @@ class HFCheckpoint:
             return dict(weight_map)
         single = os.path.join(self.path, SINGLE)
         if os.path.isfile(single):
-            with safe_open(single, framework="pt") as f:
+            with open_safetensors(single) as f:
                 return {name: SINGLE for name in f.keys()}
         if any(n.endswith(".bin") for n in os.listdir(self.path)):
             raise ValueError(f"{self.path}: only PyTorch .bin weights found; megappo reads safetensors (re-save with save_pretrained)")
@@ -61,7 +73,7 @@ class HFCheckpoint:
 
     def _handle(self, fname: str):
         if fname not in self._open:
-            self._open[fname] = self._stack.enter_context(safe_open(os.path.join(self.path, fname), framework="pt"))
+            self._open[fname] = self._stack.enter_context(open_safetensors(os.path.join(self.path, fname)))
         return self._open[fname]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:

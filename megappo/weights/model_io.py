@@ -92,7 +92,43 @@ def validate_hf_dir(spec: ModelSpec, ckpt: HFCheckpoint, *, strict: bool = True)
     diffs = spec_differences(spec, file_spec, labels=("model", "config.json"))
     if diffs:
         raise ValueError(f"{cfg_path} does not match the model being loaded: " + "; ".join(diffs))
-    return check_hf_tensors(table, spec, ckpt.shapes(), source=ckpt.path, strict=strict)
+    unexpected = check_hf_tensors(table, spec, ckpt.shapes(), source=ckpt.path, strict=strict)
+    if spec.tie_word_embeddings and "lm_head.weight" in ckpt.files:
+        _warn_tied_head_dropped(ckpt)
+    return unexpected
+
+
+_TIED_HEAD_WARNED: set[str] = set()
+
+
+def _warn_tied_head_dropped(ckpt: HFCheckpoint) -> None:
+    """A tied model's file that also stores ``lm_head.weight``: that tensor is not loaded
+    (the output layer is the embedding). Harmless when it equals the embedding, as some
+    exporters write it; a head trained apart from the embedding would be silently lost, so
+    say which case this is. Once per directory, on global rank 0 only (every rank and
+    every role loads the same file); the tensors are compared in row blocks so memory stays
+    bounded."""
+    import torch.distributed as dist
+
+    if ckpt.path in _TIED_HEAD_WARNED or (dist.is_initialized() and dist.get_rank() != 0):
+        return
+    _TIED_HEAD_WARNED.add(ckpt.path)
+    shapes = ckpt.shapes()
+    head, emb = shapes["lm_head.weight"], shapes.get("model.embed_tokens.weight")
+    if head != emb:
+        verdict = f"its shape {list(head)} is not the embedding's {list(emb) if emb else None}"
+    else:
+        worst = 0.0
+        for start in range(0, head[0], 4096):
+            stop = min(start + 4096, head[0])
+            a, b = ckpt.read("lm_head.weight", 0, start, stop), ckpt.read("model.embed_tokens.weight", 0, start, stop)
+            worst = max(worst, float((a.float() - b.float()).abs().max()))
+        verdict = "it equals the embedding" if worst == 0.0 else f"it DIFFERS from the embedding (max |diff| {worst:.3g})"
+    log.warning(
+        "%s: config.json sets tie_word_embeddings=true, so the file's lm_head.weight is not loaded (the output "
+        "layer is model.embed_tokens.weight); %s. If the head was trained separately, set tie_word_embeddings=false.",
+        ckpt.path, verdict,
+    )
 
 
 @torch.no_grad()
