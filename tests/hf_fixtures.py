@@ -244,3 +244,71 @@ def assert_diffs_small(results: dict, *names: str, tol: float) -> None:
     assert not missing, f"checks did not run: {missing}"
     bad = {n: diffs[n] for n in names if not diffs[n] <= tol}
     assert not bad, f"max abs differences above {tol}: {bad}"
+
+
+# ---- reward models ------------------------------------------------------------------------
+
+_RM_ARCH = {
+    "llama": "LlamaForSequenceClassification",
+    "qwen2": "Qwen2ForSequenceClassification",
+    "qwen3": "Qwen3ForSequenceClassification",
+    "mistral": "MistralForSequenceClassification",
+}
+
+
+def make_tiny_hf_reward_model(
+    tmp_path: str | Path,
+    family: str,
+    *,
+    tie: bool = False,
+    vocab: int = 103,
+    layers: int = 4,
+    seed: int = 0,
+    num_labels: int = 1,
+    name: str | None = None,
+    tokenizer: bool = True,
+    **extra: Any,
+) -> Path:
+    """A tiny random ``*ForSequenceClassification`` (``score`` head without bias, ``num_labels``
+    outputs, ``pad_token_id`` 0) saved under ``tmp_path/name``, with every weight
+    randomized as in ``make_tiny_hf_model``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    cfg = tiny_hf_config(family, tie=tie, vocab=vocab, layers=layers, **extra)
+    cfg["architectures"] = [_RM_ARCH[family]]
+    out = Path(tmp_path) / (name or f"rm-{family}-{'tied' if tie else 'untied'}")
+    config = AutoConfig.for_model(**cfg, num_labels=num_labels, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for pname, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if pname.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            elif pname.endswith(".bias"):
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(0.05 * noise)
+    model.save_pretrained(out)
+    if tokenizer:
+        write_char_tokenizer(out, vocab)
+    return out
+
+
+def hf_reward_scores(path: str | Path, seqs: list[list[int]]) -> "Any":
+    """transformers' scores [B] of right-padded ``seqs`` (pad id 0, which the sequences
+    must not contain): ``AutoModelForSequenceClassification`` pools the last non-pad token."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits[:, 0].float()

@@ -126,3 +126,48 @@ def test_check_config_rejects_what_the_mapping_cannot_hold(tmp_path):
         check_config(table_for("qwen3"), {"model_type": "qwen3", "attention_bias": True}, source="c")
     with pytest.raises(ValueError, match="no weight mapping for model family 'gpt2'"):
         table_for("gpt2")
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_models(tmp_path_factory):
+    """(spec, HF state) of a tiny ``*ForSequenceClassification`` of every family, tied and untied."""
+    from hf_fixtures import make_tiny_hf_reward_model
+
+    root = tmp_path_factory.mktemp("rm")
+    out = {}
+    for family, tie in itertools.product(FAMILIES, (False, True)):
+        path = make_tiny_hf_reward_model(root, family, tie=tie, tokenizer=False)
+        out[family, tie] = (ModelSpec.from_hf_dir(path), read_hf_state(path))
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_reward_model_round_trip_bit_exact(tiny_reward_models, family, tie):
+    """The role ``reward``: the backbone as the actor's, ``score.weight`` [1, H] as the
+    replicated output layer; no LM head and no tied copy, tied config or not."""
+    spec, hf = tiny_reward_models[family, tie]
+    assert "score.weight" in hf and "lm_head.weight" not in hf
+    for tp, pp in [(1, 1), (2, 1), (1, 2), (2, 2)]:
+        back = {}
+        for pp_rank in range(pp):
+            stage = dict(pp=pp, pp_rank=pp_rank)
+            shards = [
+                hf_to_megatron_state(hf, spec, Placement.of_stage(spec, tp=tp, tp_rank=r, **stage), role="reward")
+                for r in range(tp)
+            ]
+            if pp_rank == pp - 1:
+                assert all(torch.equal(s["output_layer.weight"], hf["score.weight"]) for s in shards)
+            back.update(megatron_to_hf_state(shards, spec, Placement.of_stage(spec, tp=tp, **stage), role="reward"))
+        assert sorted(back) == sorted(hf), (tp, pp)
+        assert all(torch.equal(back[n], t) for n, t in hf.items()), (tp, pp)
+
+
+def test_reward_role_names(tiny_reward_models):
+    spec, _ = tiny_reward_models["qwen2", True]
+    table = table_for(spec)
+    last = {e.megatron: e for e in plan(table, spec, Placement.of_stage(spec, pp=2, pp_rank=1), role="reward")}
+    assert last["output_layer.weight"].hf == ("score.weight",) and last["output_layer.weight"].rule.export
+    actor = {e.megatron: e for e in plan(table, spec, Placement.of_stage(spec, pp=2, pp_rank=1))}
+    assert actor["output_layer.weight"].hf == ("model.embed_tokens.weight",)  # tied copy, unchanged for the actor
+    assert table.reward_architectures == ("Qwen2ForSequenceClassification",)

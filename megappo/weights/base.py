@@ -5,8 +5,8 @@ A family (``llama.py``, ``qwen2.py``, ...) is a ``FamilyTable``: a list of ``Ten
 Each rule names one Megatron tensor, the HF tensors it is made of, how they are fused
 (``identity``, ``qkv``, ``concat``) and along which dimension every HF input is split over
 tensor-parallel ranks. Everything else (TP shards, vocabulary padding, pipeline stages,
-virtual chunks, tied embeddings, the critic, local vs Transformer Engine names) is handled
-here once, so a new family is a new table. A mixture-of-experts family would add rules whose
+virtual chunks, tied embeddings, the critic, the reward model, local vs Transformer Engine
+names) is handled here once, so a new family is a new table. A mixture-of-experts family would add rules whose
 names carry an ``{expert}`` field and a plan step that expands it (and splits experts over
 expert-parallel ranks); dense families never see it.
 
@@ -34,7 +34,10 @@ import torch
 from megappo.models.spec import ModelSpec
 
 Fuse = Literal["identity", "qkv", "concat"]
-Condition = Literal["qkv_bias", "qk_norm", "untied_head", "tied_head_copy"]
+Condition = Literal["qkv_bias", "qk_norm", "untied_head", "tied_head_copy", "score_head"]
+HEADLESS_ROLES = ("critic", "reward")
+"""Roles whose last layer is not the LM head: the critic's value head (not from HF) and the
+reward model's ``score`` head (``*ForSequenceClassification``). Neither ties embeddings."""
 Stage = Literal["first", "last", "layer"]
 
 
@@ -50,7 +53,8 @@ class TensorRule:
     Transformer Engine layer spec when it differs (norms fused into the next linear).
     ``export``: False for a copy that another rule already exports (the tied head).
     ``shapes``: each HF input's shape in symbols of the spec (``vocab``, ``hidden``, ``ffn``,
-    ``q`` = heads x head_dim, ``kv`` = KV heads x head_dim, ``head_dim``).
+    ``q`` = heads x head_dim, ``kv`` = KV heads x head_dim, ``head_dim``, ``labels`` = 1,
+    the one output of a reward model's ``score`` head).
     """
 
     megatron: str
@@ -72,6 +76,8 @@ class FamilyTable:
     family: str
     architectures: tuple[str, ...]
     rules: tuple[TensorRule, ...]
+    reward_architectures: tuple[str, ...] = ()
+    """The ``*ForSequenceClassification`` class of the family (role ``reward``)."""
     ignored_hf: tuple[str, ...] = (r"\.rotary_emb\.inv_freq$",)
     """Regexes of HF tensors that carry no weights (older checkpoints store RoPE buffers)."""
     config_problems: Callable[[dict], list[str]] = field(default=lambda cfg: [])
@@ -139,10 +145,13 @@ def _holds(rule: TensorRule, spec: ModelSpec, role: str, placement: Placement) -
         return spec.qkv_bias
     if rule.when == "qk_norm":
         return spec.qk_norm
-    # The critic's head is its value head (not from HF) and it never ties embeddings.
-    tied = spec.tie_word_embeddings and role != "critic"
+    # The critic's value head (not from HF) and the reward model's score head replace the
+    # LM head, and neither ties embeddings.
+    tied = spec.tie_word_embeddings and role not in HEADLESS_ROLES
+    if rule.when == "score_head":
+        return role == "reward"
     if rule.when == "untied_head":
-        return role != "critic" and not spec.tie_word_embeddings
+        return role not in HEADLESS_ROLES and not spec.tie_word_embeddings
     if rule.when == "tied_head_copy":
         # A tied head is the embedding itself on a stage that holds both; a last stage
         # without the embedding keeps its own copy (Megatron syncs it by all-reduce).
@@ -184,6 +193,7 @@ def hf_shapes(rule: TensorRule, spec: ModelSpec) -> list[tuple[int, ...]]:
         "q": spec.num_attention_heads * spec.head_dim,
         "kv": spec.num_kv_heads * spec.head_dim,
         "head_dim": spec.head_dim,
+        "labels": 1,
     }
     return [tuple(sizes[d] for d in shape) for shape in rule.shapes]
 

@@ -1,6 +1,7 @@
 """The rules of a dense Llama-style decoder (RMSNorm, GQA attention, SwiGLU MLP) under the
 HF names that Llama, Mistral, Qwen2 and Qwen3 share. Optional parts carry a condition
-(QKV bias, QK-norm, untied head); a family picks its architectures and config checks.
+(QKV bias, QK-norm, untied head, a reward model's score head); a family picks its
+architectures and config checks.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 from megappo.weights.base import TensorRule
 
 L = "model.layers.{layer}."
-H, V, F, Q, KV, D = "hidden", "vocab", "ffn", "q", "kv", "head_dim"
+H, V, F, Q, KV, D, N = "hidden", "vocab", "ffn", "q", "kv", "head_dim", "labels"
 
 DENSE_RULES = (
     TensorRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), ((V, H),), stage="first", tp_dim=0, vocab=True),
@@ -62,6 +63,9 @@ DENSE_RULES = (
         when="tied_head_copy",
         export=False,
     ),
+    # A reward model (``*ForSequenceClassification``, one label): ``score`` is a bias-free
+    # Linear(hidden, 1), replicated on TP ranks, in place of the LM head.
+    TensorRule("output_layer.weight", ("score.weight",), ((N, H),), stage="last", when="score_head"),
 )
 
 

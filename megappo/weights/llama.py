@@ -3,4 +3,4 @@
 from megappo.weights.base import FamilyTable
 from megappo.weights.dense import DENSE_RULES, no_output_bias
 
-TABLE = FamilyTable("llama", ("LlamaForCausalLM",), DENSE_RULES, config_problems=no_output_bias)
+TABLE = FamilyTable("llama", ("LlamaForCausalLM",), DENSE_RULES, ("LlamaForSequenceClassification",), config_problems=no_output_bias)

@@ -3,4 +3,4 @@
 from megappo.weights.base import FamilyTable
 from megappo.weights.dense import DENSE_RULES
 
-TABLE = FamilyTable("mistral", ("MistralForCausalLM",), DENSE_RULES)
+TABLE = FamilyTable("mistral", ("MistralForCausalLM",), DENSE_RULES, ("MistralForSequenceClassification",))

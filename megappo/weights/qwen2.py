@@ -3,4 +3,4 @@
 from megappo.weights.base import FamilyTable
 from megappo.weights.dense import DENSE_RULES
 
-TABLE = FamilyTable("qwen2", ("Qwen2ForCausalLM",), DENSE_RULES)
+TABLE = FamilyTable("qwen2", ("Qwen2ForCausalLM",), DENSE_RULES, ("Qwen2ForSequenceClassification",))
