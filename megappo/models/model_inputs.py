@@ -5,8 +5,11 @@ Shape legend: b = sequences of the micro-batch, S = their right-padded width, T 
 positions, N = packed positions (the b real lengths summed, then padded at the end to a
 multiple of ``pad_multiple``), V = vocabulary shard (or 1 for the critic's value).
 
-Right-padded (``mode="padded"``): input ids [b, S], positions 0..S-1, Megatron's default
-causal mask. The output predicting response token t of row i is at (i, prompt_len_i + t - 1).
+Right-padded (``mode="padded"``): input ids [b, S'], positions 0..S'-1, Megatron's default
+causal mask, where S' is S rounded up to a multiple of ``pad_multiple`` (the extra columns
+are padding after every real token: causal attention never lets a real token see them, and
+no output is read there, so every loss and metric is unchanged). The output predicting
+response token t of row i is at (i, prompt_len_i + t - 1).
 
 Packed (``train.packed_sequences``): the b sequences concatenated without padding into one
 row [1, N]; row i occupies [start_i, start_i + len_i), so its output is read at
@@ -61,9 +64,11 @@ def check_packing(mode: PackingMode, sliding_window: Optional[int]) -> None:
 
 
 def pad_multiple(tp: int, sequence_parallel: bool, fp8_recipe: Optional[str]) -> int:
-    """What a packed row's length N must divide by: TP with sequence parallelism (the
-    sequence is split over TP ranks); 16 with FP8 (TE's FP8 GEMMs need token counts
-    divisible by 16), 32 with the MXFP8 recipe (its 32-element scaling blocks).
+    """What every micro-batch's sequence length (a padded micro-batch's width S, a packed
+    row's N) must divide by: TP with sequence parallelism (Megatron's
+    ``_split_along_first_dim`` cuts the sequence over TP ranks and asserts S % TP == 0);
+    16 with FP8 (TE's FP8 GEMMs assert token counts divisible by 8 or 16 by recipe: 16
+    covers both), 32 with the MXFP8 recipe (its 32-element scaling blocks).
     ``fp8_recipe`` is None without FP8."""
     m = tp if sequence_parallel else 1
     if fp8_recipe is not None:
@@ -133,10 +138,14 @@ class ModelInputs:
 
 def model_inputs(mb: TokenBatch, mode: PackingMode = "padded", multiple: int = 1) -> ModelInputs:
     """The inputs of micro-batch ``mb`` (already cut to its longest row) in ``mode``."""
+    if multiple < 1:
+        raise ValueError(f"the sequence-length multiple must be >= 1, got {multiple}")
     pos_bT = mb.output_positions_BT()
     if mode == "padded":
+        width = math.ceil(mb.S / multiple) * multiple
+        ids_bS = torch.nn.functional.pad(mb.input_ids_BS, (0, width - mb.S)) if width > mb.S else mb.input_ids_BS
         rows_b1 = torch.arange(mb.B, device=pos_bT.device).unsqueeze(1)
-        return ModelInputs(mb.input_ids_BS, rows_b1 * mb.S + pos_bT)
+        return ModelInputs(ids_bS, rows_b1 * width + pos_bT)
     lens_b = mb.seq_lens_B.to(mb.input_ids_BS.device)
     total = int(lens_b.sum())
     n = math.ceil(total / multiple) * multiple

@@ -19,6 +19,9 @@ The trainer's loss function:
 ``outputs`` holds ``logprobs_BT`` and ``entropy_BT`` (actor; ``kl_BT`` too when a
 reference is passed) or ``values_BT`` (critic), zero on padding; ``mb_index`` are the rows
 of the batch in this micro-batch, so the trainer indexes its own [B, T] tensors with it.
+``entropy_BT`` is differentiable only with ``entropy_grad=True`` (an entropy bonus in the
+loss); otherwise it is a detached metric, so the backward never builds the
+[tokens x vocab-shard] entropy gradient (gigabytes of fp32 at 16k tokens).
 ``loss`` must already be divided by the *global* token / sequence counts: the batch loss
 is the sum of ``loss`` over all micro-batches and DP ranks. The factor Megatron needs on
 top is applied in one place (``optimizer.loss_scale_factor``).
@@ -78,6 +81,8 @@ class _Pass:
     T: int
     temperature: float = 1.0
     with_entropy: bool = False
+    entropy_grad: bool = False
+    """Keep ``entropy_BT`` in the autograd graph (an entropy bonus); else it is detached."""
     ref: Optional["MegatronPolicy"] = None
     loss_fn: Optional[LossFn] = None
     scale: float = 1.0
@@ -242,8 +247,11 @@ class MegatronPolicy:
         temperature: float = 1.0,
         num_microbatches_hint: Optional[int] = None,
         ref: Optional["MegatronPolicy"] = None,
+        entropy_grad: bool = True,
     ) -> dict[str, float]:
         """One optimizer step on ``batch`` (``forward_backward`` then ``optimizer_step``).
+        ``entropy_grad``: whether ``loss_fn`` back-propagates through ``entropy_BT``; pass
+        ``algo.entropy_coef != 0`` (False leaves it a detached metric: see the module doc).
 
         Returns, on every rank: ``loss`` (the batch loss: sum over micro-batches and DP
         ranks), ``grad_norm`` (before clipping), ``lr`` (used by this step),
@@ -255,7 +263,8 @@ class MegatronPolicy:
         mean), else with equal weights.
         """
         metrics = self.forward_backward(
-            batch, loss_fn, temperature=temperature, num_microbatches_hint=num_microbatches_hint, ref=ref
+            batch, loss_fn, temperature=temperature, num_microbatches_hint=num_microbatches_hint, ref=ref,
+            entropy_grad=entropy_grad,
         )
         metrics.update(self.optimizer_step())
         return metrics
@@ -268,6 +277,7 @@ class MegatronPolicy:
         temperature: float = 1.0,
         num_microbatches_hint: Optional[int] = None,
         ref: Optional["MegatronPolicy"] = None,
+        entropy_grad: bool = True,
     ) -> dict[str, float]:
         """Zero the gradients, then accumulate d(batch loss)/d(params) over all
         micro-batches, reduced over DP ranks (``param.main_grad``); no optimizer step.
@@ -280,6 +290,7 @@ class MegatronPolicy:
             T=batch.T,
             temperature=temperature,
             with_entropy=self.role == "actor",
+            entropy_grad=entropy_grad,
             ref=self._check_ref(ref),
             loss_fn=loss_fn,
             scale=loss_scale_factor(len(mbs), self.layout.dp),
@@ -403,7 +414,9 @@ class MegatronPolicy:
         )
         out = {"logprobs_BT": finish(lp_bT)}
         if ent_bT is not None:
-            out["entropy_BT"] = finish(ent_bT)
+            # Detached, the entropy output of the log-prob node gets no gradient (None), so
+            # its backward skips the [b*T, V] entropy term; the forward value is the same.
+            out["entropy_BT"] = finish(ent_bT if ctx.entropy_grad else ent_bT.detach())
         if ref_logits is not None:
             kl_bT = vocab_parallel_full_kl(
                 logits_bTV, at_response(ref_logits), vocab_size=self.spec.vocab_size, temperature=ctx.temperature
