@@ -232,3 +232,79 @@ def test_workers_do_not_reimport_the_parents_main(tmp_path, user_module, repo_ro
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["MAIN RUNS", "[True, False]"]
     assert done.stderr == ""
+
+
+# ---- bounds on failures and time (issue 14, bug 5), one warning line per batch -------------
+
+
+def test_failed_batches_in_a_row_stop_the_run():
+    from megappo.data.rewards import RewardFailureError
+
+    bad, good = ["no number"] * 4, ["#### 3"] * 4
+    with RewardFunction.from_config(RewardConfig(fn="gsm8k")) as reward:  # defaults: > 0.5 failed, 2 in a row
+        assert reward.score(["#### 3"] * 4, bad, [""] * 4).num_errors == 4  # first failed batch: scored 0
+        assert reward.score(["#### 3"] * 4, bad[:2] + good[:2], [""] * 4).num_errors == 2  # half: not failed
+        reward.score(["#### 3"] * 4, bad, [""] * 4)
+        with pytest.raises(RewardFailureError) as err:
+            reward.score(["#### 3"] * 4, bad[:3] + good[:1], [""] * 4)
+    message = str(err.value)
+    assert "failed on 3 of 4 responses (3 raised, 0 timed out; first error: ValueError: no number" in message
+    assert "2 batch(es) in a row" in message and "reward.max_failed_fraction" in message
+    with RewardFunction.from_config(RewardConfig(fn="gsm8k", max_failed_batches=1)) as reward:
+        with pytest.raises(RewardFailureError):
+            reward.score(["#### 3"] * 2, bad[:2], [""] * 2)
+    with RewardFunction.from_config(RewardConfig(fn="gsm8k", max_failed_fraction=1.0, max_failed_batches=1)) as reward:
+        assert reward.score(["#### 3"] * 2, bad[:2], [""] * 2).num_errors == 2  # 1 disables the bound
+    with pytest.raises(ValueError, match="reward.max_failed_fraction must be in"):
+        RewardFunction.from_config(RewardConfig(fn="gsm8k", max_failed_fraction=1.5))
+
+
+def test_batch_deadline_bounds_a_batch_of_hanging_rewards(user_module, caplog):
+    import time
+
+    # Six responses that sleep 60 s, two workers, a 30 s per-item timeout: one at a time they
+    # would take 3 x 30 s; the batch deadline ends them together after about 1.5 s.
+    cfg = RewardConfig(fn="my_rewards:flaky", num_workers=2, timeout_s=30.0, batch_timeout_s=1.5, max_failed_fraction=1.0)
+    with RewardFunction.from_config(cfg) as reward, caplog.at_level(logging.WARNING):
+        assert reward.score(["7"], ["7"], [""]).correct == [True]  # workers started
+        t0 = time.monotonic()
+        result = reward.score(["7", "slow", "slow", "slow", "slow", "slow", "slow"], ["7"] * 7, [""] * 7)
+        elapsed = time.monotonic() - t0
+        assert result.correct[0] and result.num_timeouts == 6 and result.scores[1:] == [0.0] * 6
+        assert 1.4 < elapsed < 12.0, elapsed
+        assert "6 of 7 responses timed out and scored 0 (first: the batch's reward deadline (1.5 s) passed)" in caplog.text
+        assert reward.score(["8", "7"], ["7", "7"], ["", ""]).correct == [False, True]  # a fresh pool scores again
+
+
+def test_a_dying_worker_logs_one_line_per_batch(user_module, caplog):
+    cfg = RewardConfig(fn="my_rewards:stubborn", num_workers=2, timeout_s=5.0, max_failed_fraction=1.0)
+    with RewardFunction.from_config(cfg, kill_grace_s=5.0) as reward, caplog.at_level(logging.WARNING):
+        result = reward.score(["die"] * 3 + ["ok"], ["x"] * 4, [""] * 4)
+    assert result.num_errors == 3 and result.scores[3] == 1.0
+    lines = [r.getMessage() for r in caplog.records if "restarted" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert f"restarted {reward._pool.restarts} time(s) in a batch of 4 items" in lines[0] and reward._pool.restarts >= 3
+
+
+def test_workers_survive_preemption_signals(user_module):
+    """torchrun's killpg and Slurm signal every process: the trainer handles SIGUSR1 / SIGTERM
+    (and Ctrl-C's SIGINT) to save; reward workers must not die of them (bug 1)."""
+    import os
+    import signal
+    import time
+
+    from megappo.helper_processes import PREEMPTION_SIGNALS, blocked_signals
+
+    with RewardFunction.from_config(RewardConfig(fn="my_rewards:flaky", num_workers=2)) as reward:
+        assert reward.score(["1"], ["1"], [""]).correct == [True]
+        executor = reward._pool._executor
+        pids = [p.pid for p in executor._processes.values()]
+        assert len(pids) == 2
+        for pid in pids:
+            assert set(PREEMPTION_SIGNALS) <= blocked_signals(pid)
+            for sig in PREEMPTION_SIGNALS:
+                os.kill(pid, sig)
+        time.sleep(0.5)
+        assert reward.score(["1", "2", "3"], ["1", "2", "4"], [""] * 3).correct == [True, True, False]
+        assert reward._pool._executor is executor and reward._pool.restarts == 0
+    assert not set(PREEMPTION_SIGNALS) & blocked_signals(os.getpid())  # the parent's mask is restored

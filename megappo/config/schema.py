@@ -277,6 +277,15 @@ class RewardConfig:
     """Score of a correct answer."""
     incorrect_score: float = 0.0
     """Score of an incorrect answer."""
+    batch_timeout_s: float = 300.0
+    """Deadline of one scoring batch (reward functions run in worker processes): responses still
+    unscored then time out together, so hanging rewards cost one deadline per batch, not
+    ``timeout_s`` per worker round; 0 disables."""
+    max_failed_fraction: float = 0.5
+    """A scoring batch in which more than this fraction of responses failed (raised or timed
+    out) is a failed batch; 1 disables the bound."""
+    max_failed_batches: int = 2
+    """The run stops with an error after this many failed batches in a row."""
 
 
 @dataclass(frozen=True)

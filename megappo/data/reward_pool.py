@@ -22,7 +22,14 @@ CUDA or NCCL threads can deadlock the child. Workers import only what they are t
 is not re-imported in the workers (see ``_main_module_hidden``).
 
 At most ``num_workers`` items are in flight, so an item's clock starts when it is handed
-to an idle worker, not while it waits in a queue.
+to an idle worker, not while it waits in a queue. A batch may also have a deadline
+(``run(..., deadline_s=)``): items still running or waiting when it passes time out
+together, so a batch of hanging items costs one deadline, not one timeout per worker round.
+
+Workers are started with the preemption signals blocked and die with the trainer
+(``megappo.helper_processes``): a SIGUSR1 / SIGTERM that torchrun or Slurm sends to every
+process leaves them running for the trainer's preemption save, and ``kill -9`` of the
+trainer leaves none behind.
 """
 
 from __future__ import annotations
@@ -36,11 +43,14 @@ import multiprocessing
 import signal
 import sys
 import time
+import os
 import weakref
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence
+
+from megappo.helper_processes import die_with_parent, shielded_from_preemption
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +107,8 @@ def import_preload(preload: Preload) -> Any:
     return module
 
 
-def _init_worker(sys_path: list[str], preloads: Sequence[Preload], quiet_loggers: Sequence[str]) -> None:
+def _init_worker(sys_path: list[str], preloads: Sequence[Preload], quiet_loggers: Sequence[str], parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     sys.path[:] = sys_path
     # The parent handles Ctrl-C; a worker that also died of it would break the pool mid-call.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -219,12 +230,12 @@ class RewardWorkerPool:
                 max_workers=self.num_workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(list(sys.path), self._preload, self._quiet_loggers),
+                initargs=(list(sys.path), self._preload, self._quiet_loggers, os.getpid()),
             )
             self._finalizer = weakref.finalize(self, _stop, executor)
             # A spawn executor starts a worker per submit while none is idle: start them all
             # now, with the parent's __main__ hidden. Their no-op answers say the pool is up.
-            with _main_module_hidden():
+            with _main_module_hidden(), shielded_from_preemption():
                 self._warmup = [executor.submit(_noop) for _ in range(self.num_workers)]
             self._created = time.monotonic()
             self._executor = executor
@@ -250,22 +261,32 @@ class RewardWorkerPool:
         self._finalizer = None
         self._warmup = []
 
-    def run(self, fn: Callable[..., Any], items: Sequence[tuple]) -> list[Outcome]:
+    def run(self, fn: Callable[..., Any], items: Sequence[tuple], *, deadline_s: Optional[float] = None) -> list[Outcome]:
+        """One ``Outcome`` per item. ``deadline_s``: the whole batch's time limit, counted from
+        when the workers have started; items still running or waiting then time out."""
+        if deadline_s is not None and deadline_s <= 0:
+            raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
         try:
-            return self._run(fn, items)
+            return self._run(fn, items, deadline_s)
         except BaseException:
             self._drop_pool()  # e.g. Ctrl-C: leave no worker running a task behind
             raise
 
-    def _run(self, fn: Callable[..., Any], items: Sequence[tuple]) -> list[Outcome]:
+    def _run(self, fn: Callable[..., Any], items: Sequence[tuple], deadline_s: Optional[float]) -> list[Outcome]:
         outcomes: list[Optional[Outcome]] = [None] * len(items)
         pending = collections.deque(_Task(index, tuple(args)) for index, args in enumerate(items))
         running: dict[Future, _Task] = {}
+        batch_deadline: Optional[float] = None
+        restarts = {"hung": 0, "died": 0}
         while pending or running:
             self._submit(fn, pending, running)
+            if batch_deadline is None and deadline_s is not None and running and self._started():
+                batch_deadline = time.monotonic() + deadline_s
             waiting_for = list(running) + [f for f in self._warmup if not f.done()]
             deadlines = [task.deadline for task in running.values() if task.deadline is not None]
             limit = min(deadlines) if deadlines else self._created + STARTUP_ALLOWANCE_S
+            if batch_deadline is not None:
+                limit = min(limit, batch_deadline)
             done, _ = wait(waiting_for, timeout=max(0.0, limit - time.monotonic()), return_when=FIRST_COMPLETED)
             crashed: list[_Task] = []
             for future in done:
@@ -302,6 +323,16 @@ class RewardWorkerPool:
             elif self._started():
                 self._start_clocks(running)
             now = time.monotonic()
+            if batch_deadline is not None and now >= batch_deadline:
+                message = f"the batch's reward deadline ({deadline_s:g} s) passed"
+                for task in [*running.values(), *pending]:
+                    outcomes[task.index] = Outcome("timeout", message=message)
+                if running:
+                    self._drop_pool()  # the workers are busy with items that no longer count
+                    restarts["hung"] += 1
+                running.clear()
+                pending.clear()
+                break
             expired = [future for future, task in running.items() if task.deadline is not None and task.deadline <= now]
             for future in expired:
                 task = running.pop(future)
@@ -314,8 +345,15 @@ class RewardWorkerPool:
                     pending.appendleft(task)
                 running.clear()
                 self._drop_pool()
-                self.restarts += 1
-                logger.warning("reward worker pool restarted: %s", "a worker hung" if expired else "a worker died")
+                restarts["hung" if expired else "died"] += 1
+        if any(restarts.values()):
+            # One line per batch, not one per restart: a worker that dies on every item would
+            # otherwise print a warning per response.
+            self.restarts += sum(restarts.values())
+            logger.warning(
+                "reward worker pool restarted %d time(s) in a batch of %d items (%d for hung items, %d after a worker died)",
+                sum(restarts.values()), len(items), restarts["hung"], restarts["died"],
+            )
         assert all(outcome is not None for outcome in outcomes)
         return outcomes  # type: ignore[return-value]
 
@@ -326,7 +364,9 @@ class RewardWorkerPool:
             if any(task.crashes for task in running.values()) or (pending[0].crashes and running):
                 return
             task = pending.popleft()
-            future = self._pool().submit(run_item, fn, task.args, self.timeout_s)
+            pool = self._pool()
+            with shielded_from_preemption():  # a submit may start a worker process
+                future = pool.submit(run_item, fn, task.args, self.timeout_s)
             running[future] = task
             if self._started():
                 self._start_clocks(running)

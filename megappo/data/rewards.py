@@ -14,10 +14,16 @@ answer with the function's marker (``####`` then a number for ``gsm8k``, ``\\box
 ``format_reward`` is ignored for them, with a warning.
 
 A function that raises or exceeds ``reward.timeout_s`` scores 0 (no format reward either),
-is counted in ``RewardResult.num_errors`` / ``num_timeouts`` and logged; it never stops
-the run. ``math_verify`` and user functions run in a small pool of ``spawn`` worker
-processes (see ``reward_pool``); ``gsm8k`` and ``toy`` are a few regular expressions over
-the response and run in-process.
+is counted in ``RewardResult.num_errors`` / ``num_timeouts`` and logged. Failures are bounded:
+a scoring batch in which more than ``reward.max_failed_fraction`` of the responses failed is
+a failed batch, and ``reward.max_failed_batches`` failed batches in a row raise
+``RewardFailureError``, which stops the run on every rank (a broken reward function would
+otherwise train on zeros and exit 0). A scoring batch is one ``score`` call: a rollout
+batch, a dynamic-sampling round or an evaluation batch. ``math_verify`` and
+user functions run in a small pool of ``spawn`` worker processes (see ``reward_pool``) under
+a per-batch deadline, ``reward.batch_timeout_s``, so hanging responses cost one deadline per
+batch, not one timeout per worker round; ``gsm8k`` and ``toy`` are a few regular expressions
+over the response and run in-process.
 
 Registered (``reward.fn``):
   gsm8k        exact match of the final numbers (``answers.extract_gsm8k_*``).
@@ -179,6 +185,30 @@ def call_reward(module: Preload, attribute: str, response: str, answer: str, pro
         raise TypeError(f"returned {type(value).__name__}, expected bool or float") from None
 
 
+class RewardFailureError(RuntimeError):
+    """The reward function failed on too many responses (see the module docstring)."""
+
+
+@dataclass(frozen=True)
+class FailureBound:
+    """When reward failures stop the run."""
+
+    max_failed_fraction: float = 0.5
+    """A batch with more than this fraction of failed responses is a failed batch; 1 disables the bound."""
+    max_failed_batches: int = 2
+    """Failed batches in a row that stop the run."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_failed_fraction <= 1.0:
+            raise ValueError(f"reward.max_failed_fraction must be in [0, 1], got {self.max_failed_fraction}")
+        if self.max_failed_batches < 1:
+            raise ValueError(f"reward.max_failed_batches must be >= 1, got {self.max_failed_batches}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_failed_fraction < 1.0
+
+
 @dataclass(frozen=True)
 class RewardResult:
     """Scores of one batch, aligned with the responses."""
@@ -210,6 +240,8 @@ class RewardFunction:
         timeout_s: float = 10.0,
         num_workers: int = 2,
         kill_grace_s: Optional[float] = None,
+        batch_timeout_s: float = 0.0,
+        failure_bound: FailureBound = FailureBound(),
     ) -> None:
         self.spec = spec
         self.name = name or getattr(spec.fn, "__name__", "reward")
@@ -227,6 +259,12 @@ class RewardFunction:
                 preload=(*(Preload(module) for module in spec.preload), spec.reference()[0]),
                 quiet_loggers=("math_verify",),
             )
+        if batch_timeout_s < 0:
+            raise ValueError(f"reward.batch_timeout_s must be >= 0 (0 disables), got {batch_timeout_s}")
+        self.timeout_s = timeout_s
+        self.batch_timeout_s = batch_timeout_s
+        self.failure_bound = failure_bound
+        self.failed_batches_in_a_row = 0
         self.total_errors = 0
         self.total_timeouts = 0
 
@@ -240,6 +278,8 @@ class RewardFunction:
             format_reward=reward_cfg.format_reward,
             timeout_s=reward_cfg.timeout_s,
             num_workers=reward_cfg.num_workers,
+            batch_timeout_s=reward_cfg.batch_timeout_s,
+            failure_bound=FailureBound(reward_cfg.max_failed_fraction, reward_cfg.max_failed_batches),
         )
         kwargs.update(overrides)
         return cls(resolve_reward(reward_cfg.fn), **kwargs)
@@ -253,7 +293,9 @@ class RewardFunction:
         triples = list(zip(responses, answers, prompts))
         if self._pool is not None:
             module, attribute = self.spec.reference()
-            outcomes = self._pool.run(call_reward, [(module, attribute, *triple) for triple in triples])
+            outcomes = self._pool.run(
+                call_reward, [(module, attribute, *triple) for triple in triples], deadline_s=self.batch_timeout_s or None
+            )
         else:
             outcomes = [run_inline(self.spec.fn, triple) for triple in triples]
         return self._to_result(outcomes, responses)
@@ -292,7 +334,29 @@ class RewardFunction:
                     "raised" if kind == "error" else "timed out",
                     messages[0],
                 )
+        self._check_failures(len(outcomes), failures)
         return RewardResult(scores, correct, num_errors, num_timeouts, well_formed)
+
+    def _check_failures(self, total: int, failures: dict[str, list[str]]) -> None:
+        """Count a failed batch and raise ``RewardFailureError`` past the bound."""
+        bound, failed = self.failure_bound, len(failures["error"]) + len(failures["timeout"])
+        if not bound.enabled or total == 0:
+            return
+        if failed / total > bound.max_failed_fraction:
+            self.failed_batches_in_a_row += 1
+        else:
+            self.failed_batches_in_a_row = 0
+            return
+        if self.failed_batches_in_a_row < bound.max_failed_batches:
+            return
+        first = "; ".join(f"first {kind}: {msgs[0]}" for kind, msgs in failures.items() if msgs)
+        why = f"more than {bound.max_failed_fraction:g} of the responses failed in {self.failed_batches_in_a_row} batch(es) in a row"
+        raise RewardFailureError(
+            f"reward {self.name!r} failed on {failed} of {total} responses ({len(failures['error'])} raised, "
+            f"{len(failures['timeout'])} timed out; {first}): {why}, so the run stops instead of training on zero "
+            f"rewards. Fix the reward function, or loosen reward.max_failed_fraction / reward.max_failed_batches "
+            f"(reward.timeout_s={self.timeout_s:g}, reward.batch_timeout_s={self.batch_timeout_s:g})"
+        )
 
     def close(self) -> None:
         """Stop the worker pool (it restarts if ``score`` is called again)."""
