@@ -364,6 +364,20 @@ class LoggingConfig:
     """Show progress bars (steps, rollout) on rank 0 when attached to a terminal."""
     level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the ``megappo`` logger."""
+    samples_every: int = 10
+    """Show ``num_samples`` whole prompts and responses (with score and answer) every N steps:
+    on the console, as TensorBoard text and appended to ``<run_dir>/samples.jsonl``; 0 disables."""
+    num_samples: int = 2
+    """Samples shown per ``samples_every`` step, spread over the batch (different prompts)."""
+    wandb: bool = False
+    """Also log scalars and samples to Weights & Biases (needs ``pip install wandb``); one
+    W&B run per session, grouped by the run directory's name."""
+    wandb_project: str = "megappo"
+    """W&B project."""
+    wandb_name: Optional[str] = None
+    """W&B run name; None: the run directory's name."""
+    wandb_mode: Literal["online", "offline"] = "online"
+    """``offline`` writes under ``<run_dir>/wandb`` with no network (upload later with ``wandb sync``)."""
 
 
 @dataclass(frozen=True)
