@@ -33,7 +33,8 @@ setup(
         "matplotlib",  # metrics plots (the demo)
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "pytest-timeout>=2", "math-verify>=0.8", "matplotlib", "pyarrow"],
+        "test": ["pytest>=8", "hypothesis>=6", "pytest-timeout>=2", "math-verify>=0.8", "matplotlib", "pyarrow", "wandb>=0.20"],
+        "wandb": ["wandb>=0.20"],  # logging.wandb
         "math": ["math-verify>=0.8"],
         # GPU only (sglang-kernel ships CUDA wheels); these releases pin torch==2.13.0.
         "sglang": ["sglang>=0.5.18,<0.5.22"],
