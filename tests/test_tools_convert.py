@@ -42,6 +42,16 @@ def test_hf_to_megatron_to_hf_is_bit_exact(tools_run):
 
 
 @pytest.mark.slow
+def test_out_safety_on_a_real_checkpoint(tools_run):
+    r = tools_run
+    assert r["m2hf_again_rc"] == 0 and r["m2hf_again_mismatch"] == []  # an earlier export: replaced
+    assert r["m2hf_onto_ckpt_rc"] == 2 and r["m2hf_onto_ckpt_kept"]  # was: exit 0, checkpoint deleted
+    assert r["m2hf_users_dir_rc"] == 2 and r["m2hf_users_dir_kept"]
+    assert r["m2hf_overwrite_rc"] == 0 and "notes.txt" not in r["m2hf_overwrite_files"]
+    assert "model.safetensors" in r["m2hf_overwrite_files"] and "config.json" in r["m2hf_overwrite_files"]
+
+
+@pytest.mark.slow
 def test_tp2_checkpoint_converts_at_world_1(tools_run):
     assert tools_run["m2hf_tp2_rc"] == 0 and tools_run["m2hf_tp2_mismatch"] == []
 
@@ -115,3 +125,82 @@ def test_corrupt_safetensors_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith(f"error: {weights}: not a readable safetensors file") and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def _fake_model_checkpoint(path: Path) -> Path:
+    """Enough of a model checkpoint for the tool to resolve it (the --out checks run before
+    Megatron starts, so no weights are needed); the slow phase converts real ones."""
+    path.mkdir(parents=True)
+    (path / "megappo_model.json").write_text(json.dumps({"format": "megappo-megatron-model/1", "spec": {}, "hf_config": {}}))
+    (path / "common.pt").write_bytes(b"weights")
+    return path
+
+
+def _m2hf(capsys, *argv):
+    capsys.readouterr()
+    rc = _tool("convert_megatron_to_hf").main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def test_out_never_replaces_the_checkpoint_or_a_users_directory(tmp_path, capsys):
+    ck = _fake_model_checkpoint(tmp_path / "ck")
+    before = sorted(p.name for p in ck.iterdir())
+    for out, words in [
+        (ck, "is the checkpoint being converted"),
+        (ck / "hf", "is inside the checkpoint being converted"),
+        (tmp_path, "holds the checkpoint being converted"),
+    ]:
+        for extra in ([], ["--overwrite"]):  # --overwrite never allows these
+            rc, err = _m2hf(capsys, "--ckpt", ck, "--out", out, *extra)
+            assert rc == 2 and err.startswith(f"error: --out {out} {words}"), err
+    assert sorted(p.name for p in ck.iterdir()) == before and not (ck / "hf").exists()
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's file")
+    rc, err = _m2hf(capsys, "--ckpt", ck, "--out", mine)
+    assert rc == 2 and "is not empty and is not an earlier HF export (it holds notes.txt)" in err and "--overwrite" in err
+    assert (mine / "notes.txt").read_text() == "a user's file"
+
+    other = _fake_model_checkpoint(tmp_path / "other-ckpt")
+    rc, err = _m2hf(capsys, "--ckpt", ck, "--out", other, "--overwrite")
+    assert rc == 2 and "holds a checkpoint (megappo_model.json); refusing to replace it, even with --overwrite" in err
+    (tmp_path / "file").write_text("x")
+    rc, err = _m2hf(capsys, "--ckpt", ck, "--out", tmp_path / "file")
+    assert rc == 2 and "is a file, not a directory" in err
+
+
+def test_missing_hf_config_directory_is_an_error(tmp_path, capsys):
+    ck = _fake_model_checkpoint(tmp_path / "ck")
+    rc, err = _m2hf(capsys, "--ckpt", ck, "--out", tmp_path / "hf", "--hf-config", tmp_path / "no-such-model")
+    assert rc == 2 and err.strip() == f"error: --hf-config {tmp_path / 'no-such-model'}: no such directory"
+    (tmp_path / "empty").mkdir()
+    rc, err = _m2hf(capsys, "--ckpt", ck, "--out", tmp_path / "hf", "--hf-config", tmp_path / "empty")
+    assert rc == 2 and "neither a config.json nor tokenizer files" in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_what_counts_as_an_earlier_export(tmp_path):
+    from megappo.weights.export import is_hf_export
+
+    d = tmp_path / "hf"
+    d.mkdir()
+    assert not is_hf_export(d) and not is_hf_export(tmp_path / "absent")
+    for name in ("config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                 "model.safetensors.index.json", "tokenizer.json", "generation_config.json"):
+        (d / name).write_text("{}")
+    assert is_hf_export(d)
+    (d / "README.md").write_text("mine")
+    assert not is_hf_export(d)
+
+
+def test_hf_to_megatron_out_must_be_empty(tmp_path, capsys):
+    src = make_tiny_hf_model(tmp_path, "llama", layers=1)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    (tmp_path / "afile").write_text("x")
+    for out, words in [("full", "is not empty; refusing"), ("afile", "is a file, not a directory")]:
+        capsys.readouterr()
+        rc = _tool("convert_hf_to_megatron").main(["--hf-dir", str(src), "--out", str(tmp_path / out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"error: --out {tmp_path / out}") and words in err

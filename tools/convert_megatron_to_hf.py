@@ -26,7 +26,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="model checkpoint, training checkpoint step_N, or checkpoint directory")
-    ap.add_argument("--out", required=True, help="output HF directory (replaced atomically if it exists)")
+    ap.add_argument("--out", required=True,
+                    help="output HF directory, replaced atomically; an existing one must be an earlier HF export "
+                         "(else pass --overwrite), and never the checkpoint or a directory inside it")
+    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that is not an earlier HF export")
     ap.add_argument("--hf-config", default=None, metavar="DIR", help="HF directory whose config.json and tokenizer to use")
     ap.add_argument("--dtype", choices=DTYPES, default="auto", help="saved dtype; auto: the HF config's")
     ap.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard (GiB)")
@@ -47,6 +50,7 @@ def main(argv=None) -> int:
             pp=args.pp,
             dtype=None if args.dtype == "auto" else getattr(torch, args.dtype),
             max_shard_bytes=int(args.max_shard_gb * 2**30),
+            overwrite=args.overwrite,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

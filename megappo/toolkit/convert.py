@@ -57,6 +57,7 @@ def convert_hf_to_megatron(
     from megappo.weights.megatron_ckpt import save_megatron_model
     from megappo.weights.model_io import load_hf_into_model, validate_hf_dir
 
+    check_megatron_out(out_dir)
     spec = ModelSpec.from_hf_dir(hf_dir)
     with HFCheckpoint(hf_dir) as ckpt:  # fail on a bad directory before starting Megatron
         validate_hf_dir(spec, ckpt)
@@ -67,6 +68,74 @@ def convert_hf_to_megatron(
     chunks = _build_actor(spec, tp, pp, vpp, dtype)
     load_hf_into_model(chunks, hf_dir)
     save_megatron_model(chunks, out_dir, hf_config=hf_config, source_dir=os.path.abspath(hf_dir))
+
+
+def check_megatron_out(out_dir: str) -> None:
+    """``out_dir`` for a new Megatron checkpoint: absent or an empty directory (checked
+    before Megatron starts; ``save_megatron_model`` checks again when it writes)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir}: is a file, not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise ValueError(f"--out {out_dir} is not empty; refusing to write a checkpoint over it (choose a new directory)")
+
+
+def _checkpoint_marker(path: str) -> Optional[str]:
+    from megappo.checkpoint import LATEST, META
+    from megappo.weights.megatron_ckpt import MODEL_META
+
+    return next((m for m in (MODEL_META, META, LATEST, "metadata.json") if os.path.exists(os.path.join(path, m))), None)
+
+
+def check_hf_out(out_dir: str, *, ckpt: str, overwrite: bool = False) -> None:
+    """Refuse an HF export target that would destroy something (``save_hf`` replaces the
+    whole directory): the checkpoint being converted, a directory inside it or holding
+    it, any checkpoint, a file; and, unless ``overwrite``, a non-empty directory that is
+    not an earlier HF export (``is_hf_export``). Runs before Megatron starts."""
+    from megappo.weights.export import is_hf_export
+
+    out, src = os.path.realpath(out_dir), os.path.realpath(ckpt)
+    if out == src:
+        raise ValueError(f"--out {out_dir} is the checkpoint being converted (--ckpt {ckpt}); choose another directory")
+    if out.startswith(src + os.sep):
+        raise ValueError(f"--out {out_dir} is inside the checkpoint being converted (--ckpt {ckpt}); choose a directory outside it")
+    if src.startswith(out + os.sep):
+        raise ValueError(f"--out {out_dir} holds the checkpoint being converted (--ckpt {ckpt}): replacing it would delete the checkpoint")
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise ValueError(f"--out {out_dir}: is a file, not a directory")
+    marker = _checkpoint_marker(out)
+    if marker is not None:
+        raise ValueError(f"--out {out_dir} holds a checkpoint ({marker}); refusing to replace it, even with --overwrite")
+    names = sorted(os.listdir(out))
+    if names and not is_hf_export(out) and not overwrite:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise ValueError(
+            f"--out {out_dir} is not empty and is not an earlier HF export (it holds {shown}); the export replaces the "
+            "whole directory: pass --overwrite to allow that, or choose another directory"
+        )
+
+
+def _read_hf_config_dir(hf_config_dir: str) -> Optional[dict]:
+    """``--hf-config``'s ``config.json`` (None when it has only tokenizer files); a missing
+    directory, or one with neither, is an error, not an export without a tokenizer."""
+    from megappo.weights.export import TOKENIZER_FILES
+
+    if not os.path.isdir(hf_config_dir):
+        raise ValueError(f"--hf-config {hf_config_dir}: no such directory")
+    cfg_path = os.path.join(hf_config_dir, "config.json")
+    has_tokenizer = any(os.path.isfile(os.path.join(hf_config_dir, n)) for n in TOKENIZER_FILES)
+    if not os.path.isfile(cfg_path):
+        if not has_tokenizer:
+            raise ValueError(f"--hf-config {hf_config_dir}: neither a config.json nor tokenizer files (expected the original HF model directory)")
+        return None
+    if not has_tokenizer:
+        log.warning("--hf-config %s has no tokenizer files: the export has none", hf_config_dir)
+    try:
+        with open(cfg_path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
 
 
 def resolve_model_source(path: str, *, role: str = "actor", hf_config_dir: Optional[str] = None) -> ModelSource:
@@ -91,7 +160,8 @@ def resolve_model_source(path: str, *, role: str = "actor", hf_config_dir: Optio
         raise ValueError(f"{path}: neither a model checkpoint ({MODEL_META}) nor a training checkpoint ({META}, {LATEST})")
     if hf_config_dir is not None:
         src = hf_config_dir
-    if src is not None and os.path.isfile(os.path.join(src, "config.json")) and (hf_config is None or hf_config_dir):
+        hf_config = _read_hf_config_dir(hf_config_dir) or hf_config
+    elif src is not None and os.path.isfile(os.path.join(src, "config.json")) and hf_config is None:
         with open(os.path.join(src, "config.json")) as f:
             hf_config = json.load(f)
     if hf_config is None:
@@ -117,9 +187,12 @@ def convert_megatron_to_hf(
     pp: int = 1,
     dtype: Optional[torch.dtype] = None,
     max_shard_bytes: Optional[int] = None,
+    overwrite: bool = False,
 ) -> None:
     """Export a model checkpoint or a training checkpoint's ``role`` as an HF directory,
-    in ``dtype`` (default: the dtype the HF config declares, else float32)."""
+    in ``dtype`` (default: the dtype the HF config declares, else float32). ``out_dir``
+    is replaced whole: see ``check_hf_out`` for what is refused (``overwrite`` allows a
+    non-empty directory that is not an earlier export)."""
     from megappo.models.spec import ModelSpec
     from megappo.weights.export import DEFAULT_MAX_SHARD_BYTES, save_hf
     from megappo.weights.megatron_ckpt import load_megatron_model
@@ -127,6 +200,7 @@ def convert_megatron_to_hf(
     if role != "actor":
         raise ValueError(f"only the actor converts to an HF causal LM (got role {role!r})")
     src = resolve_model_source(ckpt, role=role, hf_config_dir=hf_config_dir)
+    check_hf_out(out_dir, ckpt=ckpt, overwrite=overwrite)
     chunks = _build_actor(ModelSpec(**src.spec_dict), tp, pp, None, torch.float32)
     load_megatron_model(chunks, src.dist_dir, spec_dict=src.spec_dict)
     if src.tokenizer_dir is None:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+
 import torch
 
 from megappo.models.spec import ModelSpec
@@ -35,6 +37,22 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+
+def is_hf_export(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory ``save_hf`` could have written: ``config.json``, the
+    weights (``model.safetensors`` or an index with ``model-*-of-*.safetensors`` shards),
+    and otherwise only the tokenizer and generation-config files it copies. Tools replace
+    such a directory without asking; anything else in it may be a user's own work."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return False
+    names = set(os.listdir(path))
+    if "config.json" not in names or not ({SINGLE, INDEX} & names):
+        return False
+    known = {"config.json", SINGLE, INDEX, "generation_config.json", *TOKENIZER_FILES}
+    shard = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+    return all(n in known or shard.fullmatch(n) for n in names) and all(os.path.isfile(os.path.join(path, n)) for n in names)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -46,6 +46,20 @@ def phase_tools(ctx, res, write):
     res["m2hf_rc"] = m2hf.main(["--ckpt", str(w / "tool-mcore"), "--out", str(w / "tool-hf"), "--max-shard-gb", "0.00004"])
     res["m2hf_mismatch"] = same_weights(read_hf_state(src), read_hf_state(w / "tool-hf"))
     res["m2hf_files"] = sorted(os.listdir(w / "tool-hf"))
+    # --out safety on a real checkpoint (issue 14): an earlier export is replaced without
+    # asking; the checkpoint itself and a user's directory are not (unless --overwrite).
+    res["m2hf_again_rc"] = m2hf.main(["--ckpt", str(w / "tool-mcore"), "--out", str(w / "tool-hf")])
+    res["m2hf_again_mismatch"] = same_weights(read_hf_state(src), read_hf_state(w / "tool-hf"))
+    ckpt_files = sorted(os.listdir(w / "tool-mcore"))
+    res["m2hf_onto_ckpt_rc"] = m2hf.main(["--ckpt", str(w / "tool-mcore"), "--out", str(w / "tool-mcore"), "--overwrite"])
+    res["m2hf_onto_ckpt_kept"] = sorted(os.listdir(w / "tool-mcore")) == ckpt_files
+    mine = w / "users-dir"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    res["m2hf_users_dir_rc"] = m2hf.main(["--ckpt", str(w / "tool-mcore"), "--out", str(mine)])
+    res["m2hf_users_dir_kept"] = (mine / "notes.txt").is_file()
+    res["m2hf_overwrite_rc"] = m2hf.main(["--ckpt", str(w / "tool-mcore"), "--out", str(mine), "--overwrite"])
+    res["m2hf_overwrite_files"] = sorted(os.listdir(mine))
 
     res["m2hf_tp2_rc"] = m2hf.main(["--ckpt", str(w / "mcore-tp2"), "--out", str(w / "tool-hf-tp2")])
     res["m2hf_tp2_mismatch"] = same_weights(read_hf_state(ctx.zoo["qwen3-tied"]), read_hf_state(w / "tool-hf-tp2"))
