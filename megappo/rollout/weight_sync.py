@@ -8,13 +8,16 @@ Per data-parallel replica (one engine each, held by its tp0/pp0 rank):
   2. The holder streams its own stage's tensors into the engine; stage k > 0's TP rank 0
      sends its tensors to the holder with ``torch.distributed`` send/recv (a pickled header
      of names, dtypes and shapes per bucket, then one message per tensor), stage after
-     stage. Plain send/recv, so it runs on gloo too.
+     stage. Plain send/recv, so it runs on gloo too. After each bucket the sender waits for
+     the holder's acknowledgement (a one-element message sent once the bucket's last
+     tensor has arrived) before it gathers the next: NCCL's send does not block the sender,
+     so without it a whole stage could be gathered and queued at once.
   3. The holder groups the stream into buckets of about ``bucket_mb`` MiB (a tensor larger
      than that is a bucket of its own) and hands them to ``engine.update_weights``.
 
 Memory: a bucket lives until the engine asks for the next one (the list is cleared then),
 so the extra memory of a sync is about one bucket plus the tensor being gathered, on the
-holder and on each sender. A replica whose engine does not take weights
+holder and on each sender (the acknowledgement bounds a sender to one bucket in flight). A replica whose engine does not take weights
 (``RolloutEngine.receives_weights`` False: SGLang servers fed by replica 0) skips the sync.
 If the engine fails half-way, the holder still drains the stream so the senders finish;
 the closing all-reduce over all ranks then tells every rank, and every rank raises
@@ -168,7 +171,7 @@ def sync_weights(
             except Exception as e:  # noqa: BLE001 - raised after the closing all-reduce
                 error = e
         elif layout.tp_rank == 0:
-            stats = _send_stage(own, _first_stage_rank(), int(bucket_mb * 2**20), start)
+            stats = _send_stage(own, _first_stage_rank(), int(bucket_mb * 2**20), start, layout.device)
         else:
             _drain(iter(own))  # takes part in the gathers; receives nothing
     _raise_on_every_rank(error, layout)
@@ -213,13 +216,20 @@ def _first_stage_rank() -> int:
     return mpu.get_pipeline_model_parallel_first_rank()
 
 
-def _send_stage(named_tensors: NamedTensors, dst: int, bucket_bytes: int, start: float) -> SyncStats:
+def _send_stage(
+    named_tensors: NamedTensors, dst: int, bucket_bytes: int, start: float, device: torch.device
+) -> SyncStats:
     meter = _Meter(checksum=False)
+    ack = torch.zeros(1, dtype=torch.int32, device=device)
     for bucket in meter.watch(iter_buckets(named_tensors, bucket_bytes)):
         header = [[(name, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for name, t in bucket]]
         dist.send_object_list(header, dst=dst)
         for _, t in bucket:
             dist.send(t.contiguous(), dst=dst)
+        dist.recv(ack, src=dst)
+        # .item() blocks the host until the ack has arrived (on NCCL, recv only orders the
+        # stream), so the next bucket is not gathered while this one is still queued.
+        ack.item()
     dist.send_object_list([None], dst=dst)
     return meter.stats(time.perf_counter() - start)
 
@@ -231,7 +241,10 @@ def _receive_stage(src: int, device: torch.device) -> Iterator[tuple[str, torch.
         dist.recv_object_list(header, src=src)
         if header[0] is None:
             return
-        for name, dtype, shape in header[0]:
+        last = len(header[0]) - 1
+        for i, (name, dtype, shape) in enumerate(header[0]):
             t = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
             dist.recv(t, src=src)
+            if i == last:  # the whole bucket is here: the sender may gather the next one
+                dist.send(torch.ones(1, dtype=torch.int32, device=device), dst=src)
             yield name, t

@@ -10,6 +10,12 @@ tests/test_rollout_weight_sync.py under ``torchrun --nproc-per-node 2`` (TP=2 or
      gather) yields the all-gather's tensors bit for bit on TP rank 0, nothing elsewhere.
   5. An engine that fails half-way through a sync: the holder raises its error, every
      other rank a RolloutEngineError quoting it (no hang), and the next sync works.
+  6. PP > 1 only: bytes in flight from the sending stage. The holder's engine is slowed
+     down (it sleeps per bucket); the sender time-stamps each tensor it gathers, the engine
+     each tensor it takes; the peak of (gathered - taken) bytes of the sending stage must
+     stay about one bucket per side, not the whole stage. gloo's send blocks until the
+     peer receives, NCCL's does not: the sender's ``dist.send`` is swapped for ``isend``
+     here (works kept until the end), so the test sees what NCCL would do.
 
 Rank 0 writes OUT (JSON) for pytest to assert on.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -73,6 +80,62 @@ class FailOnce:
         self.engine.update_weights = self.original
         next(iter(buckets))
         raise RolloutEngineError(f"{self.engine.name}: injected failure after one bucket")
+
+
+def bytes_in_flight(actor, engine, layout, *, bucket_mb: float) -> dict:
+    """Phase 6: peak bytes of the sending stages gathered but not yet taken by the engine."""
+    import megappo.weights as weights
+
+    gathered, taken = [], []
+    original_iter = weights.iter_hf_tensors
+
+    def timed(models, **kw):
+        for name, t in original_iter(models, **kw):
+            gathered.append((time.time(), name, t.numel() * t.element_size()))
+            yield name, t
+
+    weights.iter_hf_tensors = timed
+    c10d = dist.distributed_c10d  # send_object_list calls c10d's own ``send``
+    original_send, pending = c10d.send, []
+
+    def nonblocking_send(tensor, dst=None, group=None, tag=0, **kw):
+        pending.append(dist.isend(tensor, dst, group=group, tag=tag, **kw))
+
+    if layout.pp_rank > 0:
+        dist.send = c10d.send = nonblocking_send
+    if engine is not None:
+        original_update = engine.update_weights
+
+        def slow(buckets):
+            def paced():
+                for bucket in buckets:
+                    time.sleep(0.03)
+                    now = time.time()
+                    taken.extend((now, name) for name, _ in bucket)
+                    yield bucket
+            return original_update(paced())
+
+        engine.update_weights = slow
+    try:
+        sync_weights(actor.models, engine, layout, bucket_mb=bucket_mb)
+    finally:
+        weights.iter_hf_tensors = original_iter
+        dist.send = c10d.send = original_send
+        for work in pending:
+            work.wait()
+        if engine is not None:
+            engine.update_weights = original_update
+    every = [None] * layout.world_size
+    dist.all_gather_object(every, (layout.pp_rank, layout.tp_rank, gathered, taken))
+    sent = [g for pp_rank, tp_rank, gs, _ in every if pp_rank > 0 and tp_rank == 0 for g in gs]
+    took = {name: t for _, _, _, ts in every for t, name in ts}
+    events = sorted([(t, 1, n) for t, _, n in sent] + [(took[name], 0, -n) for _, name, n in sent])
+    live = peak = 0
+    for _, _, n in events:  # at equal times the take (0) sorts before the gather (1)
+        live += n
+        peak = max(peak, live)
+    return dict(peak_bytes=peak, stage_bytes=sum(n for _, _, n in sent), bucket_bytes=int(bucket_mb * 2**20),
+                largest_tensor_bytes=max(n for _, _, n in sent), num_tensors=len(sent))
 
 
 def main() -> None:
@@ -144,6 +207,8 @@ def main() -> None:
     res["failing_sync_outcomes"] = outcomes
     stats = sync_weights(actor.models, final_engine, layout, bucket_mb=0.02, checksum=True)
     res["after_failure_checksum_ok"] = final_engine is None or checksums_match(stats.checksum, hf_checksum)
+    if layout.pp > 1:
+        res["in_flight"] = bytes_in_flight(actor, final_engine, layout, bucket_mb=0.004)
     if layout.rank == 0:
         Path(args.out).write_text(json.dumps(res, indent=1))
     destroy_parallel()
