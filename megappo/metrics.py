@@ -394,17 +394,21 @@ def load_metrics(jsonl_path: Union[str, Path]) -> list[dict[str, Any]]:
         return [record for record in map(_parse_record, lines) if record is not None]
 
 
-def plot_metrics(
-    jsonl_path: Union[str, Path],
-    png_path: Union[str, Path],
-    keys: Sequence[str] = ("reward/mean", "eval/accuracy"),
-) -> Path:
-    """Plot ``keys`` against step, one panel each, to a PNG (matplotlib's Agg canvas, no
-    display and no pyplot global state). A key with no finite value gets an empty panel."""
+PLOT_KEYS = ("reward/mean", "eval/accuracy", "actor/kl_ref", "actor/pg_clipfrac", "actor/entropy", "actor/grad_norm",
+             "critic/vf_loss", "response_length/mean", "time/step")
+"""What ``plot_metrics`` shows by default: those of these a run logged."""
+
+
+def plot_metrics(jsonl_path: Union[str, Path], png_path: Union[str, Path], keys: Optional[Sequence[str]] = None) -> Path:
+    """Plot ``keys`` (default: the ``PLOT_KEYS`` the file has) against step, one panel
+    each, to a PNG (matplotlib's Agg canvas, no display and no pyplot global state). A key
+    with no finite value gets an empty panel."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     records = load_metrics(jsonl_path)
+    if keys is None:
+        keys = [k for k in PLOT_KEYS if any(k in r for r in records)] or ["reward/mean"]
     figure = Figure(figsize=(7, 2.6 * len(keys)), constrained_layout=True)
     FigureCanvasAgg(figure)
     axes = figure.subplots(len(keys), 1, squeeze=False)[:, 0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 
 import pytest
 
@@ -282,13 +283,14 @@ def _wandb_records(run_dir):
 
     (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     data = path.read_bytes()
-    assert data[:4] == b":W&B"
     pos, buf = 7, b""
     while pos + 7 <= len(data):
         if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
             pos += 32768 - pos % 32768
             continue
         length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if pos + 7 + length > len(data):
+            return  # a record still being written
         buf += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last fragment of one
@@ -307,6 +309,10 @@ def test_wandb_offline(tmp_run_dir, monkeypatch):
         for step in (1, 2):
             metrics.log(step, {"reward/mean": step / 10, "actor/lr": 1e-6})
         metrics.log_samples(2, prompts, responses, scores)
+    # finish() returns before W&B's service has written the run's log; the last record is "exit".
+    deadline = time.monotonic() + 30
+    while not any(r.WhichOneof("record_type") == "exit" for r in _wandb_records(tmp_run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.1)
     history, config, name = {}, {}, None
     for record in _wandb_records(tmp_run_dir):
         kind = record.WhichOneof("record_type")
@@ -328,3 +334,48 @@ def test_wandb_requested_but_not_installed(tmp_run_dir, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ValueError, match="logging.wandb is true but the wandb package is not installed"):
         MetricsLogger.from_config(LoggingConfig(wandb=True), tmp_run_dir, rank=0)
+
+
+def _plot_tool():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "plot_metrics.py"
+    spec = importlib.util.spec_from_file_location("plot_metrics_tool", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plot_tool_on_any_run(tmp_run_dir, capsys, monkeypatch):
+    import megappo.metrics as metrics_module
+
+    with MetricsLogger(tmp_run_dir, tensorboard=False) as metrics:
+        for step in range(1, 4):
+            metrics.log(step, {"reward/mean": step / 10, "actor/kl_ref": 0.01 * step, "time/step": 1.0, "perf/x": 1.0})
+    drawn = []
+    real = metrics_module.plot_metrics
+    monkeypatch.setattr(metrics_module, "plot_metrics", lambda *a, **k: drawn.append(k["keys"]) or real(*a, **k))
+    tool = _plot_tool()
+    assert tool.main([str(tmp_run_dir)]) == 0
+    png = tmp_run_dir / "metrics.png"
+    assert capsys.readouterr().out.strip() == str(png) and png.read_bytes()[:4] == b"\x89PNG"
+    assert tool.main([str(tmp_run_dir / "metrics.jsonl"), "--keys", "perf/x", "--out", str(tmp_run_dir / "x.png")]) == 0
+    assert (tmp_run_dir / "x.png").stat().st_size > 1000
+    assert drawn == [None, ["perf/x"]]  # None: plot_metrics picks the usual keys the run has
+
+    assert tool.main([str(tmp_run_dir), "--keys", "actor/kl"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no metric 'actor/kl' (did you mean 'actor/kl_ref'?)" in err
+    assert tool.main([str(tmp_run_dir / "nope")]) == 2
+    assert "nope: no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_plot_default_keys_are_those_logged(tmp_run_dir):
+    from megappo.metrics import PLOT_KEYS
+
+    assert set(PLOT_KEYS) <= _logged_names() | {"eval/accuracy"}
+    with MetricsLogger(tmp_run_dir, tensorboard=False) as metrics:
+        metrics.log(1, {"reward/mean": 0.1, "actor/entropy": 2.0})
+    png = plot_metrics(tmp_run_dir / "metrics.jsonl", tmp_run_dir / "m.png")
+    assert png.stat().st_size > 1000
