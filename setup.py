@@ -41,7 +41,7 @@ setup(
         # GPU only: never install Transformer Engine in a CPU environment (it breaks `import megatron.core`).
         "te": ["transformer-engine[pytorch]"],
     },
-    entry_points={"console_scripts": ["megappo-train = megappo.train:main"]},
+    entry_points={"console_scripts": ["megappo-train = megappo.train:main", "megappo-train-rm = megappo.train_rm:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

@@ -381,6 +381,37 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class RewardTrainConfig:
+    """The reward-model trainer (``python -m megappo.train_rm``). It also reads ``model``
+    (``hf_path``: the causal LM or reward model to start from; ``dtype``), ``parallel``,
+    ``optim``, ``data`` (``tokenizer_path``, ``apply_chat_template``, ``system_prompt``),
+    ``train`` (``seed``, ``run_dir``, ``max_tokens_per_microbatch``), ``checkpoint`` and
+    ``logging``."""
+
+    train_path: Optional[str] = None
+    """Preference pairs to train on: a ``.jsonl`` or ``.parquet`` file, one pair per row."""
+    eval_path: Optional[str] = None
+    """Held-out preference pairs (pair accuracy, margin and loss); None disables evaluation."""
+    prompt_key: str = "prompt"
+    """Field holding the prompt (a string, or a list of chat messages)."""
+    chosen_key: str = "chosen"
+    """Field holding the preferred response (a string, or a conversation ending with it)."""
+    rejected_key: str = "rejected"
+    """Field holding the dispreferred response (a string, or a conversation ending with it)."""
+    max_length: int = 1024
+    """Maximum prompt + response tokens of either side; longer pairs are skipped and counted."""
+    epochs: int = 1
+    """Passes over the training pairs."""
+    batch_size: int = 32
+    """Pairs per optimizer step (global, over all data-parallel ranks)."""
+    eval_every: int = 0
+    """Evaluate the held-out pairs every N steps (and at the end); 0: only at the end."""
+    head_init_std: float = 0.0
+    """Standard deviation of the new ``score`` head (normal init) when ``model.hf_path`` is a
+    causal LM; 0 gives a zero head (every first score 0). Ignored when it is a reward model."""
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The actor, critic and reference models."""
@@ -402,3 +433,5 @@ class Config:
     """Training checkpoints."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics and logs."""
+    reward_train: RewardTrainConfig = field(default_factory=RewardTrainConfig)
+    """Reward-model training from preference pairs (``megappo.train_rm``)."""

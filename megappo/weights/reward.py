@@ -131,3 +131,23 @@ def load_hf_into_reward_model(chunks: list, hf_dir: str | os.PathLike) -> None:
                 if tuple(shard.shape) != tuple(param.shape):
                     raise AssertionError(f"{e.megatron}: HF shard shape {tuple(shard.shape)} vs parameter {tuple(param.shape)}")
                 param.data.copy_(shard)
+
+
+@torch.no_grad()
+def load_backbone_from_causal_lm(chunks: list, hf_dir: str | os.PathLike) -> None:
+    """Start a reward model from a causal LM (``*ForCausalLM``): every weight but the score
+    head, which keeps its initialization; the LM head is not used. The directory is checked
+    as the actor's load checks it (config, names, shapes)."""
+    from megappo.weights.model_io import placement_of, unwrap, validate_hf_dir
+
+    chunks = [unwrap(c) for c in chunks]
+    spec = chunks[0].megappo_spec
+    with HFCheckpoint(hf_dir) as ckpt:
+        validate_hf_dir(spec, ckpt)
+        for model in chunks:
+            placement = placement_of(model)
+            params = dict(model.named_parameters())
+            for e in plan(table_for(spec), spec, placement, role=ROLE, transformer_impl=model.megappo_transformer_impl):
+                if e.rule.when == "score_head":
+                    continue
+                params[e.megatron].data.copy_(shard_from_hf(e, spec, placement, ckpt.read))

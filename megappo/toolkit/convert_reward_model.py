@@ -1,0 +1,75 @@
+"""Offline conversion of reward models between HF ``*ForSequenceClassification``
+directories and Megatron distributed checkpoints (the reward-model half of
+``megappo.toolkit.convert``; bit-exact both ways, any TP / PP on either side).
+
+A model checkpoint records the role ``reward`` in ``megappo_model.json``; a training
+checkpoint of ``megappo.train_rm`` holds it under ``step_N/reward``, whose HF config is
+the starting model's made a one-label classifier (``rm_trainer.reward_hf_config``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Optional
+
+import torch
+
+log = logging.getLogger("megappo")
+
+
+def _build(spec, tp: int, pp: int, dtype: torch.dtype) -> list:
+    from megappo.models.builder import BuildOptions
+    from megappo.models.reward_model import build_reward_chunks
+    from megappo.parallel.state import init_parallel
+
+    layout = init_parallel(tp, pp)
+    chunks = build_reward_chunks(spec, BuildOptions(tp=tp, pp=pp, dtype=dtype))
+    if layout.device.type == "cuda":
+        chunks = [c.cuda(layout.device) for c in chunks]
+    for c in chunks:
+        c.requires_grad_(False)
+    return chunks
+
+
+def convert_reward_hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32) -> None:
+    """Write the HF reward model ``hf_dir`` as a Megatron model checkpoint ``out_dir``. A
+    causal LM, or a classifier with more than one label, is a ``ValueError`` naming it."""
+    from megappo.weights.megatron_ckpt import save_megatron_model
+    from megappo.weights.reward import load_hf_into_reward_model, reward_spec
+
+    spec = reward_spec(hf_dir)  # fails on a bad directory before starting Megatron
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        hf_config = json.load(f)
+    chunks = _build(spec, tp, pp, dtype)
+    load_hf_into_reward_model(chunks, hf_dir)
+    save_megatron_model(chunks, out_dir, hf_config=hf_config, source_dir=os.path.abspath(hf_dir))
+
+
+def convert_reward_megatron_to_hf(
+    ckpt: str, out_dir: str, *, tp: int = 1, pp: int = 1, dtype: Optional[torch.dtype] = None, hf_config_dir: Optional[str] = None
+) -> None:
+    """Export a reward-model checkpoint (a model checkpoint of role ``reward`` or a
+    ``train_rm`` training checkpoint) as an HF ``*ForSequenceClassification`` directory."""
+    from megappo.models.spec import ModelSpec
+    from megappo.toolkit.convert import config_dtype, resolve_model_source
+    from megappo.weights.export import save_hf
+    from megappo.weights.megatron_ckpt import MODEL_META, load_megatron_model, read_model_meta
+    from megappo.weights.reward import reward_config_problems
+
+    if os.path.isfile(os.path.join(ckpt, MODEL_META)) and read_model_meta(ckpt).get("role") != "reward":
+        raise ValueError(f"{ckpt} holds the role {read_model_meta(ckpt).get('role')!r}, not a reward model")
+    src = resolve_model_source(ckpt, role="reward", hf_config_dir=hf_config_dir)
+    hf_config = src.hf_config
+    if reward_config_problems(hf_config, source="hf_config"):  # a train_rm run that started from a causal LM
+        from transformers import AutoTokenizer
+
+        from megappo.rm_trainer import reward_hf_config
+
+        if src.tokenizer_dir is None:
+            raise ValueError(f"{ckpt}: its HF config is a causal LM's and no tokenizer directory is known (pass --hf-config DIR)")
+        hf_config = reward_hf_config(hf_config, AutoTokenizer.from_pretrained(src.tokenizer_dir))
+    chunks = _build(ModelSpec(**src.spec_dict), tp, pp, torch.float32)
+    load_megatron_model(chunks, src.dist_dir, spec_dict=src.spec_dict)
+    save_hf(chunks, out_dir, hf_config=hf_config, tokenizer_dir=src.tokenizer_dir, dtype=dtype or config_dtype(hf_config))

@@ -1,0 +1,188 @@
+"""The reward model's single-process pieces (no process group): the Bradley-Terry loss and
+its gradient against a hand computation, preference-data validation, the checks that
+refuse what is not a one-label reward model, the export config, the pair order, and the
+trainer's command-line errors. The multi-rank checks are in test_reward_model_parallel.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hf_fixtures import REPO_ROOT, make_tiny_hf_model, make_tiny_hf_reward_model, write_char_tokenizer
+from megappo.algo.bradley_terry import bradley_terry_loss
+from megappo.data.preferences import PreferenceFields, load_preference_pairs
+
+
+# ---- Bradley-Terry --------------------------------------------------------------------
+
+
+def test_bradley_terry_loss_and_gradient_by_hand():
+    """loss = -1/N sum log sigmoid(c - r); d loss / d c_i = -sigmoid(r_i - c_i) / N and
+    d loss / d r_i = +sigmoid(r_i - c_i) / N, written out with math on plain floats."""
+    c_vals, r_vals, n = [0.5, -1.0, 2.0], [0.0, 1.5, 2.0], 5.0  # N: the global pair count (> these 3)
+    chosen = torch.tensor(c_vals, dtype=torch.float64, requires_grad=True)
+    rejected = torch.tensor(r_vals, dtype=torch.float64, requires_grad=True)
+    loss, metrics = bradley_terry_loss(chosen, rejected, num_pairs=n)
+    loss.backward()
+
+    def sig(x):
+        return 1.0 / (1.0 + math.exp(-x))
+
+    want = -sum(math.log(sig(c - r)) for c, r in zip(c_vals, r_vals)) / n
+    assert loss.item() == pytest.approx(want, rel=1e-12)
+    for i, (c, r) in enumerate(zip(c_vals, r_vals)):
+        assert chosen.grad[i].item() == pytest.approx(-sig(r - c) / n, rel=1e-12)
+        assert rejected.grad[i].item() == pytest.approx(sig(r - c) / n, rel=1e-12)
+    assert metrics["accuracy"].item() == pytest.approx(1 / 3)  # the tie (2.0, 2.0) counts as wrong
+    assert metrics["margin"].item() == pytest.approx((0.5 - 2.5 + 0.0) / 3)
+
+
+def test_bradley_terry_loss_is_finite_for_large_margins_and_checks_shapes():
+    loss, _ = bradley_terry_loss(torch.tensor([-200.0]), torch.tensor([200.0]), num_pairs=1)
+    assert loss.item() == pytest.approx(400.0)
+    with pytest.raises(ValueError, match="alike"):
+        bradley_terry_loss(torch.zeros(3), torch.zeros(2), num_pairs=1)
+    with pytest.raises(ValueError, match="num_pairs"):
+        bradley_terry_loss(torch.zeros(3), torch.zeros(3), num_pairs=0)
+
+
+# ---- preference data ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def char_tok(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    write_char_tokenizer(d, 103)
+    return AutoTokenizer.from_pretrained(d)
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join((json.dumps(r) if not isinstance(r, str) else r) + "\n" for r in rows))
+    return path
+
+
+def test_preference_rows_are_validated_and_counted(tmp_path, char_tok):
+    rows = [
+        {"prompt": "1+1=", "chosen": "2", "rejected": "3"},
+        {"prompt": "1+2=", "rejected": "4"},  # missing chosen
+        {"prompt": "1+3=", "chosen": "4", "rejected": "4"},  # identical
+        {"prompt": "1+4=", "chosen": 5, "rejected": "6"},  # not a string
+        "not json",
+        {"prompt": "9+9=", "chosen": "1" * 40, "rejected": "18"},  # too long
+        {"prompt": [{"role": "user", "content": "2+2="}],
+         "chosen": [{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"}],
+         "rejected": [{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "5"}]},
+    ]
+    data = load_preference_pairs(_write_jsonl(tmp_path / "p.jsonl", rows), char_tok, use_template=False, max_length=20)
+    assert data.rows == 7 and len(data.pairs) == 2
+    assert data.skipped == {
+        "missing field 'chosen'": 1,
+        "identical 'chosen' and 'rejected'": 1,
+        "field 'chosen' is not a string or a conversation ending with an assistant message": 1,
+        "malformed JSON": 1,
+        "over reward_train.max_length=20 tokens": 1,
+    }
+    first = data.pairs[0]
+    eos = char_tok.eos_token_id
+    assert first.chosen_ids == char_tok("2", add_special_tokens=False)["input_ids"] + [eos]
+    assert first.chosen_seq == first.prompt_ids + first.chosen_ids and first.rejected_seq[-1] == eos
+    assert data.pairs[1].chosen_ids[:-1] == char_tok("4", add_special_tokens=False)["input_ids"]
+
+
+def test_preference_field_names_are_configurable_and_all_bad_is_an_error(tmp_path, char_tok):
+    path = _write_jsonl(tmp_path / "p.jsonl", [{"q": "1+1=", "good": "2", "bad": "3"}])
+    data = load_preference_pairs(path, char_tok, fields=PreferenceFields("q", "good", "bad"), use_template=False, max_length=64)
+    assert len(data.pairs) == 1
+    with pytest.raises(ValueError, match=r"no usable preference pairs: missing field 'chosen' \(1\)"):
+        load_preference_pairs(path, char_tok, fields=PreferenceFields("q", "chosen", "bad"), use_template=False, max_length=64)
+
+
+def test_preference_pairs_from_parquet(tmp_path, char_tok):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["1+1=", "2+2="], "chosen": ["2", "4"], "rejected": ["3", "4"]}), path)
+    data = load_preference_pairs(path, char_tok, use_template=False, max_length=64)
+    assert len(data.pairs) == 1 and data.skipped == {"identical 'chosen' and 'rejected'": 1}
+
+
+# ---- what is (not) a reward model ----------------------------------------------------
+
+
+def test_a_causal_lm_or_several_labels_is_not_a_reward_model(tmp_path):
+    from megappo.weights.reward import reward_spec
+
+    lm = make_tiny_hf_model(tmp_path, "llama", layers=2)
+    with pytest.raises(ValueError, match=r"is a causal LM, not a reward model .*LlamaForSequenceClassification"):
+        reward_spec(lm)
+    two = make_tiny_hf_reward_model(tmp_path, "qwen2", layers=2, num_labels=2, name="two-labels", tokenizer=False)
+    with pytest.raises(ValueError, match=r"num_labels=2 .*one label"):
+        reward_spec(two)
+    ok = make_tiny_hf_reward_model(tmp_path, "qwen3", layers=2, name="ok", tokenizer=False)
+    assert reward_spec(ok).family == "qwen3"
+
+
+def test_reward_tensor_problems_name_each_tensor(tmp_path):
+    from megappo.models.spec import ModelSpec
+    from megappo.weights.reward import expected_reward_shapes, tensor_problems
+
+    spec = ModelSpec.from_hf_dir(make_tiny_hf_reward_model(tmp_path, "llama", layers=2, tokenizer=False))
+    shapes = expected_reward_shapes(spec)
+    assert shapes["score.weight"] == (1, 64) and "lm_head.weight" not in shapes
+    bad = dict(shapes)
+    del bad["score.weight"]
+    bad["score.bias"] = (1,)
+    bad["lm_head.weight"] = (103, 64)
+    msg = "\n".join(tensor_problems(spec, bad))
+    assert "missing tensor score.weight" in msg and "not a reward model" in msg
+    assert "score.bias present" in msg and "unexpected tensor lm_head.weight" in msg
+
+
+def test_export_config_is_a_one_label_classifier(tmp_path, char_tok):
+    from hf_fixtures import read_config
+    from megappo.rm_trainer import reward_hf_config
+
+    lm = read_config(make_tiny_hf_model(tmp_path, "qwen2", layers=2, tie=True))
+    cfg = reward_hf_config(lm, char_tok)
+    assert cfg["architectures"] == ["Qwen2ForSequenceClassification"]
+    assert cfg["id2label"] == {"0": "LABEL_0"} and cfg["pad_token_id"] == char_tok.pad_token_id == 0
+    from transformers import AutoConfig
+
+    assert AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "model_type"}, model_type="qwen2").num_labels == 1
+
+
+def test_pair_order_covers_each_epoch_once():
+    from megappo.rm_trainer import step_pairs
+
+    steps = [step_pairs(s, 10, 3, seed=7) for s in range(1, 7)]  # 3 steps per epoch, one pair dropped
+    first, second = torch.cat(steps[:3]), torch.cat(steps[3:])
+    assert len(set(first.tolist())) == 9 and len(set(second.tolist())) == 9
+    assert not torch.equal(first, second)  # reshuffled per epoch
+    assert torch.equal(step_pairs(5, 10, 3, seed=7), steps[4])  # a function of the step only (resume)
+
+
+# ---- the trainer's command line -------------------------------------------------------
+
+
+def _train_rm(*args):
+    return subprocess.run([sys.executable, "-m", "megappo.train_rm", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_train_rm_cli_user_errors(tmp_path):
+    r = _train_rm("reward_train.batch_sise=4")
+    assert r.returncode == 2 and "unknown key 'batch_sise'" in r.stderr and "batch_size" in r.stderr
+    r = _train_rm(f"model.hf_path={tmp_path}")
+    assert r.returncode == 2 and "reward_train.train_path is not set" in r.stderr
+    data = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "1", "chosen": "2", "rejected": "3"}])
+    r = _train_rm(f"model.hf_path={tmp_path}", f"reward_train.train_path={data}", "reward_train.batch_size=0")
+    assert r.returncode == 2 and "reward_train.batch_size must be >= 1" in r.stderr
+    r = _train_rm(f"model.hf_path={tmp_path}", f"reward_train.train_path={data}", "--dry-run")
+    assert r.returncode == 0 and "reward_train:" in r.stdout and str(data) in r.stdout
