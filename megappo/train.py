@@ -6,17 +6,24 @@ expands the preset, prints the resolved config as YAML (rank 0 only) and validat
 parallel layout against ``--world-size`` or ``$WORLD_SIZE``; it builds no model and imports
 neither torch nor Megatron, so it is fast and safe on a login node.
 
-A user error (a bad recipe, override or layout; a missing config file) prints
-``error: <message>`` to stderr and exits with status 2, without a traceback.
+A user error (a bad recipe, override or layout; a missing config file; a model, tokenizer,
+data file or run directory that cannot work) prints ``error: <message>`` to stderr and exits
+with status 2, without a traceback. Before a run starts, the same file checks as the dry
+run's are made strictly (``config.preflight.check_runnable``), so they cost a second, not a
+start-up. During a run, a file-system problem that is the user's to fix (read-only or
+permission-denied paths, a full disk, a directory that is a file) exits 1 and Ctrl-C
+exits 130, each with one line; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import shutil
 import sys
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from megappo.config import (
     Config,
@@ -29,6 +36,21 @@ from megappo.config import (
 )
 
 USER_ERROR = 2
+ENVIRONMENT_ERROR = 1
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
+
+# File-system errors that are the user's to fix (not bugs): one line instead of a traceback.
+_USER_ERRNOS = {
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOSPC: "No space left on device",
+    errno.EDQUOT: "disk quota exceeded (No space left for this user)",
+    errno.ENOTDIR: "a path component is a file, not a directory",
+    errno.EEXIST: "exists and is in the way (a file where a directory is needed?)",
+    errno.EISDIR: "is a directory, where a file is needed",
+}
+_LOW_SPACE_BYTES = 1 << 20
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,32 +110,90 @@ def _layout_comment(cfg: Config, world_size: Optional[int]) -> str:
     return f"# megappo resolved config (preset {cfg.algo.preset!r} expanded)\n# layout: {layout}\n# critic: {critic}\n"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Parse arguments, load and validate the config, then dry-run or train; returns the exit status."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        world_size = args.world_size if args.world_size is not None else _env_int("WORLD_SIZE")
-        if world_size is None and not args.dry_run:
-            world_size = 1  # plain `python -m megappo.train`: one process
-        cfg = load_config(args.config, args.overrides, world_size=world_size)
-        check_runnable(cfg, strict=not args.dry_run)
-    except (ConfigError, FileNotFoundError) as err:
-        _report_error(str(err))
-        return USER_ERROR
-    if args.dry_run:
-        if not _rank("RANK"):
-            sys.stdout.write(_layout_comment(cfg, world_size) + config_to_yaml(cfg))
-            sys.stdout.flush()
-        return 0
-    _configure_logging(cfg.logging.level)
-    from megappo.trainer import run  # imports torch and Megatron: only for real runs
+def check_reward(cfg: Config) -> None:
+    """``reward.fn`` names a registered reward or an importable ``module:function`` (the
+    registry is in ``megappo.data``, above the config layer, so the entry point asks it)."""
+    from megappo.data.rewards import resolve_reward  # torch-free: reward workers import it too
 
     try:
-        return int(run(cfg) or 0)  # the trainer's status (e.g. its preemption code)
-    except ValueError as err:  # bad input found while building the run: a model dir, data, a shape
-        _report_error(str(err))
-        return USER_ERROR
+        resolve_reward(cfg.reward.fn)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def user_os_error(err: BaseException, dirs: Sequence[str] = ()) -> Optional[str]:
+    """One line for a file-system error that is the user's to fix, or None for a bug: an
+    ``OSError`` with such an errno anywhere in the exception chain, or any error raised while
+    one of ``dirs`` (the run's directories) has under 1 MiB free (libraries such as torch's
+    writer report a full disk without an errno)."""
+    for e in _chain(err):
+        if isinstance(e, OSError) and e.errno in _USER_ERRNOS:
+            where = f": {e.filename}" if e.filename else ""
+            return f"{_USER_ERRNOS[e.errno]}{where} ({e.strerror or e})"
+    for path in dirs:
+        probe = os.path.abspath(path)
+        while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+            probe = os.path.dirname(probe)
+        try:
+            free = shutil.disk_usage(probe).free
+        except OSError:
+            continue
+        if free < _LOW_SPACE_BYTES:
+            return f"No space left on device: {probe} has {free} bytes free ({type(err).__name__}: {err})"
+    return None
+
+
+def _run_dirs(cfg: Config) -> list[str]:
+    return [cfg.train.run_dir] + ([cfg.checkpoint.dir] if cfg.checkpoint.dir else [])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse arguments, load and validate the config, then dry-run or train; returns the exit status."""
+    # Intermixed: overrides may sit on both sides of an option (`a.b=1 --dry-run c.d=2`).
+    args = _parser().parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    cfg = None
+    try:
+        try:
+            world_size = args.world_size if args.world_size is not None else _env_int("WORLD_SIZE")
+            if world_size is None and not args.dry_run:
+                world_size = 1  # plain `python -m megappo.train`: one process
+            cfg = load_config(args.config, args.overrides, world_size=world_size)
+            check_runnable(cfg, strict=not args.dry_run)
+            check_reward(cfg)
+        except (ConfigError, FileNotFoundError) as err:
+            _report_error(str(err))
+            return USER_ERROR
+        if args.dry_run:
+            if not _rank("RANK"):
+                sys.stdout.write(_layout_comment(cfg, world_size) + config_to_yaml(cfg))
+                sys.stdout.flush()
+            return 0
+        _configure_logging(cfg.logging.level)
+        from megappo.trainer import run  # imports torch and Megatron: only for real runs
+
+        try:
+            return int(run(cfg) or 0)  # the trainer's status (e.g. its preemption code)
+        except ValueError as err:  # bad input found while building the run: a model dir, data, a shape
+            _report_error(str(err))
+            return USER_ERROR
+    except KeyboardInterrupt:
+        _report_error("interrupted (Ctrl-C)")
+        return INTERRUPTED
+    except Exception as err:
+        message = user_os_error(err, _run_dirs(cfg) if cfg is not None else ())
+        if message is None:
+            raise  # a bug: keep the traceback
+        _report_error(message)
+        return ENVIRONMENT_ERROR
 
 
 def _configure_logging(level: str) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from hf_fixtures import tiny_hf_config
 from megappo.config import ConfigError, check_runnable, data_parallel_size, load_config
 
 GRPO = ["algo.preset=grpo", "rollout.num_return_sequences_in_group=4"]
@@ -27,7 +28,9 @@ def load(path=None, overrides=(), **kwargs):
 def hf_dir(tmp_path: Path, heads: int = 12, kv_heads: int = 4, layers: int = 6, **extra) -> Path:
     model = tmp_path / "model"
     model.mkdir()
-    config = {"num_attention_heads": heads, "num_key_value_heads": kv_heads, "num_hidden_layers": layers, **extra}
+    config = tiny_hf_config("llama", heads=heads, kv_heads=kv_heads, layers=layers, hidden=heads * 16,
+                            **{"max_position_embeddings": 4096, **extra})
+    config = {k: v for k, v in config.items() if v is not None}  # None: leave the key out
     (model / "config.json").write_text(json.dumps(config))
     return model
 
@@ -40,9 +43,16 @@ def test_world_size_layout() -> None:
 
 
 def test_batch_must_split_over_data_parallel_ranks() -> None:
-    with pytest.raises(ConfigError, match=r"3 x 1 = 3 responses do not split over data-parallel size 2"):
-        load(overrides=["train.rollout_batch_size=3", "algo.preset=ppo", N1], world_size=2)
-    load(overrides=["train.rollout_batch_size=3"], world_size=2)
+    # Bug 8: the prompt loader gives each DP rank an equal share of the prompts, so 3 prompts
+    # at DP 2 fail even though their 3 x 2 = 6 responses would split.
+    with pytest.raises(ConfigError, match=r"train.rollout_batch_size=3 prompts do not split over data-parallel size 2"):
+        load(overrides=["train.rollout_batch_size=3"], world_size=2)
+    with pytest.raises(ConfigError, match=r"rollout_batch_size=4 prompts do not split over data-parallel size 3 \(world size 12 / \(TP 2 x PP 2\)\)"):
+        load(overrides=["train.rollout_batch_size=4"] + [f"parallel.{k}_model_parallel_size=2" for k in ("tensor", "pipeline")],
+             world_size=12)
+    load(overrides=["train.rollout_batch_size=4"], world_size=2)
+    with pytest.raises(ConfigError, match=r"train.mini_batch_size x .* = 1 x 1 = 1 responses do not split over data-parallel size 2"):
+        load(overrides=["train.rollout_batch_size=4", "train.mini_batch_size=1", "algo.preset=ppo", N1], world_size=2)
     with pytest.raises(ConfigError, match="train.mini_batch_size=5 does not divide train.rollout_batch_size=32"):
         load(overrides=["train.mini_batch_size=5"])
 
@@ -85,7 +95,8 @@ def test_prompt_and_response_must_fit_the_model_positions(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match=r"max_position_embeddings=1024 of model.critic_hf_path="):
         load(overrides=["algo.preset=ppo", f"model.critic_hf_path={model}", "data.prompt_length=1000"])
     (tmp_path / "other").mkdir()
-    load(overrides=[f"model.hf_path={hf_dir(tmp_path / 'other')}", "data.prompt_length=100000"])  # no limit given
+    no_limit = hf_dir(tmp_path / "other", max_position_embeddings=None)
+    load(overrides=[f"model.hf_path={no_limit}", "data.prompt_length=100000"])  # no limit given
 
 
 def test_unreadable_model_config_is_skipped(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hf_fixtures import tiny_hf_config
 from megappo.train import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +89,7 @@ def test_only_rank_0_prints(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
 def test_training_hands_the_config_to_the_trainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = tmp_path / "model"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({"num_attention_heads": 4, "num_hidden_layers": 2}))
+    (model / "config.json").write_text(json.dumps(tiny_hf_config("llama", heads=4, kv_heads=2, layers=2, max_position_embeddings=2048)))
     data = tmp_path / "train.jsonl"
     data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
     seen = []

@@ -11,7 +11,8 @@ from megappo.config.errors import ConfigError, ConfigFileNotFoundError
 from megappo.config.loader import config_from_dict, config_to_dict, config_to_yaml, load_config
 from megappo.config.presets import PRESET_SUMMARIES, PRESETS, uses_critic
 from megappo.config.schema import Config
-from megappo.config.validate import check_runnable, data_parallel_size, validate
+from megappo.config.preflight import check_runnable
+from megappo.config.validate import data_parallel_size, validate
 
 __all__ = [
     "Config",

@@ -26,6 +26,7 @@ import yaml
 
 from megappo.config.coerce import accepts_plain_string, coerce, describe, field_types, is_mapping_field, is_section
 from megappo.config.errors import ConfigError
+from megappo.config.passthrough import renamed_key_error
 from megappo.config.presets import preset_tree
 from megappo.config.schema import Config
 from megappo.config.yaml_io import StrictLoader, dump_yaml, parse_yaml, read_yaml_file
@@ -44,6 +45,9 @@ def _all_paths(cls: type = Config, prefix: str = "") -> tuple[str, ...]:
 
 
 def _unknown_key(key: str, cls: type, prefix: str, source: str) -> ConfigError:
+    renamed = renamed_key_error(f"{prefix}.{key}" if prefix else key, source)
+    if renamed is not None:
+        return renamed
     valid = list(field_types(cls))
     where = f"in section '{prefix}'" if prefix else "at the top level (sections)"
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)

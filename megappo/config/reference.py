@@ -16,6 +16,7 @@ import yaml
 
 from megappo.config import schema
 from megappo.config.coerce import describe, field_types, is_section
+from megappo.config.passthrough import MEGATRON_SECTIONS, RENAMED
 from megappo.config.presets import PRESET_SUMMARIES, PRESETS
 from megappo.config.schema import Config
 from megappo.config.yaml_io import StrictDumper
@@ -91,6 +92,44 @@ def _preset_table() -> list[str]:
     return rows
 
 
+def _passthrough_section() -> list[str]:
+    lines = [
+        "## Megatron and SGLang pass-through",
+        "",
+        "megappo's typed keys cover what it owns (the parallel layout, dtype, the FP8 choice,",
+        "recomputation, Adam and the learning-rate schedule). Every other Megatron-core option is",
+        "passed through as a dict spelled as Megatron spells it, and checked at load and by",
+        "`--dry-run` against Megatron's own dataclass (`dataclasses.fields`): an unknown field is an",
+        "error with a did-you-mean, a value of a plain type (bool, int, float, str, a choice) is",
+        "type-checked, and a field megappo sets itself is an error naming the key to use instead.",
+        "Megatron is imported for this check only when one of these dicts is set.",
+        "",
+        "| key | upstream class | megappo's defaults (the dict overrides them) |",
+        "| --- | --- | --- |",
+    ]
+    for section in MEGATRON_SECTIONS:
+        defaults = ", ".join(f"`{k}={_default(v).strip('`')}`" for k, v in section.defaults.items()) or "none"
+        lines.append(f"| `{section.path}` | `{section.module}.{section.cls}` | {defaults} |")
+    lines += [
+        "",
+        "Example: `model.megatron.apply_rope_fusion=true optim.ddp.overlap_grad_reduce=true",
+        "optim.ddp.bucket_size=40000000`. `rollout.sglang` is passed to SGLang's `ServerArgs` the same",
+        "way; its keys are checked against that dataclass where SGLang is installed (a warning says",
+        "they were not checked elsewhere).",
+        "",
+        "Fields megappo sets, and where to set them instead:",
+        "",
+        "| field | in | use |",
+        "| --- | --- | --- |",
+    ]
+    for section in MEGATRON_SECTIONS:
+        for name, use in section.owned.items():
+            lines.append(f"| `{name}` | `{section.path}` | {_cell(use)} |")
+    renamed = ", ".join(f"`{old}` -> `{new}`" for old, new in RENAMED.items())
+    lines += ["", f"Renamed keys (the old spelling is an error naming the new one): {renamed}.", ""]
+    return lines
+
+
 def render_markdown() -> str:
     """The full reference: load order and override syntax, presets, one table per section."""
     lines = [
@@ -123,4 +162,5 @@ def render_markdown() -> str:
     ]
     for path, cls, doc in _sections():
         lines += [f"## {path}", "", _cell(doc), "", *_section_table(path, cls), ""]
+    lines += _passthrough_section()
     return "\n".join(lines).rstrip() + "\n"

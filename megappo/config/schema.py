@@ -68,10 +68,15 @@ class ModelConfig:
     """Activation recomputation (Megatron's ``recompute_granularity``); None keeps activations."""
     recompute_num_layers: int = 1
     """Layers per recomputation chunk when ``recompute_granularity`` is ``full``."""
-    attention_dropout: float = 0.0
-    """Attention dropout during training; RL fine-tuning normally uses 0."""
-    hidden_dropout: float = 0.0
-    """Hidden-state dropout during training; RL fine-tuning normally uses 0."""
+    megatron: dict[str, Any] = field(default_factory=dict)
+    """Extra ``megatron.core.transformer.TransformerConfig`` fields, spelled as Megatron spells
+    them (``{attention_dropout: 0.1, apply_rope_fusion: true}``), checked against that dataclass
+    at load and ``--dry-run``. megappo's own choices, which these override: dropout 0
+    (``attention_dropout``, ``hidden_dropout``; RL fine-tuning normally uses none), fusions off
+    (results must match transformers), ``use_cpu_initialization: true``,
+    ``attention_softmax_in_fp32: true``. Fields megappo sets (layout, dtype, FP8,
+    recomputation, the architecture from ``config.json``) are errors naming their key; see
+    "Megatron pass-through" below."""
     value_head_init_std: float = 0.0
     """Standard deviation of the critic's new value head init (normal, zero bias); 0 gives a
     zero head so the first values are exactly 0."""
@@ -263,6 +268,27 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class RewardModelConfig:
+    """A trained reward model scored in the RL loop, beside or instead of ``reward.fn``."""
+
+    hf_path: Optional[str] = None
+    """HF ``*ForSequenceClassification`` directory (Llama, Qwen2, Qwen3, Mistral; one label,
+    ``score`` without bias), loaded into Megatron with the actor's TP x PP, frozen; None: no
+    reward model. It scores prompt + response at the last token (EOS when the response finished)."""
+    weight: float = 1.0
+    """Weight of the model's score in the reward: ``rule_weight * reward.fn + weight * model``."""
+    rule_weight: float = 0.0
+    """Weight of the rule reward (``reward.fn``) when a reward model is set; 0: the model's
+    score is the only reward."""
+    tokenizer_path: Optional[str] = None
+    """The reward model's tokenizer; None: its own directory's when it has tokenizer files,
+    else the policy's (only if the vocabularies are the same size). When it differs from the
+    policy's, the text is re-tokenized for it."""
+    on_cpu: bool = False
+    """Keep the reward model's weights on CPU between uses (as ``model.reference_on_cpu``)."""
+
+
+@dataclass(frozen=True)
 class RewardConfig:
     fn: str = "gsm8k"
     """Reward function: ``math_verify`` (MATH-style, ``\\boxed{}``), ``gsm8k`` (``#### answer``
@@ -286,6 +312,8 @@ class RewardConfig:
     out) is a failed batch; 1 disables the bound."""
     max_failed_batches: int = 2
     """The run stops with an error after this many failed batches in a row."""
+    model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    """A reward model (``*ForSequenceClassification``) scored beside or instead of ``fn``."""
 
 
 @dataclass(frozen=True)
@@ -312,6 +340,15 @@ class OptimConfig:
     """Adam epsilon."""
     clip_grad: float = 1.0
     """Global gradient-norm clip; 0 disables."""
+    megatron: dict[str, Any] = field(default_factory=dict)
+    """Extra ``megatron.core.optimizer.OptimizerConfig`` fields of the actor's and the critic's
+    optimizers (e.g. ``{decoupled_weight_decay: true}``), checked against that dataclass.
+    Fields with a key of ours (lr, Adam, clip, dtype, distributed optimizer) are errors naming it."""
+    ddp: dict[str, Any] = field(default_factory=dict)
+    """``megatron.core.distributed.DistributedDataParallelConfig`` fields (gradient buckets and
+    their reduction): ``grad_reduce_in_fp32`` (megappo's default true), ``overlap_grad_reduce``,
+    ``overlap_param_gather`` (also given to the optimizer), ``bucket_size``, ...; checked against
+    that dataclass."""
 
 
 @dataclass(frozen=True)
@@ -330,6 +367,12 @@ class TrainConfig:
     block-diagonal causal mask on the local spec, THD ``PackedSeqParams`` on the Transformer
     Engine spec) and ``max_tokens_per_microbatch`` counts real tokens; off, micro-batches are
     right-padded."""
+    offload: bool = False
+    """Colocated rollout on GPUs: move the actor's, critic's and reference's parameters, DDP
+    gradient buffers and optimizer state to pinned host memory while the engine generates,
+    and back before training (``megappo.models.offload.TrainerOffload``; Megatron's own
+    buffers, bit-exact). Needed at 7B+ when the engine shares the GPUs; costs a host copy of
+    the trainer state and a PCIe round trip per step. On a CPU run it frees nothing."""
     seed: int = 1234
     """Seed of data order, sampling and initialization."""
     run_dir: str = "runs/default"

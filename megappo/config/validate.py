@@ -2,19 +2,21 @@
 
 `validate` runs inside `load_config`: every problem is a `ConfigError` naming the fields and
 values involved; a setting that has no effect in this combination is a logged warning (and
-returned). `check_runnable` adds what only a training run needs (model and data paths that
-exist); ``--dry-run`` calls it with ``strict=False`` so those become warnings.
+returned). What needs the files a run reads (model, tokenizer, data, run directory) is
+``preflight.check_runnable``.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import os
+import math
 from functools import reduce
 from typing import Any, Callable, Optional
 
 from megappo.config.errors import ConfigError
+from megappo.config.model_files import read_hf_config
+from megappo.config.passthrough import check_megatron_passthrough
 from megappo.config.presets import uses_critic
 from megappo.config.schema import Config
 
@@ -41,19 +43,6 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
     return world_size // (tp * pp)
 
 
-def read_hf_config(path: Optional[str]) -> Optional[dict[str, Any]]:
-    """The model's ``config.json`` as a dict, or None when it is not there or not readable."""
-    if not path:
-        return None
-    try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    data = data.get("text_config", data) if isinstance(data, dict) else None
-    return data if isinstance(data, dict) else None
-
-
 # (field, lower bound, inclusive?) for numbers that must stay in range; None values skip.
 _LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
     *((p, 1, True) for p in (
@@ -71,7 +60,7 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
         "algo.critic_warmup_steps", "optim.lr", "optim.critic_lr", "optim.min_lr", "optim.weight_decay",
         "optim.clip_grad", "algo.entropy_coef", "algo.kl_loss_coef", "algo.init_kl_coef",
         "algo.value_loss_coef", "algo.overlong_penalty_factor", "algo.adv_norm.eps",
-        "model.value_head_init_std", "model.attention_dropout", "model.hidden_dropout",
+        "model.value_head_init_std",
         "rollout.eval_temperature", "algo.gamma", "algo.lambd", "optim.adam_beta1", "optim.adam_beta2",
     )),
     *((p, 0, False) for p in (
@@ -86,8 +75,47 @@ _UPPER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("rollout.top_p", 1.0, True), ("algo.gamma", 1.0, True), ("algo.lambd", 1.0, True),
     ("algo.pg_clip", 1.0, False), ("algo.pg_clip_low", 1.0, False), ("algo.pg_clip_high", 1.0, False),
     ("optim.adam_beta1", 1.0, False), ("optim.adam_beta2", 1.0, False),
-    ("model.attention_dropout", 1.0, False), ("model.hidden_dropout", 1.0, False),
 )
+
+
+def _non_finite(value: Any, path: str) -> Optional[str]:
+    """The dotted path of the first NaN or infinity in ``value`` (dicts and lists walked)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    if dataclasses.is_dataclass(value):
+        items = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
+    elif isinstance(value, dict):
+        items = ((str(k), v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for key, item in items:
+        found = _non_finite(item, f"{path}{key}" if key.startswith("[") else (f"{path}.{key}" if path else key))
+        if found:
+            return found
+    return None
+
+
+def _check_finite(cfg: Config) -> None:
+    """NaN and infinity are never meaningful settings (``optim.lr=.inf`` would turn the weights
+    to NaN in the first step), pass-through dicts included."""
+    path = _non_finite(cfg, "")
+    if path is not None:
+        raise ConfigError(f"{path} must be a finite number, got {get_any(cfg, path)!r}")
+
+
+def get_any(cfg: Any, path: str) -> Any:
+    """``get`` that also walks into dict fields and lists (``model.megatron.x``, ``a.b[1]``)."""
+    value = cfg
+    for part in path.replace("[", ".[").split("."):
+        if part.startswith("["):
+            value = value[int(part[1:-1])]
+        elif isinstance(value, dict):
+            value = value[part]
+        else:
+            value = getattr(value, part)
+    return value
 
 
 def _check_ranges(cfg: Config) -> None:
@@ -130,12 +158,18 @@ def _check_parallel(cfg: Config, world_size: Optional[int]) -> None:
         return
     dp = data_parallel_size(cfg, world_size)
     n = cfg.rollout.num_return_sequences_in_group
+    layout = f"world size {world_size} / (TP {tp} x PP {pp})"
+    if cfg.train.rollout_batch_size % dp:  # the prompt loader gives every DP rank an equal share of prompts
+        raise ConfigError(
+            f"train.rollout_batch_size={cfg.train.rollout_batch_size} prompts do not split over data-parallel "
+            f"size {dp} ({layout}): each data-parallel rank takes an equal share of every batch's prompts"
+        )
     for path in ("train.rollout_batch_size", "train.mini_batch_size"):
         prompts = get(cfg, path)
         if prompts is not None and (prompts * n) % dp:
             raise ConfigError(
                 f"{path} x rollout.num_return_sequences_in_group = {prompts} x {n} = {prompts * n} responses "
-                f"do not split over data-parallel size {dp} (world size {world_size} / (TP {tp} x PP {pp}))"
+                f"do not split over data-parallel size {dp} ({layout})"
             )
 
 
@@ -227,6 +261,8 @@ def _check_backends(cfg: Config) -> None:
             "model.fp8.param_gather=true needs parallel.use_distributed_optimizer=true "
             "(the FP8 parameter all-gather is the distributed optimizer's)"
         )
+    if par.backend == "nccl" and par.device == "cpu":
+        raise ConfigError("parallel.backend=nccl needs GPUs, but parallel.device=cpu: use backend 'gloo' or 'auto'")
     if rollout.engine == "sglang_server" and not rollout.server_urls:
         raise ConfigError("rollout.engine=sglang_server needs rollout.server_urls (the servers' base URLs)")
     if rollout.engine != "embedded" and par.device == "cpu":
@@ -297,38 +333,18 @@ def ignored_settings(cfg: Config) -> list[str]:
 def validate(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     """Raise `ConfigError` for the first problem found; log and return the warnings.
     ``world_size`` (when given) checks the TP x PP x DP layout and the batch split."""
+    _check_finite(cfg)
     _check_ranges(cfg)
     _check_parallel(cfg, world_size)
     _check_algo(cfg)
     _check_lengths(cfg)
     _check_backends(cfg)
-    warnings = ignored_settings(cfg)
+    warnings = ignored_settings(cfg) + check_megatron_passthrough(cfg)
+    if uses_critic(cfg) and cfg.algo.critic_warmup_steps >= cfg.train.steps:
+        warnings.append(
+            f"algo.critic_warmup_steps={cfg.algo.critic_warmup_steps} >= train.steps={cfg.train.steps}: "
+            "the actor is never trained (every step only warms up the critic)"
+        )
     for message in warnings:
         log.warning(message)
     return warnings
-
-
-def check_runnable(cfg: Config, *, strict: bool) -> list[str]:
-    """What a training run needs beyond a valid config: a model and training data that
-    exist. ``strict`` raises `ConfigError`; otherwise (``--dry-run``) the problems are
-    logged as warnings and returned."""
-    problems = []
-    if cfg.model.hf_path is None:
-        problems.append("model.hf_path is not set: training needs the model's HF directory (config and tokenizer)")
-    for path in ("model.hf_path", "model.critic_hf_path", "data.tokenizer_path"):
-        value = get(cfg, path)
-        if value is not None and not os.path.isdir(value):
-            problems.append(f"{path}={value!r} is not a directory")
-    if cfg.model.load_megatron is not None and not os.path.exists(cfg.model.load_megatron):
-        problems.append(f"model.load_megatron={cfg.model.load_megatron!r} does not exist")
-    if cfg.data.train_path is None:
-        problems.append("data.train_path is not set: training needs a .jsonl or .parquet file of prompts")
-    for path in ("data.train_path", "data.eval_path"):
-        value = get(cfg, path)
-        if value is not None and not os.path.isfile(value):
-            problems.append(f"{path}={value!r} is not a file")
-    if strict and problems:
-        raise ConfigError("; ".join(problems))
-    for message in problems:
-        log.warning(message)
-    return problems

@@ -19,12 +19,13 @@ Monte-Carlo returns.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 
+from megappo.config.passthrough import TRANSFORMER, check_megatron_section
 from megappo.models.spec import ModelSpec
 
 log = logging.getLogger("megappo")
@@ -49,10 +50,11 @@ class BuildOptions:
     recompute_granularity: str | None = None
     recompute_num_layers: int = 1
     sequence_parallel: bool = False
-    attention_dropout: float = 0.0
-    hidden_dropout: float = 0.0
-    use_cpu_initialization: bool = True
     value_head_init_std: float = 0.0
+    megatron: Mapping[str, Any] = field(default_factory=dict)
+    """Extra ``TransformerConfig`` fields (``model.megatron``), laid over megappo's defaults
+    (``config.passthrough.TRANSFORMER_DEFAULTS``: no dropout, fusions off, CPU initialization);
+    a field megappo sets from another key is a ``ValueError`` naming that key."""
 
 
 def te_available() -> bool:
@@ -139,6 +141,7 @@ def transformer_config(spec: ModelSpec, opts: BuildOptions):
     check_fp8(opts)
     if opts.sequence_parallel and opts.transformer_impl != "transformer_engine":
         raise ValueError("parallel.sequence_parallel needs model.transformer_impl=transformer_engine (the local spec's torch norms do not support it)")
+    extra = check_megatron_section(TRANSFORMER, opts.megatron)  # model.megatron: no owned, no unknown field
     bf16 = opts.dtype == torch.bfloat16
     recompute = {}
     if opts.recompute_granularity == "full":
@@ -162,8 +165,6 @@ def transformer_config(spec: ModelSpec, opts: BuildOptions):
         # HF's sliding window W lets a token see itself and the W-1 tokens before it.
         window_size=(spec.sliding_window - 1, 0) if spec.sliding_window else None,
         init_method_std=spec.initializer_range,
-        attention_dropout=opts.attention_dropout,
-        hidden_dropout=opts.hidden_dropout,
         tensor_model_parallel_size=opts.tp,
         pipeline_model_parallel_size=opts.pp,
         virtual_pipeline_model_parallel_size=opts.vpp,
@@ -171,19 +172,8 @@ def transformer_config(spec: ModelSpec, opts: BuildOptions):
         params_dtype=opts.dtype,
         pipeline_dtype=opts.dtype,
         bf16=bf16,
-        use_cpu_initialization=opts.use_cpu_initialization,
-        # Fusions off: the local spec on CPU has none, and results must match transformers.
-        gradient_accumulation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        attention_softmax_in_fp32=True,
         # Variable-length micro-batches through the pipeline schedules.
         variable_seq_lengths=True,
-        moe_token_dispatcher_type="alltoall",  # unused by dense models; allgather rejects variable_seq_lengths
-        deallocate_pipeline_outputs=True,
         # Interleaved schedule: with PP=2 the previous and the next stage are one rank, and
         # batched send-prev/send-next messages are indistinguishable (Megatron-LM issue
         # #750); overlapped p2p sends the two directions separately.
@@ -191,7 +181,7 @@ def transformer_config(spec: ModelSpec, opts: BuildOptions):
         batch_p2p_comm=opts.vpp is None,
         **fp8_fields(opts),
         **recompute,
-        **_no_cuda_graph_scope(TransformerConfig),
+        **{**TRANSFORMER.defaults, **_no_cuda_graph_scope(TransformerConfig), **extra},
     )
 
 

@@ -1,7 +1,10 @@
 """The config tree -> ``BuildOptions`` + ``OptimizerSettings`` -> ``MegatronPolicy``.
 
 The only place ``cfg.model`` / ``cfg.parallel`` / ``cfg.optim`` / ``cfg.train`` become
-model-building arguments, so the trainer asks for a role and gets a ready model.
+model-building arguments, so the trainer asks for a role and gets a ready model. Our typed
+keys carry what megappo owns (layout, dtype, FP8 choice, recomputation, Adam and the LR
+schedule); Megatron's other options travel as the pass-through dicts ``model.megatron``,
+``optim.megatron`` and ``optim.ddp`` (``config.passthrough``), unmirrored.
 """
 
 from __future__ import annotations
@@ -45,9 +48,8 @@ def build_options(cfg, layout: ParallelLayout) -> BuildOptions:
         recompute_granularity=m.recompute_granularity,
         recompute_num_layers=m.recompute_num_layers,
         sequence_parallel=p.sequence_parallel,
-        attention_dropout=m.attention_dropout,
-        hidden_dropout=m.hidden_dropout,
         value_head_init_std=m.value_head_init_std,
+        megatron=dict(m.megatron),
     )
 
 
@@ -78,6 +80,8 @@ def optimizer_settings(cfg, role: Role) -> OptimizerSettings:
         lr_decay_style=o.lr_decay_style,
         lr_decay_steps=decay_steps,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        megatron=dict(o.megatron),
+        ddp=dict(o.ddp),
     )
 
 

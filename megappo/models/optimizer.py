@@ -22,11 +22,12 @@ lives on the last stage only.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Literal, Optional
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Optional
 
 import torch
 
+from megappo.config.passthrough import DDP, OPTIMIZER, check_megatron_section
 from megappo.models.builder import ddp_fp8_fields
 
 log = logging.getLogger("megappo")
@@ -58,12 +59,16 @@ class OptimizerSettings:
     """Optimizer steps of the cosine decay (after which ``min_lr`` holds); required for cosine."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state (and fp32 master weights) over data-parallel ranks."""
-    grad_reduce_in_fp32: bool = True
-    """Accumulate and all-reduce gradients in fp32 (matters in bf16)."""
-    overlap_grad_reduce: bool = False
-    """Overlap the DP gradient reduction with backward (Megatron's ``overlap_grad_reduce``)."""
-    bucket_size: Optional[int] = None
-    """Elements per DDP gradient bucket; None is Megatron's default."""
+    megatron: Mapping[str, Any] = field(default_factory=dict)
+    """Extra ``OptimizerConfig`` fields (``optim.megatron``)."""
+    ddp: Mapping[str, Any] = field(default_factory=dict)
+    """``DistributedDataParallelConfig`` fields (``optim.ddp``), laid over megappo's defaults
+    (``config.passthrough.DDP_DEFAULTS``: gradients reduced in fp32)."""
+
+    @property
+    def overlap_grad_reduce(self) -> bool:
+        """DP gradient reduction overlapped with backward (``optim.ddp.overlap_grad_reduce``)."""
+        return bool({**DDP.defaults, **self.ddp}["overlap_grad_reduce"])
 
 
 def wrap_ddp(chunks: list, config, settings: OptimizerSettings) -> list:
@@ -73,11 +78,9 @@ def wrap_ddp(chunks: list, config, settings: OptimizerSettings) -> list:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=settings.grad_reduce_in_fp32,
-        overlap_grad_reduce=settings.overlap_grad_reduce,
         use_distributed_optimizer=settings.use_distributed_optimizer,
-        bucket_size=settings.bucket_size,
         **ddp_fp8_fields(bool(config.fp8 and config.fp8_param), settings.use_distributed_optimizer),
+        **{**DDP.defaults, **check_megatron_section(DDP, settings.ddp)},
     )
     return [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
@@ -92,6 +95,9 @@ def build_optimizer(chunks: list, settings: OptimizerSettings, dtype: torch.dtyp
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     bf16 = dtype == torch.bfloat16
+    extra = check_megatron_section(OPTIMIZER, settings.megatron)
+    # Megatron-LM gives the optimizer the DDP's overlap_param_gather; one key sets both.
+    overlap_param_gather = bool(check_megatron_section(DDP, settings.ddp).get("overlap_param_gather", False))
     config = OptimizerConfig(
         optimizer="adam",
         lr=settings.lr,
@@ -104,6 +110,8 @@ def build_optimizer(chunks: list, settings: OptimizerSettings, dtype: torch.dtyp
         bf16=bf16,
         params_dtype=dtype,
         use_distributed_optimizer=settings.use_distributed_optimizer,
+        overlap_param_gather=overlap_param_gather,
+        **extra,
     )
     return get_megatron_optimizer(config, chunks)
 

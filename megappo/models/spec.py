@@ -3,7 +3,8 @@
 One spec serves the Megatron model builder, the weight mapping and the rollout engine, so
 a checkpoint is validated once. Supported families: Llama, Qwen2 (QKV bias), Qwen3
 (QK-norm, explicit head_dim) and Mistral (optional sliding window). Mixture-of-experts
-families are rejected here by name until their weight mapping exists.
+families are rejected (``config.model_files.hf_config_problems``, shared with the dry run)
+until their weight mapping exists.
 
 Both config dialects are read: transformers 4.x (``rope_theta``, ``rope_scaling``) and 5.x
 (``rope_parameters``).
@@ -11,7 +12,6 @@ Both config dialects are read: transformers 4.x (``rope_theta``, ``rope_scaling`
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -19,8 +19,15 @@ from typing import Any
 
 import torch
 
-SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# The architecture checks read only config.json, so they live with the config checks (the
+# dry run makes them without torch); re-exported here where the model code looks for them.
+from megappo.config.model_files import (  # noqa: F401
+    SUPPORTED_FAMILIES,
+    SUPPORTED_ROPE_TYPES,
+    hf_config_problems,
+    read_config_json,
+    rope_parameters,
+)
 
 
 @dataclass(frozen=True)
@@ -79,45 +86,16 @@ class ModelSpec:
     def from_hf_config(cls, cfg: dict[str, Any], *, source: str = "config.json") -> "ModelSpec":
         """Validate an HF ``config.json`` dict and build the spec; every problem found is
         listed in one ``ValueError`` that names ``source``."""
-        family = cfg.get("model_type")
-        if family not in SUPPORTED_FAMILIES:
-            archs = cfg.get("architectures") or []
-            raise ValueError(
-                f"{source}: unsupported model_type {family!r} (architectures {archs}); "
-                f"megappo supports {', '.join(SUPPORTED_FAMILIES)}"
-            )
-        problems = []
-        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-            if not isinstance(cfg.get(key), int):
-                problems.append(f"{key} missing or not an integer ({cfg.get(key)!r})")
+        problems = hf_config_problems(cfg)
         if problems:
             raise ValueError(f"{source}: " + "; ".join(problems))
-        if cfg.get("hidden_act", "silu") != "silu":
-            problems.append(f"hidden_act {cfg['hidden_act']!r} (only silu / SwiGLU is supported)")
-        if cfg.get("attention_bias") and family != "qwen2":
-            problems.append(f"attention_bias=true ({family} then also has an o_proj bias, which Megatron's attention cannot hold)")
-        if cfg.get("mlp_bias"):
-            problems.append("mlp_bias=true (MLP biases are not supported)")
+        family = cfg["model_type"]
         heads = cfg["num_attention_heads"]
         kv_heads = cfg.get("num_key_value_heads") or heads
-        if heads % kv_heads:
-            problems.append(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-
-        rope = dict(cfg.get("rope_parameters") or {})
-        legacy = cfg.get("rope_scaling") or {}
-        rope = {**legacy, **rope}
+        rope, rope_type = rope_parameters(cfg)
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            problems.append(f"rope type {rope_type!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
-        sliding = None
-        if family == "mistral":
-            sliding = cfg.get("sliding_window")
-        elif cfg.get("use_sliding_window"):
-            problems.append("use_sliding_window=true (per-layer sliding windows are not supported)")
-        if problems:
-            raise ValueError(f"{source}: " + "; ".join(problems))
+        sliding = cfg.get("sliding_window") if family == "mistral" else None
 
         return cls(
             family=family,
@@ -148,15 +126,7 @@ class ModelSpec:
 
     @classmethod
     def from_hf_dir(cls, path: str | os.PathLike) -> "ModelSpec":
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise ValueError(f"{path}: no config.json (is this a HuggingFace model directory?)")
-        with open(cfg_path) as f:
-            try:
-                cfg = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{cfg_path}: malformed JSON at line {e.lineno}: {e.msg}") from None
-        return cls.from_hf_config(cfg, source=cfg_path)
+        return cls.from_hf_config(read_config_json(str(path)), source=os.path.join(path, "config.json"))
 
     def check_parallel(self, tp: int, pp: int, vpp: int | None = None) -> None:
         """Raise ``ValueError`` naming the numbers when this model cannot be split so."""
