@@ -234,6 +234,24 @@ def test_build_options_and_optimizer_settings_from_config():
     assert optimizer_settings(no_critic_lr, "critic").lr == 2e-6
 
 
+def test_pass_through_dicts_reach_the_build_options_and_optimizer_settings():
+    cfg = config_from_dict({
+        "model": {"megatron": {"attention_dropout": 0.1}},
+        "optim": {"megatron": {"decoupled_weight_decay": False}, "ddp": {"overlap_grad_reduce": True, "bucket_size": 64}},
+    })
+    assert build_options(cfg, _layout()).megatron == {"attention_dropout": 0.1}
+    for role in ("actor", "critic"):
+        settings = optimizer_settings(cfg, role)
+        assert settings.megatron == {"decoupled_weight_decay": False}
+        assert settings.ddp == {"overlap_grad_reduce": True, "bucket_size": 64}
+        assert settings.overlap_grad_reduce is True  # what the policy reads to install no_sync
+    plain = optimizer_settings(config_from_dict({}), "actor")
+    assert plain.megatron == {} and plain.ddp == {} and plain.overlap_grad_reduce is False
+    # the Megatron mirrors are gone: one spelling per option, Megatron's, in the dicts
+    assert not {"attention_dropout", "hidden_dropout", "use_cpu_initialization"} & set(BuildOptions.__dataclass_fields__)
+    assert not {"grad_reduce_in_fp32", "bucket_size"} & set(type(plain).__dataclass_fields__)
+
+
 def test_dtype_auto_is_fp32_on_cpu_and_bf16_on_gpu():
     assert resolve_dtype("auto", CPU) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
