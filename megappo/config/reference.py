@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from megappo.config import schema
+from megappo.config import schema, schema_algo
 from megappo.config.coerce import describe, field_types, is_section
 from megappo.config.passthrough import MEGATRON_SECTIONS, RENAMED
 from megappo.config.presets import PRESET_SUMMARIES, PRESETS
@@ -24,10 +24,11 @@ from megappo.config.yaml_io import StrictDumper
 
 @lru_cache(maxsize=1)
 def _schema_docs() -> dict[str, dict[str, str]]:
-    """Class name -> field name -> docstring, from the source of ``schema.py``."""
-    tree = ast.parse(Path(schema.__file__).read_text(encoding="utf-8"))
+    """Class name -> field name -> docstring, from the source of ``schema.py`` and
+    ``schema_algo.py``."""
     docs: dict[str, dict[str, str]] = {}
-    for node in tree.body:
+    body = [node for module in (schema, schema_algo) for node in ast.parse(Path(module.__file__).read_text(encoding="utf-8")).body]
+    for node in body:
         if not isinstance(node, ast.ClassDef):
             continue
         fields = docs.setdefault(node.name, {})
