@@ -122,15 +122,21 @@ def make_tiny_hf_model(
     return out
 
 
-def write_char_tokenizer(out: str | Path, vocab: int) -> None:
-    """A character-level fast tokenizer with ids < ``vocab`` (specials 0-2), saved in ``out``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def write_char_tokenizer(out: str | Path, vocab: int, reverse: bool = False, fused_decode: bool = False) -> None:
+    """A character-level fast tokenizer with ids < ``vocab`` (specials 0-2), saved in ``out``.
+    ``reverse`` numbers the characters in the opposite order (another vocabulary, same size);
+    ``fused_decode`` decodes without spaces between characters (as a real tokenizer would)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = [chr(c) for c in range(32, 127)][: vocab - 3]
+    if reverse:
+        chars = chars[::-1]
     table = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
     tok = Tokenizer(models.WordLevel(vocab=table, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    if fused_decode:
+        tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(out)
 

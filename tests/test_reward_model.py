@@ -186,3 +186,51 @@ def test_train_rm_cli_user_errors(tmp_path):
     assert r.returncode == 2 and "reward_train.batch_size must be >= 1" in r.stderr
     r = _train_rm(f"model.hf_path={tmp_path}", f"reward_train.train_path={data}", "--dry-run")
     assert r.returncode == 0 and "reward_train:" in r.stdout and str(data) in r.stdout
+
+
+# ---- the reward model in the loop: tokenizers and combining ---------------------------
+
+
+def test_combine_rewards_weights_and_per_source_metrics():
+    from megappo.rollout.reward_model import combine_rewards
+
+    rule, model = torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([0.5, -1.5, 2.0, 3.0])
+    total, m = combine_rewards(rule, model, weight=2.0, rule_weight=0.5)
+    assert torch.allclose(total, torch.tensor([1.5, -3.0, 4.5, 6.0]))
+    assert m["reward/model/mean"] == pytest.approx(1.0)
+    assert m["reward/model/std"] == pytest.approx(math.sqrt(((0.5 - 1) ** 2 + 2.5**2 + 1 + 4) / 4))
+    assert m["reward/rule/mean"] == pytest.approx(0.5)
+    only, m = combine_rewards(rule, model, weight=1.0, rule_weight=0.0)  # the model is the only reward
+    assert torch.equal(only, model) and "reward/rule/mean" in m
+    with pytest.raises(ValueError, match=r"non-finite scores for rows \[1\]"):
+        combine_rewards(None, torch.tensor([0.0, float("nan")]), weight=1.0, rule_weight=0.0)
+
+
+def test_reward_tokenizer_resolution_and_retokenization(tmp_path, char_tok):
+    from transformers import AutoTokenizer
+
+    policy = tmp_path / "policy-tok"
+    write_char_tokenizer(policy, 103, fused_decode=True)
+    char_tok = AutoTokenizer.from_pretrained(policy)
+    assert char_tok.decode(char_tok("3+4=", add_special_tokens=False)["input_ids"]) == "3+4="
+
+    from megappo.models.batch import TokenBatch
+    from megappo.rollout.reward_model import resolve_reward_tokenizer, retokenize
+
+    same = make_tiny_hf_reward_model(tmp_path, "llama", layers=2, name="same")
+    assert resolve_reward_tokenizer(str(same), None, char_tok, 103) is None  # reads the policy's ids
+    bare = make_tiny_hf_reward_model(tmp_path, "llama", layers=2, vocab=64, name="bare", tokenizer=False)
+    with pytest.raises(ValueError, match=rf"vocabulary \(64\) is smaller than the policy tokenizer's \({len(char_tok)}\).*reward.model.tokenizer_path"):
+        resolve_reward_tokenizer(str(bare), None, char_tok, 64)
+    other = tmp_path / "other-tok"
+    write_char_tokenizer(other, 103, reverse=True, fused_decode=True)
+    rm_tok = resolve_reward_tokenizer(str(bare), str(other), char_tok, 103)
+    assert rm_tok is not None
+    rm_tok = AutoTokenizer.from_pretrained(other)
+    p, r = char_tok("3+4=", add_special_tokens=False)["input_ids"], char_tok("7", add_special_tokens=False)["input_ids"]
+    eos = char_tok.eos_token_id
+    ids = torch.tensor([p + r + [eos], p + r + [0]])
+    tokens = TokenBatch(ids, torch.tensor([4, 4]), torch.tensor([2, 1]))
+    got = retokenize(tokens, torch.tensor([False, True]), char_tok, rm_tok)
+    want = rm_tok("3+4=7", add_special_tokens=False)["input_ids"]
+    assert got == [want + [rm_tok.eos_token_id], want] and want != p + r

@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_fixtures import hf_reward_scores, make_tiny_hf_model, make_tiny_hf_reward_model, read_hf_state, run_mp
+from hf_fixtures import (
+    hf_reward_scores,
+    make_tiny_hf_model,
+    make_tiny_hf_reward_model,
+    read_hf_state,
+    run_mp,
+    write_char_tokenizer,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -45,11 +52,15 @@ def runs(tmp_path_factory):
         for tie in (False, True):
             p = make_tiny_hf_reward_model(root, family, tie=tie, seed=11 if tie else 12)
             zoo[p.name] = str(p)
+    other = make_tiny_hf_reward_model(root, "llama", seed=13, name="rm-llama-othertok", tokenizer=False)
+    write_char_tokenizer(other, 103, reverse=True, fused_decode=True)
+    zoo[other.name] = str(other)
+    write_char_tokenizer(root / "policy-tok", 103, fused_decode=True)
     lm = make_tiny_hf_model(root, "qwen2", layers=4, vocab=103, tokenizer=True, name="lm-qwen2", seed=4)
     work, out = root / "work", root / "out"
     work.mkdir()
     out.mkdir()
-    ctx = dict(zoo=zoo, lm=str(lm), pairs=_pairs(root / "pairs.jsonl", 24, 0), eval_pairs=_pairs(root / "eval.jsonl", 10, 1),
+    ctx = dict(zoo=zoo, lm=str(lm), policy_tok=str(root / "policy-tok"), pairs=_pairs(root / "pairs.jsonl", 24, 0), eval_pairs=_pairs(root / "eval.jsonl", 10, 1),
                work=str(work))
     errors = {}
     for nproc, phases in ((1, ["world1"]), (2, ["tp2", "pp2", "dp2"])):
@@ -149,6 +160,14 @@ def test_trainer_resume_equals_uninterrupted(runs):
     assert res["resume/steps"] == [1, 2, 3, 4, 5, 6]
     assert res["resume/metrics_equal"] is True
     assert res["resume/weights_max_diff"] == 0.0
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_loop_reward_model_with_the_policy_or_another_tokenizer(runs, phase):
+    for res in runs[0](phase):
+        assert res["loop/same/retokenized"] is False and res["loop/other/retokenized"] is True
+        assert res["loop/same/ids_equal"] and res["loop/other/ids_equal"]
+        assert res["loop/same/score_diff"] < TOL and res["loop/other/score_diff"] < TOL
 
 
 def test_launches_succeeded(runs):

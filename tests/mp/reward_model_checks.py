@@ -10,6 +10,7 @@
   compare     megappo.toolkit.compare_reward_model rows
   train       megappo.rm_trainer.run from a causal LM (zero score head) for a few steps:
               per-step metrics and the exported weights, compared across layouts by pytest
+  loop        the reward model in the RL loop (LoopRewardModel): same or another tokenizer
   resume      (world1) a run from a reward model, cut after step 2 and resumed, against
               the same run uninterrupted
 
@@ -157,6 +158,41 @@ def check_convert(ctx, tag: str, res: dict) -> None:
                 res["convert/architectures"] = json.load(f)["architectures"]
 
 
+def check_loop_reward_model(ctx, res: dict) -> None:
+    """``LoopRewardModel`` on policy rollouts (finished and truncated): with the policy's own
+    vocabulary the ids pass through; with another tokenizer each row is re-tokenized. Both
+    against transformers on the ids the reward model's tokenizer makes of the same text."""
+    from hf_fixtures import hf_reward_scores
+    from transformers import AutoTokenizer
+
+    from megappo.models.batch import TokenBatch
+    from megappo.parallel.state import get_layout
+    from megappo.rollout.reward_model import LoopRewardModel
+
+    policy = AutoTokenizer.from_pretrained(ctx.policy_tok)
+    rows = [("3+4=", "7", False), ("12+30=", "42", True), ("9+9=", "18", False), ("1+1=", "", False)]
+    seqs, plens, rlens, trunc = [], [], [], []
+    for prompt, response, truncated in rows:
+        p = policy(prompt, add_special_tokens=False)["input_ids"]
+        r = policy(response, add_special_tokens=False)["input_ids"] + ([] if truncated else [policy.eos_token_id])
+        seqs.append(p + r), plens.append(len(p)), rlens.append(len(r)), trunc.append(truncated)
+    ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+    tokens = TokenBatch(ids, torch.tensor(plens), torch.tensor(rlens))
+    truncated_B = torch.tensor(trunc)
+    # "same": the policy's tokenizer named as the reward model's (reward.model.tokenizer_path).
+    for name, key, tok_path in (("same", "rm-qwen2-untied", ctx.policy_tok), ("other", "rm-llama-othertok", None)):
+        cfg = SimpleNamespace(hf_path=ctx.zoo[key], tokenizer_path=tok_path, on_cpu=False)
+        loop_rm = LoopRewardModel(cfg, get_layout(), policy, max_tokens_per_microbatch=24)
+        got = loop_rm.score(tokens, truncated_B)
+        rm_tok = AutoTokenizer.from_pretrained(tok_path or ctx.zoo[key])
+        want_ids = [rm_tok(p + r, add_special_tokens=False)["input_ids"] + ([] if t else [rm_tok.eos_token_id]) for p, r, t in rows]
+        res[f"loop/{name}/retokenized"] = loop_rm.rm_tokenizer is not None
+        res[f"loop/{name}/ids_equal"] = loop_rm.sequences(tokens, truncated_B) == want_ids
+        res[f"loop/{name}/score_diff"] = float((got - hf_reward_scores(ctx.zoo[key], want_ids)).abs().max())
+
+
 def run_phase(ctx, tag: str) -> dict:
     from megappo.parallel.state import init_parallel
     from megappo.toolkit.compare_reward_model import compare_reward_model
@@ -169,6 +205,7 @@ def run_phase(ctx, tag: str) -> dict:
         check_scores_and_export(ctx, key, tag, res)
     res["compare"] = compare_reward_model(ctx.zoo["rm-qwen2-untied"], tp=tp, pp=pp, num_seqs=5, seq_len=20)
     check_convert(ctx, tag, res)
+    check_loop_reward_model(ctx, res)
     check_training(ctx, tag, res)
     if tag == "world1":
         check_resume(ctx, res)
