@@ -3,8 +3,11 @@
 The same command runs under ``torchrun --nproc-per-node N -m megappo.train ...`` (one
 process per GPU) and from Slurm (one torchrun per node). ``--dry-run`` loads the recipe,
 expands the preset, prints the resolved config as YAML (rank 0 only) and validates the
-parallel layout against ``--world-size`` or ``$WORLD_SIZE``; it builds no model and imports
-neither torch nor Megatron, so it is fast and safe on a login node.
+parallel layout against ``--world-size`` or ``$WORLD_SIZE``, and checks the files the run will
+read and write (``config.preflight``). It builds no model and imports neither torch nor
+Megatron, so it is fast and safe on a login node, except to check pass-through dicts against
+their upstream classes: ``model.megatron`` / ``optim.megatron`` / ``optim.ddp`` import
+megatron-core, and ``rollout.sglang`` (with an SGLang engine) imports SGLang where installed.
 
 A user error (a bad recipe, override or layout; a missing config file; a model, tokenizer,
 data file or run directory that cannot work) prints ``error: <message>`` to stderr and exits

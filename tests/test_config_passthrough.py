@@ -22,7 +22,6 @@ from megappo.config.passthrough import (
     MEGATRON_SECTIONS,
     OPTIMIZER,
     TRANSFORMER,
-    _server_args_fields_from_source,
     check_sglang_args,
     server_args_fields,
 )
@@ -128,7 +127,7 @@ def test_docs_document_the_pass_through() -> None:
 
 # ---------------------------------------------------------------------- SGLang ServerArgs
 
-FAKE_SERVER_ARGS = '''
+FAKE_DATACLASS = '''
 import dataclasses
 from typing import ClassVar, Optional
 
@@ -137,64 +136,70 @@ class ServerArgs:
     model_path: str = ""
     mem_fraction_static: Optional[float] = None
     tp_size: int = 1
-    attention_backend: Optional[str] = None
     _registry: ClassVar[dict] = {}
-    def method(self):
-        local: int = 3
-        return local
 '''
+
+# SGLang 0.5.21+ assembles ServerArgs with msgspec.defstruct; a class with the same
+# ``__struct_fields__`` attribute stands in for it (msgspec is not a dependency here).
+FAKE_STRUCT = '''
+class ServerArgs:
+    __struct_fields__ = ("model_path", "mem_fraction_static", "tp_size")
+'''
+
+
+def _install_fake_sglang(root: Path, source: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    srt = root / "sglang" / "srt"
+    srt.mkdir(parents=True)
+    (srt.parent / "__init__.py").write_text("")
+    (srt / "__init__.py").write_text("")
+    (srt / "server_args.py").write_text(textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(root))
+    for name in [m for m in sys.modules if m == "sglang" or m.startswith("sglang.")]:
+        monkeypatch.delitem(sys.modules, name)
+    return srt / "server_args.py"
 
 
 @pytest.fixture
 def fake_sglang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """An installed-looking ``sglang`` package whose ``ServerArgs`` has four fields."""
-    srt = tmp_path / "site" / "sglang" / "srt"
-    srt.mkdir(parents=True)
-    (srt.parent / "__init__.py").write_text("")
-    (srt / "__init__.py").write_text("")
-    (srt / "server_args.py").write_text(textwrap.dedent(FAKE_SERVER_ARGS))
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    for name in [m for m in sys.modules if m == "sglang" or m.startswith("sglang.")]:
-        monkeypatch.delitem(sys.modules, name)
-    yield srt / "server_args.py"
+    """Install an ``sglang`` whose ``ServerArgs`` has three fields: ``fake_sglang(source)``."""
+    yield lambda source: _install_fake_sglang(tmp_path / f"site{len(list(tmp_path.iterdir()))}", source, monkeypatch)
     for name in [m for m in sys.modules if m == "sglang" or m.startswith("sglang.")]:
         del sys.modules[name]  # the fake's modules; monkeypatch puts back any real ones
 
 
-def test_sglang_keys_are_checked_against_server_args_fields(fake_sglang: Path) -> None:
+@pytest.mark.parametrize("source", [FAKE_DATACLASS, FAKE_STRUCT], ids=["dataclass", "msgspec-struct"])
+def test_sglang_keys_are_checked_against_server_args_fields(fake_sglang, source) -> None:
+    path = fake_sglang(source)
     fields, where = server_args_fields()
-    assert where == str(fake_sglang) and "sglang" not in sys.modules  # read, not imported
-    import importlib
-
-    module = importlib.import_module("sglang.srt.server_args")
-    assert fields == {f.name for f in dataclasses.fields(module.ServerArgs)}  # the AST reading is dataclasses.fields
+    assert fields == {"model_path", "mem_fraction_static", "tp_size"} and str(path) in where
     assert check_sglang_args({"mem_fraction_static": 0.6, "tp_size": 2}) == []
     with pytest.raises(ConfigError, match=r"unknown key 'mem_fraction_statc' in rollout.sglang: SGLang's ServerArgs "
                                           r"\(.*\) has no such field; did you mean 'mem_fraction_static'"):
         check_sglang_args({"mem_fraction_statc": 0.6})
 
 
+def test_an_sglang_that_cannot_import_is_a_warning(fake_sglang) -> None:
+    fake_sglang("import no_such_dependency_of_sglang\n")
+    (warning,) = check_sglang_args({"tp_size": 2})
+    assert "were not checked against SGLang's ServerArgs: importing sglang.srt.server_args failed (ModuleNotFoundError" in warning
+
+
 def test_real_sglang_server_args_when_installed() -> None:
     fields, where = server_args_fields()
     if fields is None:
-        pytest.skip(f"SGLang is not installed here ({where})")
+        pytest.skip(f"SGLang's ServerArgs is not readable here ({where})")
     assert {"mem_fraction_static", "tp_size", "attention_backend", "model_path"} <= fields, where
 
 
 def test_sglang_keys_without_sglang_are_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    import megappo.config.passthrough as passthrough
+    import importlib.util
 
-    monkeypatch.setattr(passthrough, "_sglang_server_args_file", lambda: None)
-    monkeypatch.delitem(sys.modules, "sglang.srt.server_args", raising=False)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sglang" else real_find_spec(name, *a))
     (warning,) = check_sglang_args({"mem_fraction_statc": 0.6})
-    assert "rollout.sglang keys ['mem_fraction_statc'] were not checked against SGLang's ServerArgs" in warning
+    assert warning == ("rollout.sglang keys ['mem_fraction_statc'] were not checked against SGLang's ServerArgs: "
+                       "SGLang is not installed here")
     assert check_sglang_args({}) == []
-
-
-def test_server_args_source_without_the_class_gives_no_fields(tmp_path: Path) -> None:
-    other = tmp_path / "server_args.py"
-    other.write_text("class Other:\n    x: int = 1\n")
-    assert _server_args_fields_from_source(str(other)) == frozenset()
 
 
 # ---------------------------------------------------------------------- into the built model (child process)

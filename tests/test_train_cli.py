@@ -116,7 +116,9 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_module_dry_run_in_a_subprocess_is_fast_and_imports_no_torch() -> None:
-    proc = _run("-X", "importtime", "-m", "megappo.train", "--config", "recipes/gsm8k_liteppo.yaml", "--dry-run")
+    # rollout.sglang emptied: its keys are checked by importing SGLang (and torch) where installed.
+    proc = _run("-X", "importtime", "-m", "megappo.train", "--config", "recipes/gsm8k_liteppo.yaml", "--dry-run",
+                "rollout.sglang={}")
     assert proc.returncode == 0, proc.stderr
     for line in ("mean_level: group", "std_level: batch", "loss_agg_mode: token-mean"):
         assert line in proc.stdout

@@ -13,30 +13,25 @@ A key is checked against the class's own ``dataclasses.fields`` (an unknown key 
 with a did-you-mean, as our own keys are; a value of a plain type is type-checked); a field
 megappo sets itself is an error naming the key that controls it, so there is one place to
 set everything. Megatron is imported only when one of its dicts is non-empty, so a dry run
-of a recipe without them stays free of torch. SGLang's ``ServerArgs`` is read from its
-source file with ``ast`` (importing SGLang takes 6-16 s and pulls torch); when SGLang is not
-installed the keys are reported as not checked.
+of a recipe without them stays free of torch. SGLang's ``ServerArgs`` fields (a dataclass in
+older SGLang, a msgspec Struct from 0.5.21) are read from the installed SGLang, imported only
+when ``rollout.sglang`` is set for an SGLang engine; without SGLang the keys are reported as
+not checked.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
 import importlib
 import importlib.util
-import logging
-import sys
 import types
 import typing
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
 
 from megappo.config.coerce import coerce
 from megappo.config.errors import ConfigError
-
-log = logging.getLogger("megappo.config")
 
 _ARCH = "the model's config.json (model.hf_path): the architecture is read from it"
 _LAYOUT_UNSUPPORTED = "not supported: megappo's layout is TP x PP x DP (parallel.*); context and expert parallelism are not implemented"
@@ -257,44 +252,35 @@ def check_megatron_passthrough(cfg: Any) -> list[str]:
 
 # ---------------------------------------------------------------------- SGLang ServerArgs
 
-def _sglang_server_args_file() -> Optional[Path]:
-    """SGLang's ``srt/server_args.py`` when SGLang is installed (found, not imported)."""
-    try:
-        spec = importlib.util.find_spec("sglang")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "srt" / "server_args.py"
-    return path if path.is_file() else None
-
-
-@lru_cache(maxsize=None)
-def _server_args_fields_from_source(path: str) -> frozenset[str]:
-    """The dataclass fields of ``class ServerArgs`` in ``path``: its annotated class-level
-    names, minus ``ClassVar``s (what ``dataclasses.fields`` lists for a class without bases)."""
-    tree = ast.parse(Path(path).read_text(encoding="utf-8"))
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == "ServerArgs":
-            names = set()
-            for stmt in node.body:
-                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-                    if "ClassVar" not in ast.unparse(stmt.annotation):
-                        names.add(stmt.target.id)
-            return frozenset(names)
-    return frozenset()
+def upstream_field_names(cls: type) -> Optional[frozenset[str]]:
+    """The field names of a config class: a dataclass (SGLang up to 0.5.20) or a msgspec
+    Struct (0.5.21 assembles ``ServerArgs`` from namespaces with ``msgspec.defstruct``)."""
+    if dataclasses.is_dataclass(cls):
+        return frozenset(f.name for f in dataclasses.fields(cls))
+    names = getattr(cls, "__struct_fields__", None)
+    return frozenset(names) if names is not None else None
 
 
 def server_args_fields() -> tuple[Optional[frozenset[str]], str]:
-    """(SGLang's ``ServerArgs`` field names or None, where they were read from)."""
-    loaded = sys.modules.get("sglang.srt.server_args")
-    if loaded is not None and hasattr(loaded, "ServerArgs"):
-        return frozenset(f.name for f in dataclasses.fields(loaded.ServerArgs)), "the imported sglang.srt.server_args"
-    path = _sglang_server_args_file()
-    if path is None:
+    """(SGLang's ``ServerArgs`` field names or None, where they come from or why not).
+
+    SGLang is imported only when it is installed (found without importing it first); its
+    import costs seconds and pulls torch, which only a config that sets ``rollout.sglang``
+    for an SGLang engine pays."""
+    try:
+        found = importlib.util.find_spec("sglang") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
         return None, "SGLang is not installed here"
-    names = _server_args_fields_from_source(str(path))
-    return (names or None), str(path)
+    try:
+        module = importlib.import_module("sglang.srt.server_args")
+    except Exception as error:  # an installed SGLang that cannot import here (a CPU node, a missing extra)
+        return None, f"importing sglang.srt.server_args failed ({type(error).__name__}: {error})"
+    names = upstream_field_names(getattr(module, "ServerArgs", None))
+    if names is None:
+        return None, "sglang.srt.server_args.ServerArgs is neither a dataclass nor a msgspec Struct"
+    return names, f"sglang.srt.server_args from {module.__file__}"
 
 
 def check_sglang_args(values: Mapping[str, Any], fields: Optional[frozenset[str]] = None, where: str = "") -> list[str]:
