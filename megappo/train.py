@@ -46,7 +46,6 @@ INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 _USER_ERRNOS = {
     errno.EROFS: "read-only file system",
     errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
     errno.ENOSPC: "No space left on device",
     errno.EDQUOT: "disk quota exceeded (No space left for this user)",
     errno.ENOTDIR: "a path component is a file, not a directory",

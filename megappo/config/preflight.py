@@ -41,7 +41,7 @@ def gpu_visible() -> bool:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
         return False
-    return bool(glob.glob("/dev/nvidia[0-9]*"))
+    return bool(glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/dxg"))  # dxg: CUDA under WSL2
 
 
 def _existing_ancestor(path: str) -> str:
@@ -127,7 +127,7 @@ def check_runnable(cfg: Config, *, strict: bool) -> list[str]:
     if cfg.checkpoint.dir is not None:
         _directory_problems("checkpoint.dir", cfg.checkpoint.dir, errors, absent)
     if cfg.parallel.backend == "nccl" and cfg.parallel.device == "auto" and not gpu_visible():
-        absent.append("parallel.backend=nccl needs GPUs, and none is visible here (no /dev/nvidia* device)")
+        absent.append("parallel.backend=nccl needs GPUs, and none is visible here (no /dev/nvidia* device; set parallel.backend=auto or gloo)")
     unchecked: list[str] = []  # warned in both modes: the check needs a package this machine lacks
     if cfg.rollout.engine != "embedded":
         try:
