@@ -204,3 +204,22 @@ def test_hf_to_megatron_out_must_be_empty(tmp_path, capsys):
         rc = _tool("convert_hf_to_megatron").main(["--hf-dir", str(src), "--out", str(tmp_path / out)])
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith(f"error: --out {tmp_path / out}") and words in err
+
+
+@pytest.mark.slow
+def test_tools_print_no_warning_noise(tmp_path):
+    """Each tool as a user runs it (its own process): no apex / Transformer Engine fallback
+    UserWarnings and no torch.distributed.checkpoint FutureWarnings, on save or on load."""
+    import subprocess
+    import sys
+
+    src = make_tiny_hf_model(tmp_path, "qwen3", layers=1, tokenizer=True)
+    runs = [
+        ["convert_hf_to_megatron.py", "--hf-dir", src, "--out", tmp_path / "mcore"],
+        ["convert_megatron_to_hf.py", "--ckpt", tmp_path / "mcore", "--out", tmp_path / "hf"],
+    ]
+    for tool, *argv in runs:
+        done = subprocess.run([sys.executable, str(TOOLS / tool), *map(str, argv)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "Warning" not in done.stderr and "warnings.warn" not in done.stderr, f"{tool}: {done.stderr}"
+    assert (tmp_path / "hf" / "model.safetensors").is_file()

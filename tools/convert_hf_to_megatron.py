@@ -34,7 +34,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from megappo.toolkit.convert import convert_hf_to_megatron
+    from megappo.toolkit.convert import convert_hf_to_megatron, quiet_fallback_warnings
+
+    quiet_fallback_warnings()
 
     try:
         dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)

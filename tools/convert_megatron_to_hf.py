@@ -39,7 +39,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from megappo.toolkit.convert import convert_megatron_to_hf
+    from megappo.toolkit.convert import convert_megatron_to_hf, quiet_fallback_warnings
+
+    quiet_fallback_warnings()
 
     try:
         convert_megatron_to_hf(

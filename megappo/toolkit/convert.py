@@ -19,6 +19,15 @@ import torch
 log = logging.getLogger("megappo")
 
 
+def quiet_fallback_warnings() -> None:
+    """For the tools (call before Megatron is imported): megatron-core warns once per module
+    that apex / Transformer Engine are missing (six ``UserWarning``s per process); that the
+    plain-torch fallbacks run is no news to a conversion. ``megappo.train`` does the same."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"(Transformer Engine and )?Apex (is|are) not installed", category=UserWarning)
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """Where a model's Megatron weights are and what describes them."""

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 from megappo.models.spec import ModelSpec
 from megappo.weights.validate import spec_differences
@@ -25,6 +27,24 @@ from megappo.weights.model_io import model_chunks, unwrap
 
 MODEL_META = "megappo_model.json"
 MODEL_FORMAT = "megappo-megatron-model/1"
+
+_DCP_DEPRECATIONS = (
+    r"Please use DTensor instead and we are deprecating ShardedTensor",
+    r"`load_state_dict` is deprecated and will be removed",
+)
+"""FutureWarnings torch.distributed.checkpoint raises from inside megatron-core's own calls
+(its ShardedTensor-based strategy, its use of the old ``load_state_dict``): nothing a user
+can act on, printed on every rank at every load."""
+
+
+@contextmanager
+def quiet_dist_checkpointing() -> Iterator[None]:
+    """Silence ``_DCP_DEPRECATIONS`` around a ``dist_checkpointing.save`` / ``load`` (and
+    nothing else: other warnings still show)."""
+    with warnings.catch_warnings():
+        for message in _DCP_DEPRECATIONS:
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+        yield
 
 
 def sharded_model_state(models: Sequence) -> dict[str, Any]:
@@ -62,7 +82,8 @@ def save_megatron_model(
             raise ValueError(f"{out} is not empty; refusing to write a checkpoint over it")
         os.makedirs(out, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(sharded_model_state(chunks), out)
+    with quiet_dist_checkpointing():
+        dist_checkpointing.save(sharded_model_state(chunks), out)
     if dist.get_rank() == 0:
         meta = {
             "format": MODEL_FORMAT,
@@ -109,7 +130,8 @@ def load_megatron_model(models, ckpt_dir: str | os.PathLike, *, spec_dict: dict 
     if spec_dict is None:
         spec_dict = read_model_meta(ckpt_dir)["spec"]
     check_spec(chunks[0].megappo_spec, spec_dict, source=os.fspath(ckpt_dir))
-    state = dist_checkpointing.load(sharded_model_state(chunks), os.fspath(ckpt_dir))
+    with quiet_dist_checkpointing():
+        state = dist_checkpointing.load(sharded_model_state(chunks), os.fspath(ckpt_dir))
     load_model_state(chunks, state)
     if optimizer is not None:
         optimizer.reload_model_params()
