@@ -161,7 +161,9 @@ def test_fixed_kl_controller_and_factory():
 
 def test_running_mean_std_matches_concatenation_and_roundtrips():
     g = torch.Generator().manual_seed(1)
-    batches = [torch.randn(n, generator=g) * 3 + 1 for n in (5, 1, 17, 2)]
+    # float64 data: this checks the merge algebra to 1e-9; moment_sums' float32 precision
+    # has its own test (test_algo_advantages.py::test_moment_sums_float32_matches_float64).
+    batches = [(torch.randn(n, generator=g) * 3 + 1).double() for n in (5, 1, 17, 2)]
     rms = RunningMeanStd()
     assert rms.mean == 0.0 and rms.std == 1.0
     for b in batches:

@@ -1,5 +1,7 @@
-"""Benchmark megappo.algo on CPU: vectorized GAE vs the per-time-step loop, and the
-throughput of outcome advantages + PPO policy loss (forward and backward).
+"""Benchmark megappo.algo on CPU: vectorized GAE vs the per-time-step loop, GAE plus the
+masked whitening after it (what a PPO step pays; against whitening with float64 passes,
+the previous implementation), and the throughput of outcome advantages + PPO policy loss
+(forward and backward).
 
 Shape legend: B = responses, T = response tokens.
 
@@ -23,7 +25,24 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megappo.algo import broadcast_to_tokens, compute_gae, outcome_advantages, policy_loss
+from megappo.algo import (
+    broadcast_to_tokens,
+    compute_gae,
+    masked_whiten,
+    moment_sums,
+    moments_from_sums,
+    outcome_advantages,
+    policy_loss,
+)
+
+
+def float64_whiten(x_BT, mask_BT):
+    """Masked whitening with float64 passes over [B, T] (megappo's implementation before
+    issue 15): the precision reference, and the time to beat."""
+    x64, m64 = x_BT.double(), mask_BT.double()
+    sums = torch.stack([m64.sum(), (x64 * m64).sum(), (x64 * x64 * m64).sum()])
+    mean, var = moments_from_sums(sums)
+    return ((x64 - mean) * torch.rsqrt(var + 1e-8) * m64).to(x_BT.dtype), sums
 
 
 def loop_gae(rewards_BT, values_BT, mask_BT, gamma, lambd):
@@ -86,6 +105,34 @@ def bench_gae(B, T, gamma, lambd, repeats):
     )
 
 
+def bench_gae_whiten(B, T, gamma, lambd, repeats):
+    """GAE then masked whitening of the advantages (PPO's default), timed apart and together."""
+    rewards_BT, values_BT, mask_BT = make_batch(B, T)
+    adv_BT, _ = compute_gae(rewards_BT, values_BT, mask_BT, gamma, lambd)
+
+    def whiten():
+        return masked_whiten(adv_BT, mask_BT, sums=moment_sums(adv_BT, mask_BT))
+
+    def both():
+        a_BT, _ = compute_gae(rewards_BT, values_BT, mask_BT, gamma, lambd)
+        return masked_whiten(a_BT, mask_BT, sums=moment_sums(a_BT, mask_BT))
+
+    t_gae, t_white, t_white64, t_both = timed(
+        lambda: compute_gae(rewards_BT, values_BT, mask_BT, gamma, lambd),
+        whiten,
+        lambda: float64_whiten(adv_BT, mask_BT),
+        both,
+        repeats=repeats,
+    )
+    ref_BT, _ = float64_whiten(adv_BT.double(), mask_BT.double())
+    err = (whiten().double() - ref_BT).abs().max().item()
+    print(
+        f"GAE + whitening B={B} T={T}: GAE {t_gae * 1e3:8.1f} ms | whitening {t_white * 1e3:8.1f} ms "
+        f"(float64 passes {t_white64 * 1e3:8.1f} ms) | together {t_both * 1e3:8.1f} ms | "
+        f"whitening/GAE {t_white / t_gae:5.2f} | max |err| vs float64 {err:.2e}"
+    )
+
+
 def bench_outcome_and_policy(B, T, group_size, repeats):
     g = torch.Generator().manual_seed(1)
     _, _, mask_BT = make_batch(B, T)
@@ -135,6 +182,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, fp32, load average {load}")
     for T in lengths:
         bench_gae(B, T, args.gamma, args.lambd, args.repeats)
+    for T in lengths:
+        bench_gae_whiten(B, T, args.gamma, args.lambd, args.repeats)
     bench_outcome_and_policy(B, lengths[0], group_size=8, repeats=args.repeats)
 
 

@@ -9,8 +9,9 @@ global batch is built from *moment sums*: `moment_sums` returns the float64 vect
 (SUM over data-parallel ranks) and `moments_from_sums` turns the result into a mean and a
 variance. Functions that need a global statistic take such a reducer as `reduce_sums`
 (a callable `Tensor[3] -> Tensor[3]`; `None` means one rank, the identity) or accept the
-finished mean / variance as keyword arguments. Sums of squares are taken in float64, so
-the one-pass variance does not lose precision at reward scales.
+finished mean / variance as keyword arguments. The sums are float64, and the sum of
+squares is built from a two-pass local estimate (see `moment_sums`), so the variance keeps
+float64-level precision at any offset without float64 passes over the [B, T] data.
 
 Standard deviations use Bessel's correction (divide by n - 1), as `torch.std`, verl and
 ROLL do. A population of fewer than two elements has no sample variance; here it is
@@ -56,17 +57,45 @@ def masked_var(x: Tensor, mask: Tensor, *, unbiased: bool = True) -> Tensor:
 
 
 def moment_sums(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-    """Float64 `[count, sum, sum_of_squares]` of `x` (masked elements only, if given).
+    """Float64 `[count, sum, sum_of_squares]` of `x` (masked elements only, if given; the
+    mask is 0/1).
 
     All-reduce the result over ranks and pass it to `moments_from_sums` to obtain the
     global mean and variance.
+
+    Computed in `x`'s precision (at least float32), not by casting [B, T] to float64
+    (which made whitening cost 3.5x GAE at B=512, T=16384), without losing precision:
+      1. c = a rough local mean (a BLAS dot product with the mask);
+      2. d = (x - c) * mask, one [B, T] temporary; r = sum(d), q = sum(d^2) in place.
+    torch's float32 sums are cascaded (pairwise) on CPU and tree-reduced on GPU, and d is
+    centred, so r and q have no cancellation; then, in float64, sum(x) = n c + r and
+    sum(x^2) = q + 2 c sum(x) - n c^2 (exact identities). The cancellation left in
+    `moments_from_sums` (sumsq - sum * mean) thus happens in float64 on accurate terms:
+    tests check the variance against float64 to 1e-5 relative at offsets of 1e3 standard
+    deviations, where a float32 one-pass sum of squares is off by orders of magnitude.
     """
-    x64 = x.detach().to(torch.float64)
+    xd = x.detach()
+    if not xd.is_floating_point() or xd.dtype in (torch.float16, torch.bfloat16):
+        xd = xd.float()
     if mask is None:
-        m64 = torch.ones_like(x64)
+        count64 = torch.tensor(float(xd.numel()), dtype=torch.float64, device=xd.device)
+        c = xd.sum() / max(xd.numel(), 1)
+        d = xd - c
     else:
-        m64 = mask.detach().to(torch.float64)
-    return torch.stack([m64.sum(), (x64 * m64).sum(), (x64 * x64 * m64).sum()])
+        m = mask.detach().to(xd.dtype)
+        if m.shape != xd.shape:
+            xd, m = torch.broadcast_tensors(xd, m)
+        # A float32 sum of 0/1 is exact while every partial sum stays below 2^24.
+        count = m.sum() if m.numel() < 2**24 else m.sum(dtype=torch.float64)
+        count64 = count.to(torch.float64)
+        c = torch.dot(xd.reshape(-1), m.reshape(-1)) / count.clamp(min=1).to(xd.dtype)
+        d = (xd - c).mul_(m)
+    c64 = c.to(torch.float64)  # the shift actually applied (x's precision)
+    r64 = d.sum().to(torch.float64)
+    q64 = d.mul_(d).sum().to(torch.float64)
+    total64 = count64 * c64 + r64
+    sumsq = q64 + 2 * c64 * total64 - count64 * c64 * c64
+    return torch.stack([count64, total64, sumsq])
 
 
 def moments_from_sums(sums: Tensor, *, unbiased: bool = True) -> tuple[Tensor, Tensor]:
@@ -113,10 +142,12 @@ def masked_whiten(
         mean, var = masked_mean(x, mask), masked_var(x, mask)
     mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device)
     var_t = torch.as_tensor(var, dtype=x.dtype, device=x.device)
-    out = (x - mean_t) * torch.rsqrt(var_t + eps)
+    # One new [B, T] tensor, updated in place (three temporaries before: a third of the time).
+    out = x - mean_t
+    out.mul_(torch.rsqrt(var_t + eps))
     if not shift_mean:
-        out = out + mean_t
-    return out * mask
+        out.add_(mean_t)
+    return out.mul_(mask)
 
 
 def group_index(group_ids_B: Tensor) -> tuple[Tensor, int]:
