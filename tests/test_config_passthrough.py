@@ -244,11 +244,18 @@ def test_passed_fields_reach_the_built_megatron_configs(built: dict) -> None:
     assert built["owned_error"].startswith("model.megatron.bf16 is set by megappo")
 
 
+@pytest.mark.slow
+def test_a_step_with_the_passed_ddp_options_equals_the_default_step(built: dict) -> None:
+    step = built["step"]
+    assert step["grad_norm"] > 1e-3  # a real gradient
+    assert step["loss_diff"] < 1e-6 and step["grad_norm_diff"] < 1e-5 and step["param_diff"] < 1e-6, step
+
+
 def _child(out_path: str) -> None:
     import torch
 
     from megappo.config import config_from_dict
-    from megappo.models import BuildOptions, ModelSpec, build_policy
+    from megappo.models import BuildOptions, ModelSpec, TokenBatch, build_policy
     from megappo.models.builder import transformer_config
     from megappo.parallel import init_parallel
 
@@ -280,6 +287,29 @@ def _child(out_path: str) -> None:
         }
 
     result = {"passed": read(passed_cfg), "default": read(config_from_dict(base))}
+
+    # The settable DDP options train: one step with overlap_grad_reduce on, gradients reduced in
+    # the parameters' dtype, small buckets and NaN checks equals the same step with megappo's defaults (DP 1, same weights).
+    ddp_only = config_from_dict({"optim": {"lr": 3e-4, "megatron": dict(passed_cfg.optim.megatron), "ddp": dict(passed_cfg.optim.ddp)}})
+    policies = [build_policy(cfg, spec, "actor", layout) for cfg in (ddp_only, config_from_dict(base))]
+    policies[1].models[0].load_state_dict(policies[0].models[0].state_dict())
+    g = torch.Generator().manual_seed(3)
+    batch = TokenBatch(torch.randint(0, HF["vocab_size"], (4, 20), generator=g), torch.tensor([3, 5, 2, 4]),
+                       torch.tensor([10, 6, 12, 8]))
+    mask = batch.response_mask_BT
+    tokens = float(mask.sum())
+
+    def loss_fn(out, rows):
+        return -(out["logprobs_BT"] * mask[rows]).sum() / tokens, {}
+
+    steps = [p.train_step(batch, loss_fn, entropy_grad=False) for p in policies]
+    params = [torch.cat([q.detach().flatten() for q in p.models[0].parameters()]) for p in policies]
+    result["step"] = {
+        "loss_diff": abs(steps[0]["loss"] - steps[1]["loss"]),
+        "grad_norm_diff": abs(steps[0]["grad_norm"] - steps[1]["grad_norm"]),
+        "grad_norm": steps[1]["grad_norm"],
+        "param_diff": float((params[0] - params[1]).abs().max()),
+    }
     try:
         transformer_config(spec, BuildOptions(megatron={"bf16": True}))
         result["owned_error"] = "no error"
