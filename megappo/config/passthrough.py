@@ -256,9 +256,12 @@ def upstream_field_names(cls: type) -> Optional[frozenset[str]]:
     """The field names of a config class: a dataclass (SGLang up to 0.5.20) or a msgspec
     Struct (0.5.21 assembles ``ServerArgs`` from namespaces with ``msgspec.defstruct``)."""
     if dataclasses.is_dataclass(cls):
-        return frozenset(f.name for f in dataclasses.fields(cls))
-    names = getattr(cls, "__struct_fields__", None)
-    return frozenset(names) if names is not None else None
+        names = [f.name for f in dataclasses.fields(cls)]
+    else:
+        names = getattr(cls, "__struct_fields__", None)
+        if names is None:
+            return None
+    return frozenset(n for n in names if not n.startswith("_"))  # private bookkeeping is no option
 
 
 def server_args_fields() -> tuple[Optional[frozenset[str]], str]:
