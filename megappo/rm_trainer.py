@@ -37,8 +37,9 @@ ROLE = "reward"
 CONSOLE_KEYS = ("rm/loss", "rm/accuracy", "rm/margin", "eval/rm_accuracy", "eval/rm_margin", "time/step")
 
 
-def check_reward_train(cfg, world_size: int) -> None:
-    """The ``reward_train`` settings a run needs, each error naming its key."""
+def check_reward_train(cfg, world_size: int, *, files: bool = True) -> None:
+    """The ``reward_train`` settings a run needs, each error naming its key. ``files``
+    False (``--dry-run``): missing files and directories are only logged."""
     rt = cfg.reward_train
     problems = []
     if rt.train_path is None:
@@ -54,6 +55,11 @@ def check_reward_train(cfg, world_size: int) -> None:
         problems.append("reward_train.eval_every and reward_train.head_init_std must be >= 0")
     if cfg.model.hf_path is None or not os.path.isdir(cfg.model.hf_path):
         problems.append(f"model.hf_path={cfg.model.hf_path!r} must be the HF directory to start from (causal LM or reward model)")
+    if not files:
+        missing = [p for p in problems if "is not a file" in p or "must be the HF directory" in p or "is not set" in p]
+        for p in missing:
+            log.warning(p)
+        problems = [p for p in problems if p not in missing]
     if cfg.parallel.virtual_pipeline_model_parallel_size is not None:
         problems.append("parallel.virtual_pipeline_model_parallel_size: the reward model has no virtual pipeline stages")
     dp = world_size // (cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)

@@ -55,7 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = build(resolve_tree(args.config, args.overrides))
         from megappo.rm_trainer import check_reward_train
 
-        check_reward_train(cfg, world)
+        check_reward_train(cfg, world, files=not args.dry_run)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         if _is_rank0():
             print(f"error: {err}", file=sys.stderr)

@@ -184,6 +184,8 @@ def test_train_rm_cli_user_errors(tmp_path):
     data = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "1", "chosen": "2", "rejected": "3"}])
     r = _train_rm(f"model.hf_path={tmp_path}", f"reward_train.train_path={data}", "reward_train.batch_size=0")
     assert r.returncode == 2 and "reward_train.batch_size must be >= 1" in r.stderr
+    r = _train_rm(f"model.hf_path={tmp_path}", f"reward_train.train_path={data}", "reward_train.epochs=0", "--dry-run")
+    assert r.returncode == 2 and "reward_train.epochs must be >= 1" in r.stderr  # a bad value fails a dry run too
     r = _train_rm(f"model.hf_path={tmp_path}", f"reward_train.train_path={data}", "--dry-run")
     assert r.returncode == 0 and "reward_train:" in r.stdout and str(data) in r.stdout
 
@@ -234,3 +236,36 @@ def test_reward_tokenizer_resolution_and_retokenization(tmp_path, char_tok):
     got = retokenize(tokens, torch.tensor([False, True]), char_tok, rm_tok)
     want = rm_tok("3+4=7", add_special_tokens=False)["input_ids"]
     assert got == [want + [rm_tok.eos_token_id], want] and want != p + r
+
+
+def test_toy_preferences_reject_a_wrong_answer_and_keep_the_splits_apart(tmp_path):
+    from megappo.toolkit.toy_preferences import make_toy_preferences
+
+    train = [json.loads(x) for x in make_toy_preferences(tmp_path / "t.jsonl", 500, 1).read_text().splitlines()]
+    held = [json.loads(x) for x in make_toy_preferences(tmp_path / "e.jsonl", 60, 1, split="eval").read_text().splitlines()]
+    for row in train + held:
+        a, b = row["prompt"].rstrip("=").split("+")
+        assert row["chosen"] == row["answer"] == str(int(a) + int(b)) and row["rejected"] != row["chosen"]
+        assert int(row["rejected"]) >= 0
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+
+
+def test_rm_recipe_dry_runs():
+    r = _train_rm("--config", str(REPO_ROOT / "recipes" / "toy_rm_cpu.yaml"), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "reward_train:" in r.stdout and "preferences_train.jsonl" in r.stdout and "must be the HF directory" in r.stderr
+
+
+@pytest.mark.slow
+def test_compare_reward_model_tool_prints_json_and_refuses_a_causal_lm(tmp_path):
+    """One process (world 1); the tool's TP=2 / PP=2 runs are in test_reward_model_parallel.py."""
+    rm = make_tiny_hf_reward_model(tmp_path, "qwen2", layers=2, tie=True, tokenizer=False)
+    tool = str(REPO_ROOT / "tools" / "compare_reward_model.py")
+    env_cmd = [sys.executable, tool, "--hf-dir", str(rm), "--num-seqs", "4", "--seq-len", "12"]
+    r = subprocess.run(env_cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert r.returncode == 0 and len(rows) == 1, r.stderr[-2000:]
+    assert rows[0]["compare"] == "megatron_rm_vs_transformers" and rows[0]["max_abs_diff"] < 1e-4 and rows[0]["num_seqs"] == 4
+    lm = make_tiny_hf_model(tmp_path, "qwen2", layers=2)
+    r = subprocess.run([sys.executable, tool, "--hf-dir", str(lm)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "is a causal LM, not a reward model" in r.stderr
