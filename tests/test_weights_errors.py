@@ -136,9 +136,10 @@ def _tied_with_head(tmp_path, head_from_embedding):
     return d
 
 
-def test_tied_config_with_a_stored_head_warns(tmp_path, caplog):
+def test_tied_config_with_a_stored_head_warns(tmp_path, caplog, monkeypatch):
     from megappo.weights import model_io
 
+    monkeypatch.setattr(model_io, "_TIED_HEAD_WARNED", set())  # once per directory per process: start afresh
     for same in (True, False):
         d = _tied_with_head(tmp_path, same)
         with caplog.at_level(logging.WARNING, logger="megappo"):
@@ -150,4 +151,3 @@ def test_tied_config_with_a_stored_head_warns(tmp_path, caplog):
         assert f"{d}: config.json sets tie_word_embeddings=true, so the file's lm_head.weight is not loaded" in warned[0]
         assert ("it equals the embedding" in warned[0]) == same
         assert ("it DIFFERS from the embedding (max |diff| 0.25)" in warned[0]) != same
-    model_io._TIED_HEAD_WARNED.clear()
