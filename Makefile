@@ -55,3 +55,10 @@ lint: $(STAMP)
 
 clean:
 	rm -rf build *.egg-info
+
+# make gpu-check : the prepared GPU check on a GPU machine (README "GPU check"); e.g.
+#   make gpu-check GPU_CHECK_ARGS="--wheels wheels --out gpu_check.json"
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+gpu-check:
+	tools/gpu_check.sh $(GPU_CHECK_ARGS)
