@@ -166,3 +166,23 @@ def test_full_recomputation_gives_the_same_gradients(results):
     assert results["info"]["tp2_recompute_granularity"] == "full"
     assert results["info"]["tp2_recompute_layer_calls_per_microbatch"] == 2  # the layer did run again in backward
     _assert_small(results, "tp2_recompute_loss", "tp2_recompute_grads")
+
+
+@pytest.mark.parametrize("layout", ("tp1", "tp1_distopt") + LAYOUTS)
+def test_loss_scaling_self_check_passes_at_every_layout(results, layout):
+    """megappo.models.loss_check at DP=2 (plain and distributed optimizer), TP=2, PP=2 and
+    interleaved PP: M vs 2M micro-batches agree, and where a rank holds the whole reduced
+    gradient (PP=1, not the sharded optimizer at DP=2) so does plain autograd."""
+    rep = results["info"][f"{layout}_loss_check"]
+    assert rep["counts"][0] < rep["counts"][1]
+    assert rep["rel_diff_microbatches"] < 1e-4
+    if layout in ("tp1", "tp2"):
+        assert rep["rel_diff_autograd"] < 1e-4
+    else:
+        assert rep["rel_diff_autograd"] is None
+
+
+def test_loss_scaling_self_check_catches_a_missing_dp_factor(results):
+    err = results["info"]["tp1_loss_check_without_dp_factor"]
+    # Without the DP factor each of the DP=2 ranks' gradients is halved: 0.5 relative.
+    assert err.startswith("loss-scaling self-check (actor)") and "Megatron vs autograd by 5.00e-01" in err, err

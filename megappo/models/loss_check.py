@@ -19,7 +19,10 @@ the first step:
      (``rel_diff_autograd`` None) where a rank's ``main_grad`` is not the whole reduced
      gradient: sequence parallelism (layer-norm gradients are all-reduced by
      ``finalize_model_grads``, not autograd) and the distributed optimizer at DP > 1 (a
-     reduce-scatter leaves each rank only its shard).
+     reduce-scatter leaves each rank only its shard). At TP > 1 the parameters whose
+     gradients ``finalize_model_grads`` all-reduces over TP (QK-norm weights, those marked
+     ``average_gradients_across_tp_domain``) are left out of this comparison: autograd on
+     one rank sees only its heads' share of them.
 
 The loss is a weighted token sum of log-probs (or values for the critic) with fixed random
 weights, divided by the token count and the DP size as ``algo.aggregate_loss`` would.
@@ -57,7 +60,7 @@ class LossScalingReport:
     rel_diff_microbatches: float
     """M vs 2M micro-batches."""
     rel_diff_autograd: Optional[float]
-    """Megatron (M micro-batches, DDP-reduced) vs plain autograd; None with PP > 1."""
+    """Megatron (2M micro-batches, DDP-reduced) vs plain autograd; None where skipped (module doc)."""
     grad_norm: float
     tolerance: float
 
@@ -148,12 +151,13 @@ def _run(policy: "MegatronPolicy", layout, tol: float) -> LossScalingReport:
     grads = []
     for hint in (first, 2 * first):
         policy.forward_backward(batch, loss_fn, num_microbatches_hint=hint, entropy_grad=False)
-        grads.append(_flat_main_grads(policy))
+        grads.append(_flat_main_grads(policy, _trained(policy)))
     ref_grad = None
     ddp_config = getattr(policy.chunks[0], "ddp_config", None)
     sharded = dp > 1 and bool(getattr(ddp_config, "use_distributed_optimizer", False))
     if pp == 1 and len(policy.models) == 1 and not policy.opts.sequence_parallel and not sharded:
-        ref_grad = _autograd_grads(policy, batch, weights_BT * mask_BT, num_tokens * dp, key)
+        # The batch loss is the mean over DP ranks of identical local losses: the local loss.
+        ref_grad = _autograd_grads(policy, batch, weights_BT * mask_BT, num_tokens, key)
     reduce = _max_over_world
     norm = reduce(float(grads[1].norm()))
     if norm == 0.0:
@@ -161,13 +165,29 @@ def _run(policy: "MegatronPolicy", layout, tol: float) -> LossScalingReport:
     rel_mb = reduce(float((grads[0] - grads[1]).norm()) / norm)
     rel_ag = None
     if ref_grad is not None:
-        rel_ag = reduce(float((grads[0] - ref_grad).norm()) / max(float(ref_grad.norm()), 1e-30))
+        local = _flat_main_grads(policy, _local_to_tp_rank(policy))  # the 2M run's
+        rel_ag = reduce(float((local - ref_grad).norm()) / max(float(ref_grad.norm()), 1e-30))
     return LossScalingReport((counts[0], counts[1]), rel_mb, rel_ag, norm, tol)
 
 
-def _flat_main_grads(policy: "MegatronPolicy") -> torch.Tensor:
-    parts = [p.main_grad.detach().float().reshape(-1).cpu() for m in policy.models for p in m.parameters() if p.requires_grad]
-    return torch.cat(parts).double()
+def _trained(policy: "MegatronPolicy") -> list:
+    return [p for m in policy.models for p in m.parameters() if p.requires_grad]
+
+
+def _local_to_tp_rank(policy: "MegatronPolicy") -> list:
+    """Trained parameters whose gradient autograd on one rank gets whole (see the module doc)."""
+    if policy.layout.tp == 1:
+        return _trained(policy)
+    qk_norm = bool(getattr(policy.models[0].config, "qk_layernorm", False))
+    return [
+        p for m in policy.models for name, p in m.named_parameters()
+        if p.requires_grad and not getattr(p, "average_gradients_across_tp_domain", False)
+        and not (qk_norm and ("q_layernorm" in name or "k_layernorm" in name))
+    ]
+
+
+def _flat_main_grads(policy: "MegatronPolicy", params: list) -> torch.Tensor:
+    return torch.cat([p.main_grad.detach().float().reshape(-1).cpu() for p in params]).double()
 
 
 def _autograd_grads(policy: "MegatronPolicy", batch: TokenBatch, w_BT: torch.Tensor, denom: float, key: str) -> torch.Tensor:
@@ -177,7 +197,7 @@ def _autograd_grads(policy: "MegatronPolicy", batch: TokenBatch, w_BT: torch.Ten
     from megappo.models.policy import _MicroBatch, _Pass
 
     model = policy.models[0]
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = _local_to_tp_rank(policy)
     mb = batch.to(policy.device)
     inputs = model_inputs(mb, policy.packing, policy._pad_multiple)
     args, kwargs = inputs.forward_args()

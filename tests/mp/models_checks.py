@@ -254,6 +254,7 @@ def phase_tp1(spec, batch, data, ckpt) -> dict:
     load({"actor": dopt}, ckpt)
     dopt.train_step(half, loss_fn, temperature=TEMP)
     diff("distributed_optimizer_vs_plain_weights", flat(weights_of(dopt)), flat(weights_of(actor)))
+    check_loss_scaling_at("tp1", actor, dopt)
     return dict(
         out=out, values=values, loss_kl=m1["loss"], grads_kl=grads_kl, loss=m["loss"], grads=grads,
         grad_norm=step["grad_norm"], weights=weights_of(actor),
@@ -310,6 +311,30 @@ def phase_other(tag, tp, pp, vpp, spec, batch, data, ckpt, ref1) -> None:
         check_vocab_parallel(layout)
         check_padded_vocab_model(spec, layout)
         check_bf16(spec, batch, data, ckpt, ref1)
+    check_loss_scaling_at(tag, actor)
+
+
+def check_loss_scaling_at(tag, actor, distopt=None) -> None:
+    """The start-up loss-scaling self-check (``megappo.models.loss_check``) at this layout;
+    at tp1 (DP=2) also its control: without the 1/DP correction it must fail (M vs 2M
+    micro-batches still agree there; the comparison with autograd catches it)."""
+    from megappo.models import loss_check, policy as policy_mod
+
+    for name, pol in ((tag, actor), (f"{tag}_distopt", distopt)):
+        if pol is not None:
+            rep = loss_check.check_loss_scaling(pol)
+            INFO[f"{name}_loss_check"] = {"counts": list(rep.microbatch_counts), "rel_diff_microbatches": rep.rel_diff_microbatches,
+                                           "rel_diff_autograd": rep.rel_diff_autograd}
+    if tag == "tp1":
+        original = policy_mod.loss_scale_factor
+        policy_mod.loss_scale_factor = lambda m, dp: float(m)  # as if DDP stopped dividing by DP
+        try:
+            loss_check.check_loss_scaling(actor)
+            INFO["tp1_loss_check_without_dp_factor"] = "no error"
+        except loss_check.LossScalingError as e:
+            INFO["tp1_loss_check_without_dp_factor"] = str(e)
+        finally:
+            policy_mod.loss_scale_factor = original
 
 
 # ------------------------------------------------------------------------------ checks
@@ -381,7 +406,10 @@ def check_collectives() -> None:
 
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(3)
-    x, mask = torch.randn(10, 7, generator=g), (torch.rand(10, 7, generator=g) > 0.3).float()
+    # float64 data: this checks the reduction to 1e-12; moment_sums' float32 passes are checked
+    # against float64 in tests/test_algo_advantages.py.
+    x = torch.randn(10, 7, generator=g, dtype=torch.float64)
+    mask = (torch.rand(10, 7, generator=g) > 0.3).float()
     xs, ms = x.tensor_split(2)[rank], mask.tensor_split(2)[rank]
     mean, var = collectives.global_masked_mean_var(xs, ms)
     diff("collectives_global_mean", mean, masked_mean(x.double(), mask.double()))
