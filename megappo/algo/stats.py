@@ -56,6 +56,10 @@ def masked_var(x: Tensor, mask: Tensor, *, unbiased: bool = True) -> Tensor:
     return torch.where(denom > 0, sq / denom.clamp(min=1), torch.zeros_like(sq))
 
 
+EXACT_MOMENTS_MAX_NUMEL = 2**16
+"""`moment_sums` of at most this many elements runs in float64 (cheap at that size)."""
+
+
 def moment_sums(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """Float64 `[count, sum, sum_of_squares]` of `x` (masked elements only, if given; the
     mask is 0/1).
@@ -63,8 +67,11 @@ def moment_sums(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     All-reduce the result over ranks and pass it to `moments_from_sums` to obtain the
     global mean and variance.
 
-    Computed in `x`'s precision (at least float32), not by casting [B, T] to float64
-    (which made whitening cost 3.5x GAE at B=512, T=16384), without losing precision:
+    Up to `EXACT_MOMENTS_MAX_NUMEL` elements (per-response and small token tensors) in
+    float64, exactly (float32 values square exactly in float64). Larger tensors in `x`'s
+    precision (at least float32), not by casting [B, T] to float64 (which made whitening
+    cost 3.5x GAE at B=512, T=16384), without losing precision that matters (the mean and
+    variance to ~1e-7 relative, the precision of the float32 data):
       1. c = a rough local mean (a BLAS dot product with the mask);
       2. d = (x - c) * mask, one [B, T] temporary; r = sum(d), q = sum(d^2) in place.
     torch's float32 sums are cascaded (pairwise) on CPU and tree-reduced on GPU, and d is
@@ -75,8 +82,8 @@ def moment_sums(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     deviations, where a float32 one-pass sum of squares is off by orders of magnitude.
     """
     xd = x.detach()
-    if not xd.is_floating_point() or xd.dtype in (torch.float16, torch.bfloat16):
-        xd = xd.float()
+    if not xd.is_floating_point() or xd.dtype in (torch.float16, torch.bfloat16) or xd.numel() <= EXACT_MOMENTS_MAX_NUMEL:
+        xd = xd.to(torch.float64) if xd.numel() <= EXACT_MOMENTS_MAX_NUMEL else xd.float()
     if mask is None:
         count64 = torch.tensor(float(xd.numel()), dtype=torch.float64, device=xd.device)
         c = xd.sum() / max(xd.numel(), 1)
