@@ -10,7 +10,8 @@ the others still run):
                 at 4096 tokens per sequence: tokens/s and MFU against the matmul ceiling
                 measured in the same run.
   rl_step       two GRPO steps of the demo's tiny model with the embedded engine on the
-                device (``megappo.train`` under torchrun, one process): the phase times of
+                device (``megappo.train`` under torchrun, one process, ``train.offload``
+                on): the phase times of
                 step 1 (``time/*``), and the first-step checks: PPO ratio exactly 1 (old
                 log-probs and the update's first forward are the same computation) and KL
                 to the reference exactly 0 (the reference starts as the actor).
@@ -96,7 +97,7 @@ def rl_step(smoke: bool, workdir: Path, timeout: float) -> dict:
         "train.steps=2", "train.mini_batch_size=null", "algo.ppo_epochs=1", "train.eval_every=0",
         "checkpoint.save_every=0", "checkpoint.save_hf_at_end=false", "logging.progress_bar=false",
         "logging.tensorboard=false",
-    ] + (["train.rollout_batch_size=8"] if smoke else [])
+    ] + (["train.rollout_batch_size=8"] if smoke else ["train.offload=true"])  # offload around the rollout on the GPU
     res = run_section(cmd, timeout=timeout, env={"CUDA_VISIBLE_DEVICES": ""} if smoke else None, parse=False)
     if "error" in res:
         return res
