@@ -97,6 +97,18 @@ def test_without_cuda_the_check_refuses_and_the_shell_script_checks_its_wheels(t
     assert sh.returncode == 2 and "holds no .whl files" in sh.stderr
 
 
+def test_a_spent_budget_still_writes_the_report(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--cpu-smoke", "--budget", "5",
+                           "--out", str(out)], cwd=ROOT, env={**_env(), "CUDA_VISIBLE_DEVICES": ""},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    for section in gpu_check.SECTIONS:
+        assert report[section] == {"error": "not run: the 5 s budget is spent"}
+    assert report["checks"] and not any(report["checks"].values())
+
+
 @pytest.mark.slow
 def test_cpu_smoke_run_writes_one_report(tmp_path):
     """The actor-update and probe sections at tiny shapes on the CPU (the RL step section is

@@ -236,7 +236,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", default="gpu_check.json", help="the JSON report")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU (checks the script, not the GPU)")
     ap.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="run only these sections")
-    ap.add_argument("--section-timeout", type=float, default=240, help="seconds per section")
+    ap.add_argument("--section-timeout", type=float, default=240, help="seconds per section at most")
+    ap.add_argument("--budget", type=float, default=460,
+                    help="seconds for the whole check: a section gets at most what is left, so the report is always written")
     ap.add_argument("--probe", metavar="OUT", help=argparse.SUPPRESS)  # the probe's own process
     args = ap.parse_args(argv)
     if args.probe:
@@ -261,17 +263,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         smoke_env = {"CUDA_VISIBLE_DEVICES": ""} if args.cpu_smoke else None
         for section in args.only:
             t0 = time.perf_counter()
-            if section == "actor_update":
-                report[section] = actor_update(args.cpu_smoke, args.section_timeout)
+            limit = min(args.section_timeout, args.budget - (t0 - start))
+            if limit < 20:
+                report[section] = {"error": f"not run: the {args.budget:.0f} s budget is spent"}
+            elif section == "actor_update":
+                report[section] = actor_update(args.cpu_smoke, limit)
             elif section == "rl_step":
                 try:
-                    report[section] = rl_step(args.cpu_smoke, work, args.section_timeout)
+                    report[section] = rl_step(args.cpu_smoke, work, limit)
                 except Exception as e:  # noqa: BLE001 - recorded in the report; the next section runs
                     report[section] = {"error": f"{type(e).__name__}: {e}"}
             else:
                 out = work / "probe.json"
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", str(out)] + (["--cpu-smoke"] if args.cpu_smoke else [])
-                res = run_section(cmd, timeout=args.section_timeout, env=smoke_env, parse=False)
+                res = run_section(cmd, timeout=limit, env=smoke_env, parse=False)
                 report[section] = {**json.loads(out.read_text()), **res} if out.exists() and "error" not in res else res
             print(f"[gpu_check] {section}: {time.perf_counter() - t0:.0f} s"
                   + (f" ERROR {report[section]['error']}" if "error" in report[section] else ""), flush=True)
