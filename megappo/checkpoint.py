@@ -18,7 +18,16 @@ Layout (every rank must see the same filesystem)::
 Atomicity: everything is written to ``.tmp-step_12``, fsynced, renamed to ``step_12``
 and only then is ``latest`` replaced. A save killed at any point leaves the previous
 checkpoint and ``latest`` untouched; the next save deletes the stale temporary directory.
-Older checkpoints beyond ``keep_last`` are deleted only after the new one is complete.
+Older checkpoints beyond ``keep_last`` are deleted only after the new one is complete, by
+save order, never the one ``latest`` names; ``start`` decides where a run begins and sets
+aside checkpoints of another lineage (see ``megappo.checkpoint_dir``). ``load`` compares the
+run's config with the checkpoint's and applies the run's optimizer settings
+(``megappo.checkpoint_config``).
+
+Helpers: megatron-core writes through a ``multiprocessing`` Manager it starts at the first
+save. ``start_writer_helper`` starts that Manager itself, shielded from preemption signals and
+tied to the trainer's lifetime (``megappo.helper_processes``), so a SIGUSR1 sent to every
+process does not break the preemption save and ``kill -9`` leaves no helper behind.
 
 ``step_N/actor`` holds the same model keys as a model checkpoint of
 ``megappo.weights.save_megatron_model``, so ``tools/convert_megatron_to_hf.py`` exports it.
@@ -30,12 +39,15 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
+import time
 from typing import Any, Optional, Sequence
 
 import torch
 
+from megappo import checkpoint_dir as cdir
+from megappo.checkpoint_config import check_resume_config, run_settings_win
+from megappo.helper_processes import die_with_parent, shielded_from_preemption
 from megappo.models.optimizer_state import load_optimizer_state, prepare_for_state_load
 from megappo.weights.export import fsync_dir, fsync_tree
 from megappo.weights.megatron_ckpt import check_spec, load_model_state, sharded_model_state
@@ -43,10 +55,39 @@ from megappo.weights.megatron_ckpt import check_spec, load_model_state, sharded_
 log = logging.getLogger("megappo")
 
 FORMAT = "megappo-train/1"
-META = "meta.json"
-LATEST = "latest"
+META = cdir.META
+LATEST = cdir.LATEST
 OPTIMIZER_SHARDING = ("fully_reshardable", "dp_reshardable")
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+_WRITER_HELPER: list = []
+"""[Manager, its queue] once ``start_writer_helper`` ran (kept referenced: dropping it stops it)."""
+
+
+def start_writer_helper() -> Optional[int]:
+    """Give megatron-core's checkpoint writer (``filesystem_async``'s results queue) a Manager
+    shielded from preemption signals and dying with this process; returns its pid (None,
+    with a warning, when this megatron-core has no such queue). A Manager megatron-core
+    started itself (an earlier save) is replaced: between saves its queue is idle."""
+    from multiprocessing.managers import SyncManager
+
+    import torch.multiprocessing as mp
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    current = getattr(filesystem_async, "_results_queue", _WRITER_HELPER)
+    if current is _WRITER_HELPER:
+        log.warning(
+            "megatron-core has no filesystem_async._results_queue: its checkpoint writer helper is not shielded "
+            "from preemption signals (a SIGUSR1 to every process may break the preemption save)"
+        )
+        return None
+    if _WRITER_HELPER and current is _WRITER_HELPER[1]:
+        return _WRITER_HELPER[0]._process.pid
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    with shielded_from_preemption():
+        manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+    _WRITER_HELPER[:] = [manager, manager.Queue()]
+    filesystem_async._results_queue = _WRITER_HELPER[1]
+    return manager._process.pid
 
 
 class _Role:
@@ -153,26 +194,40 @@ class CheckpointManager:
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints present (sorted)."""
-        if not os.path.isdir(self.dir):
-            return []
-        found = []
-        for name in os.listdir(self.dir):
-            m = _STEP_DIR.match(name)
-            if m and os.path.isfile(os.path.join(self.dir, name, META)):
-                found.append(int(m.group(1)))
-        return sorted(found)
+        return cdir.complete_steps(self.dir)
 
     def latest(self) -> Optional[str]:
         """The directory ``latest`` points to, or None when there is no checkpoint yet."""
         pointer = os.path.join(self.dir, LATEST)
-        if not os.path.isfile(pointer):
+        name = cdir.latest_name(self.dir)
+        if name is None:
             return None
-        with open(pointer) as f:
-            name = f.read().strip()
         path = os.path.join(self.dir, name)
         if not os.path.isfile(os.path.join(path, META)):
             raise ValueError(f"{pointer} names {name!r}, which is not a complete checkpoint in {self.dir}")
         return path
+
+    def start(self, resume: str = "auto", resume_from: Optional[str] = None) -> Optional[str]:
+        """Where this run starts: the checkpoint to ``load`` (None: from scratch), after
+        setting aside checkpoints of another lineage (``checkpoint_dir.start_checkpoint``):
+        ``resume="never"`` over existing checkpoints, or a start (``resume_from``: a step,
+        ``step_N`` or a path; else ``latest``) with later checkpoints present. Collective when
+        torch.distributed is initialized: rank 0 decides and moves, every rank gets the path."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return cdir.start_checkpoint(self.dir, resume, resume_from)
+        answer: list = [None]
+        if dist.get_rank() == 0:
+            try:
+                answer = [("ok", cdir.start_checkpoint(self.dir, resume, resume_from))]
+            except ValueError as err:
+                answer = [("error", str(err))]
+        dist.broadcast_object_list(answer, src=0)
+        kind, value = answer[0]
+        if kind == "error":
+            raise ValueError(value)
+        return value
 
     # ------------------------------------------------------------------ saving
 
@@ -197,6 +252,7 @@ class CheckpointManager:
         roles = _roles(policies, models, optimizers, schedulers)
         if spec_dict is None:
             spec_dict = next(iter(roles.values())).chunks[0].megappo_spec.to_dict()
+        start_writer_helper()
         rank = dist.get_rank()
         final = os.path.join(self.dir, f"step_{step}")
         tmp = os.path.join(self.dir, f".tmp-step_{step}")
@@ -224,6 +280,7 @@ class CheckpointManager:
                 "layout": _layout(),
                 "optimizer_sharding": self.sharding,
                 "config": config_dict,
+                "saved_ns": time.time_ns(),  # pruning goes by save order, not by step number
             }
             with open(os.path.join(tmp, META), "w") as f:
                 json.dump(meta, f, indent=2, default=str)
@@ -242,13 +299,7 @@ class CheckpointManager:
         return final
 
     def _point_latest(self, name: str) -> None:
-        tmp = os.path.join(self.dir, f".{LATEST}.tmp")
-        with open(tmp, "w") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(self.dir, LATEST))
-        fsync_dir(self.dir)
+        cdir.point_latest(self.dir, name)
 
     def _remove_stale_tmp(self) -> None:
         for name in os.listdir(self.dir):
@@ -257,9 +308,9 @@ class CheckpointManager:
                 shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
 
     def _prune(self) -> None:
-        steps = self.steps()
-        for old in steps[: max(0, len(steps) - self.keep_last)]:
-            shutil.rmtree(os.path.join(self.dir, f"step_{old}"), ignore_errors=True)
+        deleted = cdir.prune(self.dir, self.keep_last)
+        if deleted:
+            log.info("pruned checkpoints %s (checkpoint.keep_last=%d)", ", ".join(f"step_{s}" for s in deleted), self.keep_last)
 
     # ------------------------------------------------------------------ loading
 
@@ -275,6 +326,8 @@ class CheckpointManager:
         tokenizer_fingerprint: Optional[str] = None,
         load_optimizer: bool = True,
         load_rng: bool = True,
+        config_dict: Optional[dict] = None,
+        allow_algo_change: bool = False,
     ) -> dict:
         """Restore the given roles from ``path`` (default: ``latest``) and return the saved
         ``extra`` dict (with ``step``). Collective over all ranks.
@@ -282,7 +335,12 @@ class CheckpointManager:
         A different architecture (``spec_dict``, default: the models' own spec) or
         tokenizer fingerprint is a ``ValueError`` naming both. RNG states are restored when
         the world size is the one saved (else a warning: the resumed run is not
-        bit-identical to an uninterrupted one)."""
+        bit-identical to an uninterrupted one).
+
+        ``config_dict``: the run's resolved config. Every key that differs from the
+        checkpoint's is logged; a change under ``algo`` is a ``ValueError`` unless
+        ``allow_algo_change``. The optimizer and LR schedule always take the run's settings
+        (the checkpoint gives Adam's state and the scheduler's step count)."""
         from megatron.core import dist_checkpointing
 
         path = self.latest() if path in (None, "latest") else os.fspath(path)
@@ -302,6 +360,17 @@ class CheckpointManager:
         missing = sorted(set(roles) - set(meta["roles"]))
         if missing:
             raise ValueError(f"{path} has no {', '.join(missing)} (it holds {', '.join(meta['roles'])})")
+        import torch.distributed as dist
+
+        quiet = dist.is_initialized() and dist.get_rank() != 0
+        if quiet:  # one rank says what changed
+            previous_level = log.level
+            log.setLevel(logging.ERROR)
+        try:
+            check_resume_config(meta.get("config"), config_dict, step=int(meta["step"]), source=path, allow_algo_change=allow_algo_change)
+        finally:
+            if quiet:
+                log.setLevel(previous_level)
 
         for name, role in roles.items():
             with_opt = load_optimizer and role.optimizer is not None
@@ -311,9 +380,10 @@ class CheckpointManager:
             loaded = dist_checkpointing.load(state, os.path.join(path, name))
             load_model_state(role.chunks, loaded)
             if with_opt:
-                load_optimizer_state(role.optimizer, loaded["optimizer"])
-                if role.scheduler is not None:
-                    role.scheduler.load_state_dict(loaded["scheduler"])
+                with run_settings_win(role.optimizer, role.scheduler):
+                    load_optimizer_state(role.optimizer, loaded["optimizer"])
+                    if role.scheduler is not None:
+                        role.scheduler.load_state_dict(loaded["scheduler"])
         if load_rng:
             self._load_rng(path, meta)
         extra = torch.load(os.path.join(path, "extra.pt"), weights_only=False)

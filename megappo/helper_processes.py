@@ -44,11 +44,15 @@ def shielded_from_preemption() -> Iterator[None]:
     """Start helper processes inside this block: they are born with the preemption signals
     blocked (see the module docstring). Also starts Python's ``multiprocessing`` resource
     tracker here if it is not running yet, since it is a helper of the same kind."""
+    from multiprocessing import resource_tracker
+
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
     try:
-        from multiprocessing import resource_tracker
-
+        # Starting the tracker *unblocks* SIGINT and SIGTERM (it blocks them around its own
+        # spawn, then unblocks): start it first and block again, or the helpers started next
+        # would be born with only SIGUSR1 blocked.
         resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)

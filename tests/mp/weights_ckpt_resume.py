@@ -8,7 +8,10 @@ ckpt_train (2 ranks, TP=1 DP=2): actor (distributed optimizer) and critic (plain
   every rank is SIGKILLed in the middle of ``save(3)`` (the launch exits non-zero).
 ckpt_resume (1 process, DP=1): resume from ``latest`` at another DP size and repeat
   steps 2 and 3 (same losses to float tolerance); mismatched tokenizer / architecture errors; a new
-  save removes the stale temporary directory and prunes to ``keep_last``.
+  save removes the stale temporary directory and prunes to ``keep_last``. Then, in a directory of
+  its own (tests/test_reliability.py): the checkpoint-writer helper survives the preemption
+  signals; a resume with a new lr / warm-up / beta1 applies them to Megatron's optimizer and
+  scheduler; an algorithm change is refused.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ import torch
 KEY = "qwen3-tied"
 
 
-def build(spec, hf):
+def build(spec, hf, **optim_overrides):
     from megappo.models import BuildOptions, MegatronPolicy, OptimizerSettings
     from megappo.weights import load_hf_into_model
 
-    optim = OptimizerSettings(lr=1e-3, lr_warmup_steps=3, weight_decay=0.01)
+    optim = OptimizerSettings(**{"lr": 1e-3, "lr_warmup_steps": 3, "weight_decay": 0.01, **optim_overrides})
     pols = {
         "actor": MegatronPolicy(spec, "actor", BuildOptions(), OptimizerSettings(**{**optim.__dict__, "use_distributed_optimizer": True})),
         "critic": MegatronPolicy(spec, "critic", BuildOptions(value_head_init_std=0.05), optim),
@@ -163,3 +166,47 @@ def phase_resume(ctx, res, write):
     res["dirs_after"] = sorted(os.listdir(ctx.ckpt_dir))
     res["latest_after"] = os.path.basename(mgr.latest())
     ctx.trained_actor = dict(iter_hf_tensors(pols["actor"].models))
+    phase_reliability(ctx, res, pols, spec, hf, step, write)
+
+
+def phase_reliability(ctx, res, pols, spec, hf, step, write):
+    """Bugs 1 / 9 (the writer helper) and 4 (a changed config on resume), at DP=1."""
+    import logging
+    import time
+
+    from megappo.checkpoint import CheckpointManager, start_writer_helper
+    from megappo.helper_processes import PREEMPTION_SIGNALS, blocked_signals
+
+    helper = start_writer_helper()  # started by the saves above: returns its pid
+    res["writer_helper_blocked"] = sorted(blocked_signals(helper))
+    for sig in PREEMPTION_SIGNALS:
+        os.kill(helper, sig)
+    time.sleep(0.5)
+    with open(f"/proc/{helper}/status") as f:
+        res["writer_helper_state"] = [line.split()[1] for line in f if line.startswith("State:")][0]
+    res["writer_helper_pid"] = helper
+    write()
+    mgr = CheckpointManager(os.path.join(ctx.work, "reliability-ckpt"), keep_last=2)
+    saved_cfg = {"optim": {"lr": 1e-3, "lr_warmup_steps": 3, "adam_beta1": 0.9}, "algo": {"adv_estimator": "grpo"}, "train": {"steps": 9}}
+    mgr.save(4, policies=pols, **{**save_args(spec, 4), "config_dict": saved_cfg})  # through the signalled helper
+    res["writer_helper_pid_after_save"] = start_writer_helper()
+    res["saved_num_steps"] = pols["actor"].scheduler.num_steps
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("megappo").addHandler(handler)
+    new_cfg = {**saved_cfg, "optim": {"lr": 5e-4, "lr_warmup_steps": 1, "adam_beta1": 0.8}}
+    fresh = build(spec, hf, lr=5e-4, lr_warmup_steps=1, adam_beta1=0.8)
+    mgr.load(policies=fresh, tokenizer_fingerprint="tok-A", config_dict=new_cfg)
+    logging.getLogger("megappo").removeHandler(handler)
+    res["changed_config_log"] = records
+    groups = [g for o in getattr(fresh["actor"].optimizer, "chained_optimizers", [fresh["actor"].optimizer]) for g in o.optimizer.param_groups]
+    res["resumed_groups"] = [[g["lr"], g["max_lr"], list(g["betas"])] for g in groups]
+    res["resumed_scheduler"] = [fresh["actor"].scheduler.num_steps, fresh["actor"].scheduler.max_lr]
+    res["resumed_loss"] = step(fresh)  # trains with the new settings
+    try:
+        mgr.load(policies=build(spec, hf), tokenizer_fingerprint="tok-A", config_dict={**saved_cfg, "algo": {"adv_estimator": "gae"}})
+        res["algo_change_error"] = None
+    except ValueError as e:
+        res["algo_change_error"] = str(e)
