@@ -269,3 +269,14 @@ def test_compare_reward_model_tool_prints_json_and_refuses_a_causal_lm(tmp_path)
     lm = make_tiny_hf_model(tmp_path, "qwen2", layers=2)
     r = subprocess.run([sys.executable, tool, "--hf-dir", str(lm)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "is a causal LM, not a reward model" in r.stderr
+
+
+def test_sampled_preferences_pair_the_sum_with_the_policys_wrong_answers(tmp_path):
+    from megappo.toolkit.toy_preferences import sampled_preferences
+
+    lm = make_tiny_hf_model(tmp_path, "llama", layers=1, tokenizer=True)
+    rows = [json.loads(x) for x in sampled_preferences(lm, tmp_path / "s.jsonl", samples=3, seed=0, kind="add1").read_text().splitlines()]
+    assert rows  # a random model is wrong on almost every problem
+    for row in rows:
+        a, b = row["prompt"].rstrip("=").split("+")
+        assert row["chosen"] == str(int(a) + int(b)) and row["rejected"].strip() != row["chosen"]

@@ -6,6 +6,14 @@ carries are learned last): off by one in the ones digit, a dropped or doubled ca
 ten), or another value of the same length. A reward model trained on these pairs scores a
 response by whether it is the sum: the exact-match reward, learned from preferences.
 
+Measured limit (2-core CPU, the demo's 2-layer 64-wide warm-up model as the starting point):
+pair accuracy is not ranking accuracy. Reward models reaching 80-97% held-out pair accuracy
+(hand-made, the policy's own and exhaustive negatives) put the sum first among the 39
+candidate answers 0..38 on only 20-26% of held-out problems, and PPO with such a model as
+the only reward (``toy_ppo_cpu.yaml``, TP=2) drove held-out exact match from 35% down to
+9-15% while the model's reward rose: the policy finds the reward model's argmax. An RLHF
+demo on this task needs a reward model that ranks, not only separates pairs.
+
 Rows: ``{"prompt": "23+45=", "chosen": "68", "rejected": "58", "answer": "68"}``; the eval
 split holds other problems than the train split (``toy``'s split by prompt hash).
 """
@@ -49,6 +57,37 @@ def make_toy_preferences(path: Union[str, Path], n: int, seed: int, kind: str = 
             prompt, answer = problems[i % len(problems)]
             row = {"prompt": prompt, "chosen": answer, "rejected": wrong_answer(answer, rng), "answer": answer}
             out.write(json.dumps(row) + "\n")
+    return path
+
+
+def sampled_preferences(
+    model_dir: Union[str, Path], path: Union[str, Path], *, samples: int, seed: int, kind: str = "add20", split: Split = "train",
+    max_new_tokens: int = 4,
+) -> Path:
+    """Pairs whose rejected side is the policy's own wrong answer: ``samples`` responses per
+    problem sampled (temperature 1) from the causal LM in ``model_dir``; each wrong one is
+    paired with the sum. A reward model trained only on hand-made mistakes is easy for the
+    policy to exploit with answers it never saw; the policy's own mistakes are what RL
+    explores (the usual RLHF practice of labelling the SFT model's samples)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    torch.manual_seed(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = 0
+    with path.open("w", encoding="utf-8") as out:
+        for prompt, answer in toy_problems(kind, split):
+            ids = torch.tensor([tok(prompt)["input_ids"]])
+            with torch.no_grad():
+                gen = model.generate(ids, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=max_new_tokens,
+                                     num_return_sequences=samples, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            for text in tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True):
+                if text.strip() != answer:
+                    out.write(json.dumps({"prompt": prompt, "chosen": answer, "rejected": text, "answer": answer}) + "\n")
+                    rows += 1
     return path
 
 
