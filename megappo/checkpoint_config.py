@@ -16,6 +16,7 @@ recorded the new values, and resumed another algorithm's checkpoint without a wo
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from typing import Any, Iterator, Optional
 
@@ -38,7 +39,9 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def config_changes(saved: dict, run: dict) -> list[tuple[str, Any, Any]]:
     """Dotted keys whose values differ, as (key, checkpoint value, run value), sorted."""
-    a, b = flatten(saved), flatten(run)
+    # meta.json stored the saved config through JSON: compare the run's the same way (tuples
+    # become lists, other objects strings), or every tuple would read as a change.
+    a, b = flatten(json.loads(json.dumps(saved, default=str))), flatten(json.loads(json.dumps(run, default=str)))
     return [(k, a.get(k, _MISSING), b.get(k, _MISSING)) for k in sorted(set(a) | set(b)) if a.get(k, _MISSING) != b.get(k, _MISSING)]
 
 

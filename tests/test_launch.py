@@ -166,6 +166,50 @@ def test_torchrun_sh_trains(toy, tmp_path):
 
 
 @pytest.mark.slow
+def test_preemption_signal_to_the_process_group_saves_and_exits_124(toy, tmp_path):
+    """Issue 14, bug 1: SIGUSR1 to the launcher's whole process group (torchrun's killpg and
+    Slurm reach every process) after a periodic save, with a reward run in worker processes:
+    the reward workers and the checkpoint writer's helper survive, the trainer saves the
+    current step, the launcher exits 124 (torchrun alone exits 1), and a rerun resumes.
+    The launcher finds the checkout's .venv itself: no interpreter on PATH."""
+    run_dir = tmp_path / "run"
+    steps = 12
+    cmd = [TORCHRUN_SH, TOY_RECIPE, "--nproc", "2", *toy, f"train.run_dir={run_dir}", f"train.steps={steps}", *QUIET,
+           "checkpoint.save_every=2", "checkpoint.keep_last=2", "reward.fn=megappo.data.answers:exact_integer_reward"]  # fmt: skip
+    env = _env(PATH="/usr/bin:/bin")  # neither python nor torchrun on PATH
+    env.pop("VIRTUAL_ENV", None)
+    if (ROOT / ".venv" / "bin" / "python").resolve() != Path(sys.executable).resolve():
+        env["PYTHON"] = sys.executable  # another interpreter runs the tests: use it
+    log_path = tmp_path / "first.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([str(c) for c in cmd], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while len(_steps(run_dir)) < 3:  # past the first periodic save: the helpers exist
+            assert proc.poll() is None, log_path.read_text()[-4000:]
+            assert time.monotonic() < deadline, "no third step within the timeout"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGUSR1)
+        code = proc.wait(timeout=JOB_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    first = log_path.read_text(errors="replace")
+    assert code == 124, first[-6000:]
+    assert "every rank checkpointed after the preemption signal" in first
+    assert "BrokenPipeError" not in first and "BrokenProcessPool" not in first and "restarted" not in first
+    done = _steps(run_dir)
+    assert done == list(range(1, len(done) + 1)) and len(done) < steps
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{done[-1]}"
+    again = _run(cmd, env, timeout=JOB_TIMEOUT)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-4000:]
+    assert "resumed from" in again.stdout + again.stderr
+    _assert_trained(run_dir, steps)
+
+
+@pytest.mark.slow
 def test_two_node_rendezvous_on_localhost(toy, tmp_path):
     """Two torchrun agents (one process each) meet through c10d on 127.0.0.1 and train."""
     run_dir = tmp_path / "run"

@@ -308,3 +308,11 @@ def test_helpers_survive_preemption_signals_and_die_with_the_trainer(repo_root):
         if trainer.poll() is None:
             trainer.kill()
             trainer.wait()
+
+
+def test_the_resolved_config_compares_equal_to_its_json_record():
+    from megappo.checkpoint_config import config_changes
+    from megappo.config import Config, config_to_dict
+
+    run = config_to_dict(Config())
+    assert config_changes(json.loads(json.dumps(run, default=str)), run) == []
