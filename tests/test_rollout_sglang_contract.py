@@ -1,5 +1,6 @@
-"""Contract tests of the SGLang adapters against the installed SGLang's own code (sglang
->= 0.5.18, < 0.5.22): requests built as SGLang's ``io_struct`` classes, tensors through
+"""Contract tests of the SGLang adapters against SGLang's own code, for the oldest and the
+newest supported release (0.5.18: a ``--no-deps --target`` folder on top of .venv; 0.5.23:
+the CPU SGLang environment .venv-sglang; both built by ``make test``): requests built as SGLang's ``io_struct`` classes, tensors through
 SGLang's ``MultiprocessingSerializer`` and ``FlattenedTensorBucket``, ``rollout.sglang``
 keys checked against its ``ServerArgs``, Engine / HTTP signatures, and the weight-update
 group joined by SGLang's ``init_custom_process_group`` on one side and ours on the other.
@@ -25,25 +26,36 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PROBE = REPO / "tests/mp/rollout_sglang_probe.py"
-EXTRA = os.environ.get("MEGAPPO_SGLANG_PATH")
+EXTRA = os.environ.get("MEGAPPO_SGLANG_PATH") or str(REPO / ".venv/sglang-0.5.18")
 
 
-def sglang_findable() -> bool:
-    if EXTRA and (Path(EXTRA) / "sglang" / "__init__.py").exists():
+def oldest_findable() -> bool:
+    if (Path(EXTRA) / "sglang" / "__init__.py").exists():
         return True
     return importlib.util.find_spec("sglang") is not None
 
 
-pytestmark = pytest.mark.skipif(
-    not sglang_findable(),
-    reason="sglang is not installed (pip install --no-deps 'sglang>=0.5.18,<0.5.22' plus its small deps, "
-    "or set MEGAPPO_SGLANG_PATH to a pip --target directory holding it)",
-)
+def probe_command(which: str) -> tuple[list[str], dict]:
+    """(python, environment) of the probe for ``which`` ("oldest" / "newest"); skips when absent."""
+    from sglang_env import SKIP_REASON, sglang_env, sglang_python
+
+    if which == "oldest":
+        if not oldest_findable():
+            pytest.skip("sglang 0.5.18 is not installed (make sglang-env, or MEGAPPO_SGLANG_PATH=<pip --target folder>)")
+        from megappo.parallel.sglang_cpu import SHIMS_DIR  # torchvision's schemas (the folder holds a CUDA-linked build)
+
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SHIMS_DIR), EXTRA, str(REPO), env.get("PYTHONPATH")) if p)
+        return [sys.executable], env
+    py = sglang_python()
+    if py is None:
+        pytest.skip(SKIP_REASON)
+    return [str(py)], sglang_env(SGLANG_USE_CPU_ENGINE="1")
 
 
-@pytest.fixture(scope="module")
-def probe(tmp_path_factory):
-    """Run the probe once; this process is rank 0 of the weight-update group."""
+@pytest.fixture(scope="module", params=["oldest", "newest"])
+def probe(request, tmp_path_factory):
+    """Run the probe once per SGLang release; this process is rank 0 of the weight-update group."""
     import torch.distributed as dist
 
     from megappo.rollout.engine import checksum_of
@@ -55,12 +67,11 @@ def probe(tmp_path_factory):
     spec.loader.exec_module(mod)
     tensors = mod.probe_tensors()
 
+    python, env = probe_command(request.param)
     out = tmp_path_factory.mktemp("sglang") / "result.json"
     port = _free_port("127.0.0.1")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (EXTRA, str(REPO), env.get("PYTHONPATH")) if p)
     proc = subprocess.Popen(
-        [sys.executable, str(PROBE), "--out", str(out), "--group-port", str(port)],
+        python + [str(PROBE), "--out", str(out), "--group-port", str(port)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     sent = None
@@ -88,6 +99,13 @@ def test_sglang_contract(probe, name):
     results, _ = probe
     assert name in results, sorted(results)
     assert results[name]["ok"], results[name].get("error", results[name])
+
+
+@pytest.mark.slow
+def test_the_probed_releases_are_the_supported_bounds(probe, request):
+    results, _ = probe
+    expected = {"oldest": "0.5.18", "newest": "0.5.23"}[request.node.callspec.params["probe"]]
+    assert results["version"]["version"] == expected
 
 
 @pytest.mark.slow

@@ -82,6 +82,9 @@ def fake_sglang(monkeypatch):
         enable_memory_saver: bool = False
         random_seed: int = 0
         mem_fraction_static: float = 0.9
+        device: str = "cuda"
+        port: int = 30000
+        nccl_port: int = 0
 
     class Bucket:
         supports_multi_dtypes = True
@@ -111,7 +114,8 @@ def fake_sglang(monkeypatch):
 def make_engine(**server_args):
     from megappo.rollout.sglang_engine import SGLangEngine
 
-    engine = SGLangEngine("/models/tiny", server_args=server_args, eos_token_ids=[2], tp_size=2, gpu_id=1, seed=5)
+    # device "cuda": the GPU path's arguments (on this CPU machine the CPU path would apply)
+    engine = SGLangEngine("/models/tiny", server_args={"device": "cuda", **server_args}, eos_token_ids=[2], tp_size=2, gpu_id=1, seed=5)
     engine._device = torch.device("cpu")  # no GPU here: buckets stay on the CPU
     return engine
 
@@ -123,11 +127,14 @@ def weights():
 
 def test_start_arguments_and_unknown_keys(fake_sglang):
     engine = make_engine(mem_fraction_static=0.5)
-    assert RecordingEngine.instances[-1].kwargs == dict(
+    kwargs = dict(RecordingEngine.instances[-1].kwargs)
+    port, nccl_port = kwargs.pop("port"), kwargs.pop("nccl_port")
+    assert kwargs == dict(
         model_path="/models/tiny", tp_size=2, base_gpu_id=1, load_format="dummy", skip_tokenizer_init=True,
-        enable_memory_saver=True, random_seed=5, mem_fraction_static=0.5,
+        enable_memory_saver=True, random_seed=5, mem_fraction_static=0.5, device="cuda",
     )
-    assert engine.name == "sglang engine (GPU 1, tp_size 2)"
+    assert port != nccl_port and port % 16 == nccl_port % 16 == 0  # slot of GPU 1 // tp_size 2 = 0
+    assert engine.name == f"sglang engine (GPU 1, tp_size 2, port {port})"
     with pytest.raises(ValueError, match="mem_fraction_statc is not an SGLang ServerArgs field.*mem_fraction_static"):
         make_engine(mem_fraction_statc=0.5)
 
@@ -214,7 +221,7 @@ def test_failed_update_closes_the_session_and_blocks_generation(fake_sglang):
     stream_to_engine(weights(), engine, bucket_mb=1)
     rec = RecordingEngine.instances[-1]
     rec.fail_update, rec.calls = True, []
-    with pytest.raises(RolloutEngineError, match=r"sglang engine \(GPU 1, tp_size 2\): update_weights_from_tensor failed: Failed: injected"):
+    with pytest.raises(RolloutEngineError, match=r"sglang engine \(GPU 1, tp_size 2, port \d+\): update_weights_from_tensor failed: Failed: injected"):
         stream_to_engine(weights(), engine, bucket_mb=1)
     assert [c[0] for c in rec.calls] == ["begin_weight_update", "update_weights_from_tensor", "end_weight_update"]
     with pytest.raises(RolloutEngineError, match="no complete weight sync"):

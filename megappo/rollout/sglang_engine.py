@@ -1,40 +1,59 @@
-"""``rollout.engine: sglang``: an ``sglang.Engine`` sharing the trainer's GPUs.
+"""``rollout.engine: sglang``: an ``sglang.Engine`` sharing the trainer's devices.
 
-Supported: sglang >= 0.5.18, < 0.5.22 (``megappo.rollout.sglang_protocol``). SGLang is
-imported when the engine is built, never at import time; without it the error says
-``pip install megappo[sglang]``. CUDA only.
+Supported: sglang >= 0.5.18, <= 0.5.23 (``megappo.rollout.sglang_protocol``). SGLang is
+imported when the engine is built, never at import time; without it the error says how to
+install it. On GPUs it is the colocated production engine. On CPU (no CUDA visible, or
+``rollout.sglang.device: cpu``) it runs for tests and debugging only, tiny models with
+SGLang's ``torch_native`` attention: ``megappo.parallel.sglang_cpu`` is applied first (the
+only CPU special case; its ``cpu_server_args`` are defaults that ``rollout.sglang`` overrides).
 
 Placement: like every engine, one per data-parallel replica, held by the replica's
 tp0/pp0 rank, with ``tp_size`` GPUs from that rank's local GPU on (default: the trainer's
 TP size; ``rollout.sglang`` overrides any ``ServerArgs`` field and is checked against
 SGLang's own ``ServerArgs``). Defaults we set: ``load_format=dummy`` (the weights come
 from the first sync), ``skip_tokenizer_init`` (token ids in and out),
-``enable_memory_saver`` (for release / resume) and ``random_seed``.
+``enable_memory_saver`` (for release / resume; GPU only), ``random_seed``, and per-replica
+``port`` / ``nccl_port`` that cannot clash with another replica's engine on the node nor
+with the trainer's ``MASTER_PORT`` (``megappo.rollout.sglang_ports``, which also says how
+to override them).
 
-Weights: each bucket becomes one ``FlattenedTensorBucket`` on this GPU, serialized with
-SGLang's ``MultiprocessingSerializer`` (CUDA IPC handles; SGLang's
-``monkey_patch_torch_reductions`` applied first) once per SGLang TP rank and loaded with
-``update_weights_from_tensor(load_format="flattened_bucket", flush_cache=False)``; on
-0.5.21 inside ``begin_weight_update`` / ``end_weight_update``; the radix cache is flushed
-once at the end. Memory: ``release_memory`` frees weights, KV cache and CUDA graphs
-(``release_memory_occupation``); a weight update first resumes the weights, generation
-resumes everything.
+Every call into the engine runs on one worker thread and is bounded by ``timeout_s``
+(``rollout.server_timeout_s``): a call that does not return in time raises
+``RolloutEngineError`` naming the call, and the engine is then refused for good (its
+worker is stuck in SGLang); ``run_on_holder`` turns that into an error on every rank.
+
+Weights: each bucket becomes one ``FlattenedTensorBucket`` on the engine's device,
+serialized with SGLang's ``MultiprocessingSerializer`` (CUDA IPC handles on GPU, shared
+memory on CPU; SGLang's ``monkey_patch_torch_reductions`` applied first) once per SGLang TP
+rank and loaded with ``update_weights_from_tensor(load_format="flattened_bucket",
+flush_cache=False)``; from 0.5.21 on inside ``begin_weight_update`` / ``end_weight_update``;
+the radix cache is flushed once at the end. Memory: ``release_memory`` frees weights, KV
+cache and CUDA graphs (``release_memory_occupation``; on CPU it frees nothing, as SGLang's
+memory saver hooks CUDA allocations only); a weight update first resumes the weights,
+generation resumes everything.
 
 ``weights_checksum`` is a spot-check read back from the engine (``sglang_protocol``):
 SGLang keeps fused, sharded parameters that are not HF-named, so only a few tensors' first
-rows are read, with ``get_weights_by_name`` (Llama-like models only in 0.5.21). Progress:
+rows are read, with ``get_weights_by_name`` (Llama-like models only). Progress:
 ``Engine.generate`` returns all prompts at once, so ``on_progress`` is told at the end.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Iterable, Sequence
 
 import torch
 
 from megappo.rollout.engine import Bucket, Progress, RolloutEngine, RolloutEngineError, Sample, SamplingParams
+from megappo.rollout.sglang_ports import local_slot
 from megappo.rollout.sglang_protocol import (
     check_result,
     check_server_args,
@@ -49,18 +68,32 @@ from megappo.rollout.sglang_protocol import (
 log = logging.getLogger("megappo")
 
 
-def engine_server_args(hf_dir: str, user_args: dict[str, Any], *, tp_size: int, gpu_id: int, seed: int) -> dict[str, Any]:
-    """Our defaults overlaid with ``rollout.sglang`` (unchecked; see ``check_server_args``)."""
-    args: dict[str, Any] = {
-        "model_path": hf_dir,
-        "tp_size": tp_size,
-        "base_gpu_id": gpu_id,
-        "load_format": "dummy",
-        "skip_tokenizer_init": True,
-        "enable_memory_saver": True,
-        "random_seed": seed,
-    }
+def engine_server_args(
+    hf_dir: str, user_args: dict[str, Any], *, tp_size: int, gpu_id: int, seed: int, slot: int = 0, on_cpu: bool = False
+) -> dict[str, Any]:
+    """Our defaults overlaid with ``rollout.sglang`` (unchecked; see ``check_server_args``).
+    ``slot``: the replica's slot on its node (``sglang_ports.local_slot``), which picks its
+    ports; ``on_cpu``: SGLang's CPU-path arguments (``sglang_cpu.cpu_server_args``) first."""
+    from megappo.rollout.sglang_ports import engine_ports
+
+    args: dict[str, Any] = {}
+    if on_cpu:
+        from megappo.parallel.sglang_cpu import cpu_server_args
+
+        args.update(cpu_server_args())
+    args.update(
+        {
+            "model_path": hf_dir,
+            "tp_size": tp_size,
+            "base_gpu_id": gpu_id,
+            "load_format": "dummy",
+            "skip_tokenizer_init": True,
+            "enable_memory_saver": not on_cpu,  # torch_memory_saver hooks CUDA allocations only
+            "random_seed": seed,
+        }
+    )
     args.update(user_args)
+    args.update(engine_ports(slot, user_args))
     return args
 
 
@@ -85,34 +118,109 @@ def flattened_bucket_payload(named_tensors: Sequence[tuple[str, torch.Tensor]]) 
     return payloads
 
 
+def _fresh_event_loop_if_taken() -> None:
+    """``sglang.Engine`` runs its calls on this thread's asyncio loop. After an engine hung
+    (or died) that loop may still be running on the abandoned worker thread, so a new engine
+    gets a new loop."""
+    try:
+        loop = asyncio.get_event_loop_policy().get_event_loop()
+    except RuntimeError:
+        loop = None
+    if loop is None or loop.is_running() or loop.is_closed():
+        asyncio.set_event_loop(asyncio.new_event_loop())
+
+
 class SGLangEngine(RolloutEngine):
     """A colocated ``sglang.Engine`` (module docstring)."""
 
     spot_checked = True
 
-    def __init__(self, hf_dir: str, *, server_args: dict[str, Any], eos_token_ids: Sequence[int], tp_size: int, gpu_id: int, seed: int = 0):
+    def __init__(
+        self,
+        hf_dir: str,
+        *,
+        server_args: dict[str, Any],
+        eos_token_ids: Sequence[int],
+        tp_size: int,
+        gpu_id: int,
+        seed: int = 0,
+        slot: int | None = None,
+        timeout_s: float = 600.0,
+    ):
+        from megappo.parallel import sglang_cpu
+
+        on_cpu = sglang_cpu.sglang_runs_on_cpu(server_args)
+        if on_cpu:
+            sglang_cpu.apply()  # before SGLang is imported: it reads its CPU switch at import
         sglang = import_sglang()
         from sglang.srt.server_args import ServerArgs
 
         if os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true", "yes"):
             raise ValueError("SGLANG_RETURN_ORIGINAL_LOGPROB is set: SGLang would report pre-temperature log-probs; unset it")
-        args = engine_server_args(hf_dir, server_args, tp_size=tp_size, gpu_id=gpu_id, seed=seed)
+        check_server_args(server_args, ServerArgs)
+        if slot is None:  # replicas' first ranks are at least tp_size local ranks apart: distinct slots
+            slot = local_slot(gpu_id, tp_size)
+        args = engine_server_args(hf_dir, server_args, tp_size=tp_size, gpu_id=gpu_id, seed=seed, slot=slot, on_cpu=on_cpu)
         check_server_args(args, ServerArgs)
-        self.name = f"sglang engine (GPU {args['base_gpu_id']}, tp_size {args['tp_size']})"
+        where = "CPU" if on_cpu else f"GPU {args['base_gpu_id']}"
+        self.name = f"sglang engine ({where}, tp_size {args['tp_size']}, port {args['port']})"
+        self.server_args = args
         self.eos_token_ids = tuple(eos_token_ids)
+        self.timeout_s = float(timeout_s)
         self._tp_size = int(args["tp_size"])
-        self._device = torch.device("cuda", int(args["base_gpu_id"]))
+        self._device = torch.device("cpu") if on_cpu else torch.device("cuda", int(args["base_gpu_id"]))
         self._released: set[str] = set()
         self._ready = False
+        self._stuck: str | None = None
         self._spots: dict[str, tuple[int, ...]] | None = None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sglang-engine")
+        self._died: str | None = None
+        _fresh_event_loop_if_taken()
         try:
-            self._engine = sglang.Engine(**args)
+            self._engine = sglang.Engine(**args)  # main thread: SGLang installs signal handlers here
         except Exception as e:
+            self._worker.shutdown(wait=False)
             raise RolloutEngineError(f"{self.name}: failed to start: {type(e).__name__}: {e}") from e
+        self._watch_children()
 
-    def _call(self, what: str, fn, *args, **kwargs) -> Any:
+    def _watch_children(self) -> None:
+        """SGLang's children send SIGQUIT to this process when they fail (a scheduler that hit
+        an error); SGLang's own handler then kills this whole process tree, the trainer with
+        it. Ours records the death so the pending call raises ``RolloutEngineError`` instead
+        (the child's traceback is in the log). Only the main thread can set handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_child_failure(signum, frame):
+            self._died = "an SGLang child process failed (SIGQUIT; its traceback is in the log above)"
+
+        signal.signal(signal.SIGQUIT, on_child_failure)
+
+    def _call(self, what: str, method: str, *args, **kwargs) -> Any:
+        """``Engine.<method>(*args, **kwargs)`` on the worker thread, bounded by ``timeout_s``; SGLang's
+        failures (exceptions, ``(False, message)`` answers) become ``RolloutEngineError``."""
+        if self._died is not None:
+            raise RolloutEngineError(f"{self.name}: refused: {self._died}")
+        if self._stuck is not None:
+            raise RolloutEngineError(f"{self.name}: refused: an earlier call ({self._stuck}) never returned")
+        if self._engine is None:
+            raise RolloutEngineError(f"{self.name}: {what} after shutdown")
+        future = self._worker.submit(getattr(self._engine, method), *args, **kwargs)
+        deadline = time.monotonic() + self.timeout_s
         try:
-            result = fn(*args, **kwargs)
+            while True:  # wake every second to notice a child's death (SIGQUIT) before the timeout
+                try:
+                    result = future.result(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+                    break
+                except FutureTimeout as e:
+                    if self._died is not None:
+                        self._stuck, self._ready = what, False
+                        raise RolloutEngineError(f"{self.name}: {what} failed: {self._died}") from e
+                    if time.monotonic() >= deadline:
+                        self._stuck, self._ready = what, False
+                        raise RolloutEngineError(
+                            f"{self.name}: {what} did not return within {self.timeout_s:g} s (rollout.server_timeout_s)"
+                        ) from e
         except RolloutEngineError:
             raise
         except Exception as e:
@@ -126,7 +234,7 @@ class SGLangEngine(RolloutEngine):
         if not self._ready:
             raise RolloutEngineError(f"{self.name}: no complete weight sync yet (or the last one failed); cannot generate")
         self.resume_memory()
-        out = self._call("generate", self._engine.generate, **generate_request(prompts, params, self.eos_token_ids))
+        out = self._call("generate", "generate", **generate_request(prompts, params, self.eos_token_ids))
         samples = parse_samples(out, len(prompts), params.n, self.name)
         if on_progress is not None:
             on_progress(len(prompts))
@@ -135,17 +243,18 @@ class SGLangEngine(RolloutEngine):
     def update_weights(self, buckets: Iterable[Bucket]) -> None:
         from sglang.srt.utils import MultiprocessingSerializer
 
-        try:
-            from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+        if self._device.type == "cuda":  # SGLang's patch rewrites CUDA IPC handles; it breaks CPU tensors
+            try:
+                from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
 
-            monkey_patch_torch_reductions()
-        except ImportError:  # pragma: no cover - older SGLang
-            pass
+                monkey_patch_torch_reductions()
+            except ImportError:  # pragma: no cover - older SGLang
+                pass
         self._resume(["weights"])
         self._ready = False
         session = hasattr(self._engine, "begin_weight_update")
         if session:
-            self._call("begin_weight_update", self._engine.begin_weight_update)
+            self._call("begin_weight_update", "begin_weight_update")
         self._spots = None
         shapes: dict[str, tuple[int, ...]] = {}
         try:
@@ -155,23 +264,22 @@ class SGLangEngine(RolloutEngine):
                 for payload in flattened_bucket_payload(named):
                     serialized = MultiprocessingSerializer.serialize(payload, output_str=True)
                     self._call(
-                        "update_weights_from_tensor",
-                        self._engine.update_weights_from_tensor,
+                        "update_weights_from_tensor", "update_weights_from_tensor",
                         named_tensors=[serialized] * self._tp_size,
                         load_format="flattened_bucket",
                         flush_cache=False,
                     )
                 del named
         except BaseException:
-            if session:  # close the session; the weights stay marked incomplete
+            if session and self._stuck is None:  # close the session; the weights stay marked incomplete
                 try:
-                    self._engine.end_weight_update()
+                    self._call("end_weight_update", "end_weight_update")
                 except Exception:  # noqa: BLE001 - the first error is the one to report
                     log.exception("%s: end_weight_update after a failed update", self.name)
             raise
         if session:
-            self._call("end_weight_update", self._engine.end_weight_update)
-        self._call("flush_cache", self._engine.flush_cache)
+            self._call("end_weight_update", "end_weight_update")
+        self._call("flush_cache", "flush_cache")
         self._spots = {name: shapes[name] for name in choose_spots(shapes)}
         self._ready = True
 
@@ -185,30 +293,41 @@ class SGLangEngine(RolloutEngine):
         self._resume(["weights"])
 
         def read(name: str):
-            return self._call(f"get_weights_by_name({name!r})", self._engine.get_weights_by_name, **weights_by_name_request(name))
+            return self._call(f"get_weights_by_name({name!r})", "get_weights_by_name", **weights_by_name_request(name))
 
         return spot_check(read, self._spots, self.name)
 
     def _resume(self, tags: list[str] | None) -> None:
         todo = sorted(self._released if tags is None else self._released & set(tags))
         if todo:
-            self._call("resume_memory_occupation", self._engine.resume_memory_occupation, tags=todo)
+            self._call("resume_memory_occupation", "resume_memory_occupation", tags=todo)
             self._released -= set(todo)
 
     def release_memory(self) -> None:
         if not self._released:
-            self._call("flush_cache", self._engine.flush_cache)
-            self._call("release_memory_occupation", self._engine.release_memory_occupation)
+            self._call("flush_cache", "flush_cache")
+            self._call("release_memory_occupation", "release_memory_occupation")
             self._released = {"weights", "kv_cache", "cuda_graph"}
 
     def resume_memory(self) -> None:
         self._resume(None)
 
     def health(self) -> None:
-        self._call("get_server_info", self._engine.get_server_info)
+        self._call("get_server_info", "get_server_info")
 
     def shutdown(self) -> None:
+        """Stop SGLang's processes (bounded like every call; a stuck engine's worker thread is
+        left behind, its processes are still ended by SGLang's own ``shutdown``)."""
         engine, self._engine = getattr(self, "_engine", None), None
         self._ready = False
-        if engine is not None:
+        if engine is None:
+            return
+        if self._stuck is None:
+            future = self._worker.submit(engine.shutdown)
+            try:
+                future.result(timeout=self.timeout_s)
+            except FutureTimeout as e:
+                raise RolloutEngineError(f"{self.name}: shutdown did not return within {self.timeout_s:g} s") from e
+        else:
             engine.shutdown()
+        self._worker.shutdown(wait=False)

@@ -1,9 +1,11 @@
 """What both SGLang engines say to SGLang, kept in one place (no SGLang import here).
 
-Supported: sglang >= 0.5.18, < 0.5.22 (they pin torch 2.13.0). Read against SGLang's own
-``entrypoints/engine.py``, ``entrypoints/http_server.py``, ``managers/io_struct.py`` and
-``server_args.py`` of 0.5.18 and 0.5.21. Differences handled:
-  - 0.5.21 only loads weights between ``begin_weight_update`` and ``end_weight_update``
+Supported: sglang >= 0.5.18, <= 0.5.23 (0.5.18-0.5.21 pin torch 2.13.0, 0.5.22-0.5.23
+torch 2.14.1). Read against SGLang's own ``entrypoints/engine.py``,
+``entrypoints/http_server.py``, ``managers/io_struct.py`` and ``server_args.py`` of 0.5.18,
+0.5.21 and 0.5.23; the real-engine tests run 0.5.23, the contract tests 0.5.18 and 0.5.23.
+Differences handled:
+  - 0.5.21 and later only load weights between ``begin_weight_update`` and ``end_weight_update``
     (a session); 0.5.18 has neither (``Engine`` lacks the methods, the server answers 404).
   - ``ServerArgs`` is a dataclass in 0.5.18 and a ``msgspec.Struct`` in 0.5.21.
 
@@ -26,7 +28,7 @@ the first rows of the named HF tensor (elements of a 1-D one) in float32, from t
 engine's own fused parameter (q/k/v, gate/up sliced out; TP shards of o_proj / down_proj
 gathered, others from TP rank 0, whose first rows are the tensor's), one list per
 data-parallel rank when SGLang runs with dp_size > 1, ``None`` (HTTP 400) on failure.
-0.5.21 implements it for Llama-family (Llama, Mistral), Granite, EXAONE-4 and OPT models
+0.5.18-0.5.23 implement it for Llama-family (Llama, Mistral), Granite, EXAONE-4 and OPT models
 only (not Qwen2/Qwen3), and
 converts the whole tensor to a list before truncating, so ``choose_spots`` picks small
 tensors.
@@ -43,8 +45,8 @@ import torch
 
 from megappo.rollout.engine import SPOT_ROWS, RolloutEngineError, Sample, SamplingParams, combine_checksums, spot_checksum
 
-SUPPORTED_VERSIONS = (">=0.5.18", "<0.5.22")
-INSTALL_HINT = "pip install megappo[sglang]  (sglang>=0.5.18,<0.5.22; CUDA GPUs only)"
+SUPPORTED_VERSIONS = (">=0.5.18", "<=0.5.23")
+INSTALL_HINT = "pip install megappo[sglang]  (sglang>=0.5.18,<=0.5.23; on CPU, for tests only: make sglang-env)"
 GROUP_NAME = "megappo_weight_sync"
 
 
@@ -71,7 +73,7 @@ def version_supported(version: str) -> bool:
     from packaging.version import Version
 
     v = Version(version)
-    return Version("0.5.18") <= v < Version("0.5.22")
+    return Version("0.5.18") <= v <= Version("0.5.23")
 
 
 def server_arg_names(server_args_cls: type) -> set[str]:
@@ -176,26 +178,28 @@ def flatten_bucket(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> torch.T
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
 
 
-def update_distributed_request(bucket: Sequence[tuple[str, torch.Tensor]], *, flush_cache: bool) -> dict[str, Any]:
+def update_distributed_request(bucket: Sequence[tuple[str, torch.Tensor]], *, flush_cache: bool, group_name: str = GROUP_NAME) -> dict[str, Any]:
     """JSON body of ``POST /update_weights_from_distributed`` for one flattened bucket."""
     return {
         "names": [name for name, _ in bucket],
         "dtypes": [dtype_name(t.dtype) for _, t in bucket],
         "shapes": [list(t.shape) for _, t in bucket],
-        "group_name": GROUP_NAME,
+        "group_name": group_name,
         "flush_cache": flush_cache,
         "load_format": "flattened_bucket",
     }
 
 
-def init_group_request(master_address: str, master_port: int, rank_offset: int, world_size: int, backend: str) -> dict[str, Any]:
+def init_group_request(
+    master_address: str, master_port: int, rank_offset: int, world_size: int, backend: str, group_name: str = GROUP_NAME
+) -> dict[str, Any]:
     """JSON body of ``POST /init_weights_update_group``."""
     return {
         "master_address": master_address,
         "master_port": master_port,
         "rank_offset": rank_offset,
         "world_size": world_size,
-        "group_name": GROUP_NAME,
+        "group_name": group_name,
         "backend": backend,
     }
 
@@ -231,7 +235,7 @@ def spot_tensor(answer: Any, name: str, shape: tuple[int, ...], engine_name: str
     the answer is one list per rank."""
     if answer is None:
         raise RolloutEngineError(
-            f"{engine_name}: get_weights_by_name({name!r}) returned nothing: SGLang 0.5.21 reads weights back only for "
+            f"{engine_name}: get_weights_by_name({name!r}) returned nothing: SGLang (0.5.18-0.5.23) reads weights back only for "
             "Llama-family (Llama, Mistral), Granite, EXAONE-4 and OPT models, so this model's weights cannot be spot-checked"
         )
     t = torch.tensor(answer, dtype=torch.float32)

@@ -18,7 +18,21 @@ its side (``join_update_group``). Per bucket: ``POST /update_weights_from_distri
 the trainer broadcasts the bucket's bytes end to end (SGLang's ``FlattenedTensorBucket``
 layout; the trainer holds the bucket and that flat copy, two buckets of memory). 0.5.21 servers need ``/begin_weight_update`` and ``/end_weight_update`` around
 the loads; a 404 there means an older server that has no sessions. The radix caches are
-flushed once at the end. ``release_memory``/``resume_memory`` do nothing: the servers have
+flushed once at the end.
+
+Hangs seen for real with SGLang, each bounded here: a server that rejects an update (HTTP
+400 before it receives anything) while the trainer broadcasts: the first rejection ends the
+sync with an error naming the server, the broadcast is not waited for, and the group is
+abandoned (never reused); a trainer that died without destroying its group leaves the group
+name taken on the servers: every engine joins under a fresh name
+(``megappo_weight_sync_<random>``); the rendezvous and every collective of the group are
+bounded by ``rollout.server_timeout_s``.
+
+Partial rollouts (the asynchronous modes build on these): ``pause_generation(mode)``
+(``/pause_generation``; ``retract`` keeps the in-flight requests' progress and re-runs their
+KV cache after ``continue_generation``; ``abort`` ends them), ``continue_generation``
+(``/continue_generation``) and ``abort_generation`` (``/abort_request`` with ``abort_all``).
+``release_memory``/``resume_memory`` do nothing: the servers have
 their own GPUs. ``weights_checksum`` is a spot-check read back from every server with
 ``POST /get_weights_by_name`` (``sglang_protocol``); servers that disagree are an error
 naming them. Progress: ``on_progress`` is told as each server's share comes back.
@@ -32,6 +46,7 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Iterable, Optional, Sequence
 
@@ -113,6 +128,7 @@ class SGLangServerEngine(RolloutEngine):
         self.name = "sglang servers " + ", ".join(self.urls)
         self._pool = ThreadPoolExecutor(max_workers=len(self.urls), thread_name_prefix="sglang-http")
         self._group = None
+        self._group_name = GROUP_NAME
         self._sessions = True
         self._spots: Optional[dict[str, tuple[int, ...]]] = None
 
@@ -179,6 +195,28 @@ class SGLangServerEngine(RolloutEngine):
     def health(self) -> None:
         self._on_all("/health", [None] * len(self.urls), method="GET")
 
+    # ------------------------------------------------- partial-rollout controls
+
+    PAUSE_MODES = ("retract", "abort", "in_place")
+
+    def pause_generation(self, mode: str = "retract") -> None:
+        """Stop scheduling on every server; requests sent meanwhile wait for
+        ``continue_generation``. ``retract``: in-flight requests keep their tokens and go on
+        after continue (their KV cache recomputed, so later tokens follow the weights then
+        loaded); ``abort``: they end now with their partial output; ``in_place``: they keep a
+        stale KV cache (SGLang 0.5.21 then crashes on an update with ``flush_cache``)."""
+        if mode not in self.PAUSE_MODES:
+            raise ValueError(f"pause_generation mode must be one of {self.PAUSE_MODES}; got {mode!r}")
+        self._on_all("/pause_generation", [{"mode": mode}] * len(self.urls))
+
+    def continue_generation(self) -> None:
+        self._on_all("/continue_generation", [{}] * len(self.urls))
+
+    def abort_generation(self) -> None:
+        """End every in-flight request on every server now (their ``generate`` calls raise
+        ``RolloutEngineError`` naming the abort)."""
+        self._on_all("/abort_request", [{"abort_all": True}] * len(self.urls))
+
     # ---------------------------------------------------------------- weights
 
     def update_weights(self, buckets: Iterable[Bucket]) -> None:
@@ -197,13 +235,13 @@ class SGLangServerEngine(RolloutEngine):
         shapes: dict[str, tuple[int, ...]] = {}
         try:
             for bucket in buckets:
-                body = update_distributed_request(bucket, flush_cache=False)
+                body = update_distributed_request(bucket, flush_cache=False, group_name=self._group_name)
                 flat = flatten_bucket(bucket).to(device)
                 shapes.update((name, tuple(t.shape)) for name, t in bucket)
                 futures = [self._pool.submit(self._http, url, "/update_weights_from_distributed", body) for url in self.urls]
                 work = dist.broadcast(flat, group=self._group, group_src=0, async_op=True)
-                for f in futures:
-                    f.result()
+                for f in as_completed(futures):
+                    f.result()  # a rejection (answered before receiving) raises now, not after a stuck broadcast
                 work.wait()
                 del flat
         except BaseException:
@@ -218,15 +256,13 @@ class SGLangServerEngine(RolloutEngine):
         group, self._group = self._group, None
         if group is None:
             return
-        for route, body in (("/end_weight_update", {}), ("/destroy_weights_update_group", {"group_name": GROUP_NAME})):
+        for route, body in (("/end_weight_update", {}), ("/destroy_weights_update_group", {"group_name": self._group_name})):
             try:
                 self._on_all(route, [body] * len(self.urls), allow_404=True)
             except RolloutEngineError:
                 pass
-        try:
-            dist.destroy_process_group(group)
-        except Exception:  # noqa: BLE001 - already broken
-            pass
+        # Not destroyed here: with a broadcast still pending on it, destroying can block; the
+        # group is dropped and a fresh one (fresh name) is made by the next sync.
 
     def _init_group(self) -> None:
         infos = self._on_all("/get_server_info", [None] * len(self.urls), method="GET")
@@ -235,10 +271,13 @@ class SGLangServerEngine(RolloutEngine):
         address = _address_towards(self.urls[0])
         port = _free_port(address)
         offsets = [1 + sum(tp_sizes[:i]) for i in range(len(self.urls))]
-        bodies = [init_group_request(address, port, off, world_size, self.backend) for off in offsets]
+        self._group_name = f"{GROUP_NAME}_{uuid.uuid4().hex[:12]}"  # a dead trainer's group may still hold the old name
+        bodies = [init_group_request(address, port, off, world_size, self.backend, self._group_name) for off in offsets]
         futures = [self._pool.submit(self._http, url, "/init_weights_update_group", body) for url, body in zip(self.urls, bodies)]
         try:
-            group = join_update_group(address, port, world_size=world_size, rank=0, backend=self.backend, timeout_s=self.timeout_s)
+            group = join_update_group(
+                address, port, world_size=world_size, rank=0, backend=self.backend, timeout_s=self.timeout_s, group_name=self._group_name
+            )
         except Exception as e:
             for f in futures:  # a server's own error says more than the rendezvous timeout
                 f.result()
@@ -271,7 +310,7 @@ class SGLangServerEngine(RolloutEngine):
         group, self._group = self._group, None
         if group is not None:
             try:
-                self._on_all("/destroy_weights_update_group", [{"group_name": GROUP_NAME}] * len(self.urls))
+                self._on_all("/destroy_weights_update_group", [{"group_name": self._group_name}] * len(self.urls))
             except RolloutEngineError:
                 pass
             dist.destroy_process_group(group)
