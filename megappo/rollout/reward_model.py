@@ -84,7 +84,9 @@ def retokenize(tokens: TokenBatch, truncated_B: Tensor, policy_tokenizer, rm_tok
 class LoopRewardModel:
     """The frozen reward model of a run and how to feed it the policy's rollouts."""
 
-    def __init__(self, model_cfg, layout, policy_tokenizer, *, max_tokens_per_microbatch: int, dtype=None):
+    def __init__(self, model_cfg, layout, policy_tokenizer, *, max_tokens_per_microbatch: int, opts=None):
+        """``opts``: the ``BuildOptions`` of the run's models (``models.factory.build_options``:
+        dtype, layer spec); default fp32 local at the layout's TP x PP."""
         from megappo.models.builder import BuildOptions
         from megappo.models.reward_model import RewardModel
         from megappo.weights.reward import load_hf_into_reward_model, reward_spec
@@ -97,7 +99,7 @@ class LoopRewardModel:
         self.rm_tokenizer = resolve_reward_tokenizer(model_cfg.hf_path, model_cfg.tokenizer_path, policy_tokenizer, spec.vocab_size)
         pad = self.rm_tokenizer.pad_token_id if self.rm_tokenizer is not None else policy_tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else 0
-        opts = BuildOptions(tp=layout.tp, pp=layout.pp, **({"dtype": dtype} if dtype is not None else {}))
+        opts = opts or BuildOptions(tp=layout.tp, pp=layout.pp)
         self.model = RewardModel(spec, opts, max_tokens_per_microbatch=max_tokens_per_microbatch, offload_to_cpu=model_cfg.on_cpu)
         load_hf_into_reward_model(self.model.models, model_cfg.hf_path)
         self.model.offload()
