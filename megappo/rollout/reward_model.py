@@ -16,6 +16,10 @@ without them, both encoded by the reward model's tokenizer without adding specia
 then its EOS for a finished response. The prompt keeps the policy's chat template; a reward
 model trained on another template sees that text as it is.
 
+Normalization: the combined reward replaces the batch's scores before the objective
+shapes them, so ``algo.reward_norm: running`` (the checkpointed running mean / std of
+``megappo.algo.shaping.RunningMeanStd``) normalizes it like any rule reward.
+
 Failures: a non-finite score is a ``ValueError`` naming the reward model and the rows,
 never a silent 0; a reward model whose vocabulary differs from the policy's and that has
 no tokenizer is an error before the model is built.
