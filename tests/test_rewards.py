@@ -308,3 +308,18 @@ def test_workers_survive_preemption_signals(user_module):
         assert reward.score(["1", "2", "3"], ["1", "2", "4"], [""] * 3).correct == [True, True, False]
         assert reward._pool._executor is executor and reward._pool.restarts == 0
     assert not set(PREEMPTION_SIGNALS) & blocked_signals(os.getpid())  # the parent's mask is restored
+
+
+def test_a_worker_that_died_between_batches_is_replaced(user_module, caplog):
+    import os
+    import signal
+    import time
+
+    with RewardFunction.from_config(RewardConfig(fn="my_rewards:flaky", num_workers=1)) as reward:
+        assert reward.score(["1"], ["1"], [""]).correct == [True]
+        (worker,) = reward._pool._executor._processes.values()
+        os.kill(worker.pid, signal.SIGKILL)  # e.g. the OOM killer, between two steps
+        time.sleep(1.0)
+        with caplog.at_level(logging.WARNING):
+            assert reward.score(["1", "2"], ["1", "1"], ["", ""]).correct == [True, False]
+        assert reward._pool.restarts == 1 and "found broken before a batch" in caplog.text

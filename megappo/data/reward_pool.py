@@ -19,7 +19,7 @@ The pool uses the ``spawn`` start method: forking a process that runs torch.dist
 CUDA or NCCL threads can deadlock the child. Workers import only what they are told to
 (``preload``) plus, by pickle, the module of the function they run; this module and
 ``megappo.data.rewards`` import neither torch nor Megatron, and the parent's ``__main__``
-is not re-imported in the workers (see ``_main_module_hidden``).
+is not re-imported in the workers (see ``main_module_hidden``).
 
 At most ``num_workers`` items are in flight, so an item's clock starts when it is handed
 to an idle worker, not while it waits in a queue. A batch may also have a deadline
@@ -123,7 +123,7 @@ def _noop() -> None:
 
 
 @contextlib.contextmanager
-def _main_module_hidden() -> Iterator[None]:
+def main_module_hidden() -> Iterator[None]:
     """Make ``spawn`` children skip re-importing the parent's ``__main__``.
 
     ``multiprocessing.spawn`` has every child import the parent's main module (by
@@ -235,7 +235,7 @@ class RewardWorkerPool:
             self._finalizer = weakref.finalize(self, _stop, executor)
             # A spawn executor starts a worker per submit while none is idle: start them all
             # now, with the parent's __main__ hidden. Their no-op answers say the pool is up.
-            with _main_module_hidden(), shielded_from_preemption():
+            with main_module_hidden(), shielded_from_preemption():
                 self._warmup = [executor.submit(_noop) for _ in range(self.num_workers)]
             self._created = time.monotonic()
             self._executor = executor
@@ -364,12 +364,25 @@ class RewardWorkerPool:
             if any(task.crashes for task in running.values()) or (pending[0].crashes and running):
                 return
             task = pending.popleft()
-            pool = self._pool()
-            with shielded_from_preemption():  # a submit may start a worker process
-                future = pool.submit(run_item, fn, task.args, self.timeout_s)
+            try:
+                future = self._submit_one(fn, task)
+            except BrokenProcessPool:
+                if running:
+                    raise  # broken mid-batch: the waiting loop's crash handling deals with it
+                # A worker died while the pool was idle (between batches, e.g. killed by a
+                # signal or the OOM killer): start a fresh pool once.
+                logger.warning("reward worker pool found broken before a batch (a worker died while idle); restarting it")
+                self._drop_pool()
+                self.restarts += 1
+                future = self._submit_one(fn, task)
             running[future] = task
             if self._started():
                 self._start_clocks(running)
+
+    def _submit_one(self, fn: Callable[..., Any], task: _Task) -> Future:
+        pool = self._pool()
+        with shielded_from_preemption():  # a submit may start a worker process
+            return pool.submit(run_item, fn, task.args, self.timeout_s)
 
     def _start_clocks(self, running: dict[Future, _Task]) -> None:
         deadline = time.monotonic() + self.timeout_s + self.kill_grace_s
