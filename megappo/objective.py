@@ -13,15 +13,12 @@ Shape legend: B = responses of this rank, T = response positions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 from megappo import algo
+from megappo.algo.stats import SumReducer
 from megappo.config import Config
-from megappo.experience import Experience
-
-SumReducer = Callable[[torch.Tensor], torch.Tensor]
+from megappo.rollout.batch import RolloutBatch
 
 
 @dataclass(frozen=True)
@@ -73,18 +70,18 @@ class Objective:
 
     # -- advantages -------------------------------------------------------------------
 
-    def compute_advantages(self, exp: Experience) -> dict[str, float]:
+    def compute_advantages(self, batch: RolloutBatch) -> dict[str, float]:
         """Shape the scores, estimate advantages (and critic returns), post-process them,
-        and set the loss mask (overlong filter). Fills ``exp`` in place; returns metrics."""
+        and set the loss mask (overlong filter). Fills ``batch`` in place; returns metrics."""
         a = self.algo_cfg
-        mask_BT = exp.mask_BT.to(torch.float32)
+        mask_BT = batch.mask_BT.to(torch.float32)
         # With reward_norm=running, shape_rewards merges this step's scores (after the
         # overlong penalty: the values it normalizes) into the tracker exactly once, from
         # moment sums all-reduced over data-parallel ranks, then normalizes with it.
         scores_B = algo.shape_rewards(
-            exp.scores_B,
-            group_ids_B=exp.group_ids_B,
-            lengths_B=exp.batch.response_lens_B,
+            batch.scores_B,
+            group_ids_B=batch.group_ids_B,
+            lengths_B=batch.tokens.response_lens_B,
             reward_norm=a.reward_norm,
             reward_shift=a.reward_shift,
             reward_scale=a.reward_scale,
@@ -96,14 +93,14 @@ class Objective:
             reduce_sums=self.reduce_sums,
         )
         kl_BT = None
-        if exp.ref_logprobs_BT is not None:
-            kl_BT = algo.kl_penalty(exp.old_logprobs_BT, exp.ref_logprobs_BT, self.sampled_kl_kind)
+        if batch.ref_logprobs_BT is not None:
+            kl_BT = algo.kl_penalty(batch.old_logprobs_BT, batch.ref_logprobs_BT, self.sampled_kl_kind)
         advantages_BT, returns_BT = algo.estimate_advantages(
             a.adv_estimator,
             scores_B=scores_B,
             mask_BT=mask_BT,
-            group_ids_B=exp.group_ids_B,
-            values_BT=exp.values_BT,
+            group_ids_B=batch.group_ids_B,
+            values_BT=batch.values_BT,
             kl_BT=kl_BT if a.add_token_level_kl else None,
             reduce_sums=self.reduce_sums,
             gamma=a.gamma,
@@ -114,19 +111,19 @@ class Objective:
             eps=a.adv_norm.eps,
             kl_coef=self.kl_ctl.value if a.add_token_level_kl else 0.0,
         )
-        exp.advantages_BT = algo.postprocess_advantages(
+        batch.advantages_BT = algo.postprocess_advantages(
             advantages_BT, mask_BT, whiten=a.whiten_advantages, clip=a.advantage_clip, reduce_sums=self.reduce_sums
         )
-        exp.returns_BT = returns_BT
-        exp.loss_mask_BT = algo.overlong_filter(mask_BT, exp.truncated_B) if a.overlong_filter else mask_BT
+        batch.returns_BT = returns_BT
+        batch.loss_mask_BT = algo.overlong_filter(mask_BT, batch.truncated_B) if a.overlong_filter else mask_BT
         metrics = {"reward/shaped_mean": self._global_mean(scores_B)}
-        adv_sums = self.reduce_sums(algo.moment_sums(exp.advantages_BT, mask_BT))
+        adv_sums = self.reduce_sums(algo.moment_sums(batch.advantages_BT, mask_BT))
         adv_mean, adv_var = algo.moments_from_sums(adv_sums)
         metrics.update({"adv/mean": float(adv_mean), "adv/std": float(adv_var.clamp(min=0).sqrt())})
         if kl_BT is not None:
             kl = self._global_token_mean(kl_BT, mask_BT)
             metrics.update({"actor/kl_ref": kl, "actor/kl_coef": self.kl_ctl.value})
-            self.kl_ctl.update(kl, n_steps=int(self.reduce_sums(algo.moment_sums(exp.scores_B))[0]))
+            self.kl_ctl.update(kl, n_steps=int(self.reduce_sums(algo.moment_sums(batch.scores_B))[0]))
         return metrics
 
     def _global_mean(self, x_B: torch.Tensor) -> float:
@@ -139,12 +136,12 @@ class Objective:
 
     # -- losses -----------------------------------------------------------------------
 
-    def denominators(self, mini: Experience) -> Denominators:
+    def denominators(self, mini: RolloutBatch) -> Denominators:
         """Global token and sequence counts of a mini-batch (over data-parallel ranks)."""
         count, total, _ = self.reduce_sums(algo.moment_sums(mini.loss_mask_BT.sum(dim=1))).tolist()
         return Denominators(num_tokens=total, num_seqs=count)
 
-    def actor_loss_fn(self, mini: Experience, den: Denominators):
+    def actor_loss_fn(self, mini: RolloutBatch, den: Denominators):
         """``loss_fn(outputs, rows)`` for ``MegatronPolicy.train_step`` on mini-batch ``mini``."""
         a = self.algo_cfg
 
@@ -191,7 +188,7 @@ class Objective:
 
         return loss_fn
 
-    def critic_loss_fn(self, mini: Experience, den: Denominators):
+    def critic_loss_fn(self, mini: RolloutBatch, den: Denominators):
         a = self.algo_cfg
 
         def loss_fn(outputs: dict[str, torch.Tensor], rows: torch.Tensor):

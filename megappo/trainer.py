@@ -4,8 +4,8 @@ named component, and no phase branches on the algorithm or the parallel layout.
     prompts -> engine.generate -> reward -> old / ref log-probs, values -> advantages
             -> critic update -> actor update -> weight sync -> metrics, checkpoint
 
-Every rank runs this same program (SPMD under torchrun). See ``megappo/experience.py``
-for where generation happens and ``megappo/objective.py`` for the losses.
+Every rank runs this same program (SPMD under torchrun). See ``megappo/loop/`` for the
+parts it calls (rollout side, policies, train state) and ``megappo/objective.py`` for the losses.
 """
 
 from __future__ import annotations
@@ -16,12 +16,16 @@ import signal
 import time
 
 import torch
+import torch.distributed as dist
 
-from megappo.config import Config, config_to_dict, uses_critic
-from megappo.experience import Experience
-from megappo.objective import Objective
-from megappo.parallel.collectives import all_reduce, dp_sum_reducer
-from megappo.run_setup import RunComponents, build_components
+from megappo.config import Config
+from megappo.loop.build import Run, build_run
+from megappo.loop.rollout_metrics import rollout_metrics
+from megappo.metrics import Timer
+from megappo.models import MegatronPolicy
+from megappo.parallel.collectives import all_reduce, dp_all_reduce
+from megappo.rollout.batch import RolloutBatch
+from megappo.weights import save_hf
 
 log = logging.getLogger("megappo")
 
@@ -38,98 +42,103 @@ class Trainer:
         self._preempted = False
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._on_preempt)
-        self.c: RunComponents = build_components(cfg)
-        self.objective = Objective(cfg, reduce_sums=dp_sum_reducer())
-        self.step_num = self.c.resume(self.objective)
+        self.run: Run = build_run(cfg)
+        self.policies, self.rollout, self.objective, self.state = (
+            self.run.policies, self.run.rollout, self.run.objective, self.run.state)
+        self.step_num = self.resume()
         self.sync_weights()
 
     def _on_preempt(self, signum, frame):
         log.warning("received signal %d: will checkpoint at the end of this step and exit", signum)
         self._preempted = True
 
+    def resume(self) -> int:
+        """The step of the latest checkpoint when ``checkpoint.resume`` is auto (0 if none)."""
+        step = 0
+        if self.cfg.checkpoint.resume == "auto" and self.state.checkpoints.latest() is not None:
+            step = self.state.restore()
+        self.run.metrics.start(step)
+        return step
+
     # -- the loop ---------------------------------------------------------------------
 
     def fit(self) -> int:
-        cfg = self.cfg
+        cfg, metrics_log = self.cfg, self.run.metrics
         if _any_rank(self._preempted):
             log.warning("preempted during start-up; exiting with %d before step %d", PREEMPT_EXIT_CODE, self.step_num + 1)
             return PREEMPT_EXIT_CODE
         if cfg.train.eval_every and self.step_num == 0:
-            self.c.metrics.log(0, self.c.evaluate())
-        for step in self.c.progress(range(self.step_num + 1, cfg.train.steps + 1), "steps"):
+            metrics_log.log(0, self.rollout.evaluate())
+        for step in self.rollout.progress(range(self.step_num + 1, cfg.train.steps + 1), "steps"):
             metrics = self.step(step)
             last = step == cfg.train.steps
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or last):
-                metrics.update(self.c.evaluate())
-            self.c.metrics.log(step, metrics)
+                metrics.update(self.rollout.evaluate())
+            metrics_log.log(step, metrics)
             preempted = _any_rank(self._preempted)
             if last or preempted or (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0):
-                self.c.save_checkpoint(step, self.objective)
+                self.state.save(step)
             if cfg.checkpoint.save_hf_every and step % cfg.checkpoint.save_hf_every == 0:
-                self.c.save_hf(f"step_{step}")
+                self.save_hf(f"step_{step}")
             self.step_num = step
             if preempted:
                 log.warning("preempted after step %d; checkpoint saved, exiting with %d", step, PREEMPT_EXIT_CODE)
                 return PREEMPT_EXIT_CODE
         if cfg.checkpoint.save_hf_at_end:
-            self.c.save_hf("final")
+            self.save_hf("final")
         return 0
 
     def step(self, step: int) -> dict[str, float]:
-        timer = self.c.timer()
-        with timer("rollout"):
-            exp = self.rollout(step)
-            self.c.release_engine_memory()  # colocated SGLang gives the GPUs back for training
-        with timer("logprobs"):
-            self.score_with_models(exp)
-        metrics = self.objective.compute_advantages(exp)
-        with timer("train"):
-            if self.c.critic is not None:
-                metrics |= self.update(self.c.critic, exp, self.objective.critic_loss_fn, "critic")
+        p, start, times = self.policies, time.perf_counter(), {}
+        with Timer("time/rollout", times):
+            batch = self.rollout.sample(step, policy_version=step - 1)
+            self.rollout.release_memory()  # colocated SGLang gives the GPUs back for training
+        with Timer("time/logprobs", times):
+            self.score_with_models(batch)
+        metrics = self.objective.compute_advantages(batch)
+        with Timer("time/train", times):
+            if p.critic is not None:
+                metrics |= self.update(p.critic, batch, self.objective.critic_loss_fn, "critic")
             if step > self.cfg.algo.critic_warmup_steps:
-                ref = self.objective.actor_loss_reference(self.c.reference)  # exact KL loss: None otherwise
-                metrics |= self.update(self.c.actor, exp, self.objective.actor_loss_fn, "actor", ref=ref)
-        with timer("sync"):
+                ref = self.objective.actor_loss_reference(p.reference)  # exact KL loss: None otherwise
+                metrics |= self.update(p.actor, batch, self.objective.actor_loss_fn, "actor", ref=ref)
+        with Timer("time/sync", times):
             metrics |= self.sync_weights()
-        metrics |= self.c.rollout_metrics(exp)
-        metrics |= timer.metrics(tokens=self.c.global_tokens(exp))
+        metrics |= rollout_metrics(batch, reduce=dp_all_reduce, dynamic_sampling=self.cfg.algo.dynamic_sampling)
+        metrics |= times
+        metrics["time/step"] = seconds = time.perf_counter() - start
+        metrics["perf/tokens_per_s"] = _global_tokens(batch) / max(seconds, 1e-9)
         return metrics
 
     # -- the phases -------------------------------------------------------------------
 
-    def rollout(self, step: int) -> Experience:
-        """Sample a group of responses per prompt and score them (dynamic sampling keeps
-        only groups whose rewards differ, sampling more prompts to fill the batch)."""
-        a = self.cfg.algo
-        return self.c.sample_experience(step, dynamic=a.dynamic_sampling, max_rounds=a.max_sampling_rounds)
-
-    def score_with_models(self, exp: Experience) -> None:
+    def score_with_models(self, batch: RolloutBatch) -> None:
         """Old and reference log-probs and old values, mini-batch by mini-batch so that the
         micro-batches are exactly those of the update: the first ratio is exactly 1."""
-        c, temp = self.c, self.cfg.rollout.temperature
+        p, temp = self.policies, self.cfg.rollout.temperature
         old, ref, values = [], [], []
-        for rows in c.minibatches(len(exp)):
-            mini = exp.batch.select(rows)
-            old.append(c.actor.forward_logprobs(mini, temperature=temp)["logprobs_BT"])
-            if c.reference is not None:
-                ref.append(c.reference.forward_logprobs(mini, temperature=temp)["logprobs_BT"])
-            if c.critic is not None:
-                values.append(c.critic.forward_values(mini))
-        T = exp.mask_BT.shape[1]
-        exp.old_logprobs_BT = _cat_rows(old, T)
-        exp.ref_logprobs_BT = _cat_rows(ref, T) if ref else None
-        exp.values_BT = _cat_rows(values, T) if values else None
+        for rows in self.minibatches(len(batch)):
+            mini = batch.tokens.select(rows)
+            old.append(p.actor.forward_logprobs(mini, temperature=temp)["logprobs_BT"])
+            if p.reference is not None:
+                ref.append(p.reference.forward_logprobs(mini, temperature=temp)["logprobs_BT"])
+            if p.critic is not None:
+                values.append(p.critic.forward_values(mini))
+        T = batch.mask_BT.shape[1]
+        batch.old_logprobs_BT = _cat_rows(old, T)
+        batch.ref_logprobs_BT = _cat_rows(ref, T) if ref else None
+        batch.values_BT = _cat_rows(values, T) if values else None
 
-    def update(self, policy, exp: Experience, make_loss_fn, role: str, ref=None) -> dict[str, float]:
+    def update(self, policy: MegatronPolicy, batch: RolloutBatch, make_loss_fn, role: str, ref=None) -> dict[str, float]:
         """``ppo_epochs`` passes over the rollout batch, one optimizer step per mini-batch.
         ``ref``: the model ``train_step`` computes the exact per-token KL against (``kl_BT``
         in the loss function's outputs), or None."""
         per_step: list[dict[str, float]] = []
         for _ in range(self.cfg.algo.ppo_epochs):
-            for rows in self.c.minibatches(len(exp)):
-                mini = exp.select(rows)
+            for rows in self.minibatches(len(batch)):
+                mini = batch.select(rows)
                 den = self.objective.denominators(mini)
-                out = policy.train_step(mini.batch, make_loss_fn(mini, den), temperature=self.cfg.rollout.temperature, ref=ref)
+                out = policy.train_step(mini.tokens, make_loss_fn(mini, den), temperature=self.cfg.rollout.temperature, ref=ref)
                 per_step.append({k: float(v) for k, v in out.items()})
         # train_step already reduced over micro-batches and data-parallel ranks; over the
         # optimizer steps of this RL step: min of *_min, max of *_max, mean of the rest.
@@ -140,18 +149,37 @@ class Trainer:
         merged[f"{role}/optimizer_steps"] = float(len(per_step))
         return merged
 
+    def minibatches(self, num_rows: int) -> list[torch.Tensor]:
+        """Row indices of each mini-batch of this rank's batch (contiguous, whole groups)."""
+        t, n = self.cfg.train, self.cfg.rollout.num_return_sequences_in_group
+        if t.mini_batch_size is None:
+            return [torch.arange(num_rows)]
+        rows = t.mini_batch_size * n // self.run.layout.dp
+        return [torch.arange(s, min(s + rows, num_rows)) for s in range(0, num_rows, rows)]
+
     def sync_weights(self) -> dict[str, float]:
-        stats = self.c.sync_weights()
+        stats = self.rollout.sync_weights(self.policies.actor.models)
         return {"sync/seconds": stats.seconds, "sync/gbps": stats.gbps}
+
+    def save_hf(self, tag: str) -> None:
+        """The actor as an HF directory ``run_dir/hf/{tag}`` (collective)."""
+        out = os.path.join(self.cfg.train.run_dir, "hf", tag)
+        save_hf(self.policies.actor.models, out, hf_config=self.run.hf_config,
+                tokenizer_dir=self.cfg.data.tokenizer_path or self.cfg.model.hf_path)
+        log.info("actor saved in HF format to %s", out)
 
 
 def _any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any rank (a preemption signal may reach
     only some processes); all ranks then stop after the same step."""
-    import torch.distributed as dist
-
     t = torch.tensor([1.0 if flag else 0.0])
     return bool(all_reduce(t, "max", dist.group.WORLD if dist.is_initialized() else None).item() > 0)
+
+
+def _global_tokens(batch: RolloutBatch) -> int:
+    """Prompt and response tokens of the step over all data-parallel replicas."""
+    local = batch.tokens.prompt_lens_B.sum() + batch.tokens.response_lens_B.sum()
+    return int(dp_all_reduce(local.to(torch.float64).reshape(1))[0].item())
 
 
 def _cat_rows(parts: list[torch.Tensor], T: int) -> torch.Tensor:
@@ -165,9 +193,6 @@ def run(cfg: Config) -> int:
     start = time.time()
     trainer = Trainer(cfg)
     code = trainer.fit()
-    trainer.c.close()
+    trainer.run.close()
     log.info("run finished in %.1f s (exit %d); run dir %s", time.time() - start, code, os.path.abspath(cfg.train.run_dir))
     return code
-
-
-__all__ = ["Trainer", "run", "PREEMPT_EXIT_CODE", "config_to_dict", "uses_critic"]

@@ -139,7 +139,7 @@ def test_each_role_is_checked_against_its_own_saved_spec():
 
 def test_tokenizer_fingerprint_tells_tokenizers_apart():
     from megappo.toolkit.char_tokenizer import build_char_tokenizer
-    from megappo.run_setup import tokenizer_fingerprint
+    from megappo.loop.state import tokenizer_fingerprint
 
     a, b = build_char_tokenizer("0123456789+="), build_char_tokenizer("0123456789+-=")
     assert tokenizer_fingerprint(a) == tokenizer_fingerprint(build_char_tokenizer("0123456789+="))

@@ -16,7 +16,7 @@ import torch
 
 from megappo import algo
 from megappo.config import load_config
-from megappo.experience import Experience
+from megappo.rollout.batch import RolloutBatch
 from megappo.models.batch import TokenBatch
 from megappo.objective import Objective
 from megappo.trainer import Trainer
@@ -32,7 +32,7 @@ def identity(sums: torch.Tensor) -> torch.Tensor:
     return sums
 
 
-def experience(scores: list[float], lengths: list[int], *, truncated: list[bool] | None = None, seed: int = 0) -> Experience:
+def experience(scores: list[float], lengths: list[int], *, truncated: list[bool] | None = None, seed: int = 0) -> RolloutBatch:
     """B responses in groups of two, prompts of 2 tokens, old/ref log-probs filled in."""
     B, T = len(scores), max(lengths)
     g = torch.Generator().manual_seed(seed)
@@ -42,13 +42,14 @@ def experience(scores: list[float], lengths: list[int], *, truncated: list[bool]
         response_lens_B=torch.tensor(lengths),
     )
     mask_BT = batch.response_mask_BT.float()
-    exp = Experience(
-        batch=batch,
+    exp = RolloutBatch(
+        tokens=batch,
         rollout_logprobs_BT=torch.zeros(B, T),
         scores_B=torch.tensor(scores),
         correct_B=torch.zeros(B, dtype=torch.bool),
         truncated_B=torch.tensor(truncated or [False] * B),
         group_ids_B=torch.arange(B) // 2,
+        policy_version_B=torch.zeros(B, dtype=torch.long),
     )
     exp.old_logprobs_BT = -torch.rand(B, T, generator=g) * mask_BT
     exp.ref_logprobs_BT = (exp.old_logprobs_BT - 0.1 * torch.rand(B, T, generator=g)) * mask_BT
@@ -131,7 +132,7 @@ def test_running_reward_norm_uses_global_statistics_over_ranks() -> None:
         torch.testing.assert_close(exp.advantages_BT[:, 0].double(), normalized(local, everything), rtol=1e-5, atol=1e-6)
 
 
-def fake_outputs(exp: Experience, *, with_kl: bool):
+def fake_outputs(exp: RolloutBatch, *, with_kl: bool):
     g = torch.Generator().manual_seed(5)
     B, T = exp.mask_BT.shape
     mask_BT = exp.mask_BT.float()
@@ -207,7 +208,7 @@ def test_trainer_update_passes_the_reference_to_the_actor_step() -> None:
     trainer = Trainer.__new__(Trainer)  # no models: only the update phase is exercised
     trainer.cfg = cfg
     trainer.objective = Objective(cfg, reduce_sums=identity)
-    trainer.c = SimpleNamespace(minibatches=lambda n: [torch.arange(n)])
+    trainer.run = SimpleNamespace(layout=SimpleNamespace(dp=1))
     exp = experience([1.0, 0.0], [2, 1])
     trainer.objective.compute_advantages(exp)
     reference = object()

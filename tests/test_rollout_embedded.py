@@ -8,12 +8,18 @@ import pytest
 import torch
 from hf_fixtures import tiny_hf_config
 
-from megappo.rollout import RolloutEngineError, SamplingParams, checksum_of, checksums_match, mismatch_metrics
+from megappo.rollout.mismatch import mismatch_from_sums, mismatch_sums
+from megappo.rollout import RolloutEngineError, SamplingParams, checksum_of, checksums_match
 from megappo.rollout.embedded import EmbeddedEngine
 from megappo.rollout.weight_sync import stream_to_engine
 
 EOS = 2
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [3, 4, 3, 4, 3], [40]]
+
+
+def mismatch_metrics(trainer_BT, rollout_BT, mask_BT):
+    """The four mismatch metrics over one rank's tokens."""
+    return mismatch_from_sums(*mismatch_sums(trainer_BT, rollout_BT, mask_BT))
 
 
 def make_trainer_model(family: str, *, tie: bool = False, seed: int = 0, **extra):

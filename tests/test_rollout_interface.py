@@ -12,9 +12,15 @@ from hf_fixtures import tiny_hf_config
 
 from megappo.config.schema import RolloutConfig
 from megappo.parallel.state import ParallelLayout
-from megappo.rollout import RolloutEngineError, SamplingParams, build_engine, checksum_of, checksums_match, generate_in_group, mismatch_metrics
+from megappo.rollout.mismatch import mismatch_from_sums, mismatch_sums
+from megappo.rollout import RolloutEngineError, SamplingParams, build_engine, checksum_of, checksums_match, generate_in_group
 from megappo.rollout.sampling import choose_tokens, filter_logits_bV, row_seed
 from megappo.rollout.sglang_protocol import check_server_args, version_supported
+
+
+def mismatch_metrics(trainer_BT, rollout_BT, mask_BT):
+    """The four mismatch metrics over one rank's tokens."""
+    return mismatch_from_sums(*mismatch_sums(trainer_BT, rollout_BT, mask_BT))
 
 
 def layout(**kw) -> ParallelLayout:
@@ -41,8 +47,9 @@ def test_sampling_params_from_config():
     cfg = RolloutConfig(num_return_sequences_in_group=8, response_length=64, temperature=0.9, top_p=0.95, top_k=50, stop_token_ids=[7, 9], eval_temperature=0.0)
     train = SamplingParams.from_config(cfg, seed=3)
     assert (train.n, train.temperature, train.top_p, train.top_k, train.max_new_tokens, train.stop_token_ids, train.seed) == (8, 0.9, 0.95, 50, 64, (7, 9), 3)
-    ev = SamplingParams.from_config(cfg, evaluation=True)
-    assert ev.n == 1 and ev.greedy
+    ev = SamplingParams.from_config(cfg, evaluation=True, eos_token_ids=[2, 7])
+    assert ev.n == 1 and ev.greedy and (ev.top_p, ev.top_k) == (1.0, -1)
+    assert ev.stop_token_ids == (2, 7, 9)  # the tokenizer's EOS joins the configured stop ids
 
 
 def test_checksum_properties():

@@ -1,4 +1,4 @@
-"""The step's rollout metrics reduced over data-parallel ranks (``experience.rollout_metrics``
+"""The step's rollout metrics reduced over data-parallel ranks (``loop.rollout_metrics``
 and ``rollout.mismatch``): simulated ranks in one process, whose metrics must equal those
 of the whole batch on one rank (per-token means from global sums, max of maxima)."""
 
@@ -11,8 +11,22 @@ import pytest
 import torch
 
 from megappo.algo import explained_variance
-from megappo.experience import build_experience, pad_right, rollout_metrics
-from megappo.rollout import mismatch_metrics
+from megappo.loop.rollout_metrics import rollout_metrics
+from megappo.rollout import Sample
+from megappo.rollout.batch import RolloutBatch, RolloutStats
+from megappo.rollout.mismatch import mismatch_from_sums, mismatch_sums
+
+
+def mismatch_metrics(trainer_BT, rollout_BT, mask_BT):
+    """The four mismatch metrics over one rank's tokens."""
+    return mismatch_from_sums(*mismatch_sums(trainer_BT, rollout_BT, mask_BT))
+
+
+def pad_right(rows, width, value, dtype):
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=dtype)
+    return out
 
 
 def fake_ranks(fn, shards):
@@ -56,13 +70,12 @@ def make_rows(n, seed, max_len):
 
 
 def experience(rows, reward_seconds):
-    payload = dict(
-        prompt_ids=[r["prompt"] for r in rows], response_ids=[r["response"] for r in rows],
-        logprobs=[r["rollout"] for r in rows], truncated=[r["truncated"] for r in rows],
-        group_ids=list(range(len(rows))), texts=[""] * len(rows), scores=[r["score"] for r in rows],
-        correct=[r["score"] > 0 for r in rows], reward_errors=1, reward_timeouts=0, reward_seconds=reward_seconds,
+    samples = [[Sample(r["response"], r["rollout"], "length" if r["truncated"] else "stop")] for r in rows]
+    exp = RolloutBatch.from_samples(
+        [r["prompt"] for r in rows], samples, scores=[r["score"] for r in rows], correct=[r["score"] > 0 for r in rows],
+        prompt_texts=[""] * len(rows), response_texts=[""] * len(rows), first_group_id=0, policy_version=0,
+        stats=RolloutStats(reward_errors=1, reward_timeouts=0, reward_seconds=reward_seconds),
     )
-    exp = build_experience(payload)
     T = exp.mask_BT.shape[1]
     exp.old_logprobs_BT = pad_right([r["trainer"] for r in rows], T, 0.0, torch.float32)
     exp.values_BT = pad_right([r["values"] for r in rows], T, 0.0, torch.float32)
@@ -101,8 +114,6 @@ def test_metrics_over_ranks_equal_the_whole_batch():
 
 
 def test_a_rank_without_valid_tokens_and_constant_returns():
-    from megappo.rollout.mismatch import mismatch_from_sums, mismatch_sums
-
     def mismatch(shard, reduce):
         sums, top = mismatch_sums(*shard)
         return mismatch_from_sums(reduce(sums, "sum"), reduce(top, "max"))
@@ -125,8 +136,7 @@ def test_a_rank_without_valid_tokens_and_constant_returns():
 
 
 def test_global_tokens_single_process():
-    from megappo.run_setup import RunComponents
+    from megappo.trainer import _global_tokens
 
     exp = experience(make_rows(3, seed=2, max_len=4), reward_seconds=0.0)
-    c = RunComponents(*([None] * 14))
-    assert c.global_tokens(exp) == int(exp.batch.prompt_lens_B.sum() + exp.batch.response_lens_B.sum())
+    assert _global_tokens(exp) == int(exp.tokens.prompt_lens_B.sum() + exp.tokens.response_lens_B.sum())

@@ -16,7 +16,7 @@ Modules:
   advantages  outcome advantages (group / batch mean and std levels, LitePPO), RLOO
   kl          per-token KL estimators, exact KL, fixed / adaptive KL coefficient
   losses      loss aggregation, PPO policy loss, clipped value loss, KL loss
-  shaping     reward normalization, clipping, overlong penalty and filter
+  shaping     reward normalization, clipping, overlong penalty and filter, dynamic sampling's group filter
   registry    advantage estimators by name
 
 The advantage registry. The trainer calls one function for every algorithm:
@@ -83,6 +83,7 @@ from megappo.algo.shaping import (
     REWARD_NORMS,
     RunningMeanStd,
     clip_rewards,
+    groups_with_signal,
     normalize_rewards,
     overlong_filter,
     overlong_penalty,
@@ -122,6 +123,7 @@ __all__ = [
     "full_kl",
     "group_moments",
     "kl_loss",
+    "groups_with_signal",
     "kl_penalty",
     "make_kl_controller",
     "masked_mean",

@@ -17,7 +17,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from megappo.algo.stats import SumReducer, group_moments, moment_sums
+from megappo.algo.stats import SumReducer, group_index, group_moments, moment_sums
 
 REWARD_NORMS = ("batch", "group", "running", "none")
 RewardNorm = Literal["batch", "group", "running", "none"]
@@ -171,6 +171,19 @@ def overlong_filter(mask_BT: Tensor, truncated_B: Tensor) -> Tensor:
         raise ValueError(f"truncated must be [B] for mask {tuple(mask_BT.shape)}, got {tuple(truncated_B.shape)}")
     keep_B1 = (~truncated_B.bool())[:, None]
     return mask_BT * keep_B1.to(mask_BT.dtype)
+
+
+def groups_with_signal(scores_B: Tensor, group_ids_B: Tensor) -> Tensor:
+    """Dynamic sampling's filter (DAPO, arXiv 2503.14476, sec. 3.2, eq. 11: keep a prompt
+    only if ``0 < |{correct}| < G``), on raw scores: bool [B], True for every response of a
+    group whose scores are not all equal. A group of one response has no spread and is
+    dropped. Group-relative advantages of an all-equal group are zero, so it would add
+    nothing but noise to the batch statistics."""
+    inverse_B, num_groups = group_index(group_ids_B)
+    x_B = scores_B.detach().to(torch.float64)
+    low_G = torch.full((num_groups,), float("inf"), dtype=torch.float64).scatter_reduce(0, inverse_B, x_B, "amin")
+    high_G = torch.full((num_groups,), float("-inf"), dtype=torch.float64).scatter_reduce(0, inverse_B, x_B, "amax")
+    return (high_G > low_G)[inverse_B]
 
 
 def shape_rewards(

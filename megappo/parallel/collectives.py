@@ -18,13 +18,13 @@ keep their statistics on either.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-SumReducer = Callable[[Tensor], Tensor]
+from megappo.algo.stats import SumReducer, moment_sums, moments_from_sums
 
 
 def _mpu():
@@ -87,8 +87,6 @@ def dp_sum_reducer() -> SumReducer:
 def global_moment_sums(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """Float64 ``[count, sum, sum_of_squares]`` of the masked elements of ``x`` over all
     data-parallel ranks (``megappo.algo.moment_sums`` all-reduced)."""
-    from megappo.algo.stats import moment_sums
-
     return dp_all_reduce(moment_sums(x, mask), "sum")
 
 
@@ -96,8 +94,6 @@ def global_masked_mean_var(x: Tensor, mask: Optional[Tensor] = None, *, unbiased
     """Mean and variance (Bessel-corrected unless ``unbiased=False``) of the masked elements
     of ``x`` over the global batch; float64 0-dim tensors. Every valid element counts once
     (a per-token statistic when ``x`` is [B, T])."""
-    from megappo.algo.stats import moments_from_sums
-
     return moments_from_sums(global_moment_sums(x, mask), unbiased=unbiased)
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import random
 import socket
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -69,6 +71,27 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device != "cpu":
         raise ValueError(f"parallel.device must be one of auto, cpu, cuda; got {device!r}")
     return torch.device("cpu")
+
+
+def seed_rank(seed: int, pp_rank: int) -> None:
+    """The one seeding rule of a run, applied once by ``init_parallel``.
+
+    Python's ``random``, numpy's and torch's global generators get ``seed + 100 * pp_rank``
+    (as Megatron-LM): the CPU generator initializes the weights (``use_cpu_initialization``),
+    so pipeline stages must differ (or they would repeat each other's new layers, e.g. a
+    critic's value head) while every tensor-parallel rank and data-parallel replica of a stage
+    shares the seed, builds the same full tensors and takes its own shard of them. Megatron's
+    model-parallel RNG tracker (dropout) is seeded separately by
+    ``model_parallel_cuda_manual_seed(seed)`` with its own per-TP-rank offsets.
+
+    Nothing after start-up draws from these global generators on purpose: rollout sampling
+    seeds are a function of (seed, step, round, replica) (``megappo.loop.rollout_side``) and
+    the prompt order of (seed, epoch) (``megappo.data.loader``), so a resumed run samples
+    what the uninterrupted one would."""
+    value = seed + 100 * pp_rank
+    random.seed(value)
+    torch.manual_seed(value)
+    np.random.seed(value % 2**32)
 
 
 def init_parallel(
@@ -143,10 +166,7 @@ def init_parallel(
         virtual_pipeline_model_parallel_size=vpp,
         distributed_timeout_minutes=timeout_minutes,
     )
-    # As Megatron-LM: the CPU generator initializes the weights (use_cpu_initialization), so
-    # it is seeded, per pipeline stage so that stages do not repeat each other's layers;
-    # ranks of one stage get the same seed and hence the same full weights to shard.
-    torch.manual_seed(seed + 100 * mpu.get_pipeline_model_parallel_rank())
+    seed_rank(seed, mpu.get_pipeline_model_parallel_rank())
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     _LAYOUT = ParallelLayout(
         rank=dist.get_rank(),

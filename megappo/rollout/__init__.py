@@ -7,7 +7,6 @@ Public API:
   checksum_of(named_tensors), checksums_match(a, b)              weights fingerprint
   generate_in_group(engine_or_None, prompts, params, layout)      holder generates, replica receives
   sync_weights(policy_models, engine_or_None, layout, *, bucket_mb, checksum=False) -> SyncStats
-  mismatch_metrics(trainer_logprobs_BT, rollout_logprobs_BT, mask_BT) -> dict
   group.run_on_holder(work, layout), group.raise_if_any_replica_failed(...)   failures on every rank
   mismatch.mismatch_sums / mismatch_from_sums                     the metrics over data-parallel ranks
 The engine modules (``embedded``, ``sglang_engine``, ``sglang_server``) are imported on
@@ -24,7 +23,6 @@ from megappo.rollout.engine import (
     checksums_match,
 )
 from megappo.rollout.group import generate_in_group, holds_engine
-from megappo.rollout.mismatch import mismatch_metrics
 from megappo.rollout.weight_sync import SyncStats, sync_weights
 
 __all__ = [
@@ -38,6 +36,5 @@ __all__ = [
     "checksums_match",
     "generate_in_group",
     "holds_engine",
-    "mismatch_metrics",
     "sync_weights",
 ]

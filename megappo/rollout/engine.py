@@ -88,16 +88,21 @@ class SamplingParams:
         return self.temperature == 0
 
     @classmethod
-    def from_config(cls, rollout: "RolloutConfig", *, seed: Optional[int] = None, evaluation: bool = False) -> "SamplingParams":
-        """Training sampling from ``rollout`` (group size, temperature, top-p/k, response
-        length, stop ids), or with ``evaluation`` one response at ``eval_temperature``."""
+    def from_config(
+        cls, rollout: "RolloutConfig", *, eos_token_ids: Sequence[int] = (), seed: Optional[int] = None, evaluation: bool = False
+    ) -> "SamplingParams":
+        """The one builder of sampling parameters. Training: ``rollout``'s group size,
+        temperature, top-p/k, response length and stop ids. ``evaluation``: one response at
+        ``eval_temperature`` with top-p and top-k off (they shape exploration, not the
+        policy being measured). Stop ids: ``rollout.stop_token_ids`` and ``eos_token_ids``
+        (the tokenizer's EOS), so every engine stops on them whatever its own EOS list."""
         return cls(
             n=1 if evaluation else rollout.num_return_sequences_in_group,
             temperature=rollout.eval_temperature if evaluation else rollout.temperature,
-            top_p=rollout.top_p,
-            top_k=rollout.top_k,
+            top_p=1.0 if evaluation else rollout.top_p,
+            top_k=-1 if evaluation else rollout.top_k,
             max_new_tokens=rollout.response_length,
-            stop_token_ids=tuple(rollout.stop_token_ids),
+            stop_token_ids=tuple(sorted(set(rollout.stop_token_ids) | {int(t) for t in eos_token_ids if t is not None})),
             seed=seed,
         )
 

@@ -12,7 +12,7 @@ drew), over the valid tokens of ``mask_BT`` of the whole batch (all data-paralle
 Every mean is a per-token mean over the global batch: ``mismatch_sums`` gives this rank's
 float64 ``[tokens, sum |d|, sum -d, sum k3]`` (all-reduce with SUM) and ``[max |d|]``
 (all-reduce with MAX); ``mismatch_from_sums`` turns the reduced pair into the metrics.
-``mismatch_metrics`` is the same on one rank's tokens. 0 when no token is valid. Right
+0 when no token is valid. Right
 after a weight sync all four are ~0 (the engine holds the trainer's weights).
 """
 
@@ -29,7 +29,7 @@ def mismatch_sums(trainer_logprobs_BT: Tensor, rollout_logprobs_BT: Tensor, mask
     no token is valid: |d| >= 0, so 0 is neutral for the MAX reduction)."""
     if trainer_logprobs_BT.shape != rollout_logprobs_BT.shape or trainer_logprobs_BT.shape != mask_BT.shape:
         raise ValueError(
-            f"mismatch_metrics: shapes differ: trainer {tuple(trainer_logprobs_BT.shape)}, "
+            f"mismatch_sums: shapes differ: trainer {tuple(trainer_logprobs_BT.shape)}, "
             f"rollout {tuple(rollout_logprobs_BT.shape)}, mask {tuple(mask_BT.shape)}"
         )
     valid_BT = mask_BT.bool()
@@ -51,8 +51,3 @@ def mismatch_from_sums(sums: Tensor, top: Tensor) -> dict[str, float]:
         "rollout/kl_k1": k1_sum / tokens,
         "rollout/kl_k3": k3_sum / tokens,
     }
-
-
-def mismatch_metrics(trainer_logprobs_BT: Tensor, rollout_logprobs_BT: Tensor, mask_BT: Tensor) -> dict[str, float]:
-    """The four ``rollout/*`` metrics of the module docstring over this rank's tokens."""
-    return mismatch_from_sums(*mismatch_sums(trainer_logprobs_BT, rollout_logprobs_BT, mask_BT))

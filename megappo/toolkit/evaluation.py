@@ -10,40 +10,30 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
+from typing import Iterator
 
 import torch
+from transformers import AutoTokenizer
 
 from megappo.config import Config
+from megappo.data.dataset import PromptDataset
+from megappo.data.rewards import RewardFunction
+from megappo.loop.rollout_side import generate_and_score
+from megappo.rollout import SamplingParams
+from megappo.rollout.embedded import EmbeddedEngine
+from megappo.rollout.weight_sync import iter_buckets
+from megappo.weights.hf_io import HFCheckpoint
 
 
-def _hf_buckets(hf_dir: str, bucket_bytes: int = 256 << 20):
-    """The directory's tensors as ``(hf_name, tensor)`` buckets, read one tensor at a time."""
-    from megappo.weights.hf_io import HFCheckpoint
-
-    with HFCheckpoint(hf_dir) as ckpt:
-        bucket, size = [], 0
-        for name in sorted(ckpt.shapes()):
-            t = ckpt.read(name, None, 0, 0)
-            bucket.append((name, t))
-            size += t.numel() * t.element_size()
-            if size >= bucket_bytes:
-                yield bucket
-                bucket, size = [], 0
-        if bucket:
-            yield bucket
+def _hf_tensors(ckpt: HFCheckpoint) -> Iterator[tuple[str, torch.Tensor]]:
+    """The directory's tensors as ``(hf_name, tensor)``, read one tensor at a time."""
+    for name in sorted(ckpt.shapes()):
+        yield name, ckpt.read(name, None, 0, 0)
 
 
 def evaluate_hf_dir(cfg: Config, hf_dir: str, *, eval_path: str | None = None, max_samples: int | None = None) -> dict:
     """Greedy accuracy of the model in ``hf_dir`` on ``eval_path`` (default ``data.eval_path``)."""
-    from dataclasses import replace
-
-    from transformers import AutoTokenizer
-
-    from megappo.data import PromptDataset, RewardFunction
-    from megappo.experience import generate_and_score
-    from megappo.rollout import SamplingParams
-    from megappo.rollout.embedded import EmbeddedEngine
-
     path = eval_path or cfg.data.eval_path
     if path is None:
         raise ValueError("no held-out data: pass --data or set data.eval_path")
@@ -55,23 +45,23 @@ def evaluate_hf_dir(cfg: Config, hf_dir: str, *, eval_path: str | None = None, m
     eos = sorted({tokenizer.eos_token_id} | set(cfg.rollout.stop_token_ids))
     device = "cuda" if torch.cuda.is_available() and cfg.rollout.device != "cpu" else "cpu"
     engine = EmbeddedEngine(hf_config, device=device, eos_token_ids=tuple(eos))
-    engine.update_weights(_hf_buckets(hf_dir))
-    params = SamplingParams(n=1, temperature=cfg.rollout.eval_temperature, top_p=1.0, top_k=-1,
-                            max_new_tokens=cfg.rollout.response_length, stop_token_ids=eos, seed=cfg.train.seed)
+    with HFCheckpoint(hf_dir) as ckpt:
+        engine.update_weights(iter_buckets(_hf_tensors(ckpt), 256 << 20))
+    params = SamplingParams.from_config(cfg.rollout, eos_token_ids=eos, seed=cfg.train.seed, evaluation=True)
     reward_fn = RewardFunction.from_config(replace(cfg.reward))
     try:
-        payload = generate_and_score(engine, items, params, reward_fn, tokenizer, group_offset=0)
+        batch = generate_and_score(engine, items, params, reward_fn, tokenizer, first_group_id=0, policy_version=-1)
     finally:
         reward_fn.close()
         engine.shutdown()
-    n = len(payload["correct"])
+    n = len(batch)
     return {
         "hf_dir": hf_dir,
         "data": path,
         "num_samples": n,
-        "accuracy": sum(payload["correct"]) / max(n, 1),
-        "reward_mean": sum(payload["scores"]) / max(n, 1),
-        "truncated_frac": sum(payload["truncated"]) / max(n, 1),
-        "reward_errors": payload["reward_errors"],
-        "reward_timeouts": payload["reward_timeouts"],
+        "accuracy": float(batch.correct_B.sum()) / max(n, 1),
+        "reward_mean": float(batch.scores_B.sum()) / max(n, 1),
+        "truncated_frac": float(batch.truncated_B.sum()) / max(n, 1),
+        "reward_errors": batch.stats.reward_errors,
+        "reward_timeouts": batch.stats.reward_timeouts,
     }

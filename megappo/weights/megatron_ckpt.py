@@ -57,12 +57,17 @@ def sharded_model_state(models: Sequence) -> dict[str, Any]:
     return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(chunks)}
 
 
-def load_model_state(models: Sequence, state: dict[str, Any]) -> None:
-    """Copy the loaded ``sharded_model_state`` layout into the chunks (strict)."""
+def load_model_state(models: Sequence, state: dict[str, Any], *, skip_prefixes: tuple[str, ...] = ()) -> None:
+    """Copy the loaded ``sharded_model_state`` layout into the chunks: strict, except that
+    parameters under ``skip_prefixes`` (left out of the load) keep their values."""
     chunks = [unwrap(m) for m in models]
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for chunk, key in zip(chunks, keys):
-        chunk.load_state_dict(state[key], strict=True)
+        result = chunk.load_state_dict(state[key], strict=not skip_prefixes)
+        if skip_prefixes:
+            missing = [k for k in result.missing_keys if not k.startswith(skip_prefixes)]
+            if missing or result.unexpected_keys:
+                raise RuntimeError(f"checkpoint keys do not match the model: missing {missing}, unexpected {result.unexpected_keys}")
 
 
 def save_megatron_model(
@@ -120,18 +125,26 @@ def check_spec(model_spec: ModelSpec, saved: dict, *, source: str) -> None:
         raise ValueError(f"{source}: the checkpoint's architecture differs from the model's: " + "; ".join(diffs))
 
 
-def load_megatron_model(models, ckpt_dir: str | os.PathLike, *, spec_dict: dict | None = None) -> None:
+def load_megatron_model(models, ckpt_dir: str | os.PathLike, *, spec_dict: dict | None = None, trunk_only: bool = False) -> None:
     """Load a model checkpoint (any saved layout) into this rank's chunks or a policy's
     (then its optimizer's fp32 copy is refreshed too). The spec comes from
-    ``megappo_model.json`` or, for a training checkpoint's role directory, ``spec_dict``."""
+    ``megappo_model.json`` or, for a training checkpoint's role directory, ``spec_dict``.
+    ``trunk_only``: everything but the output layer (a critic's trunk from a policy
+    checkpoint: its value head keeps its initialization)."""
     from megatron.core import dist_checkpointing
 
     chunks, optimizer = model_chunks(models)
     if spec_dict is None:
         spec_dict = read_model_meta(ckpt_dir)["spec"]
     check_spec(chunks[0].megappo_spec, spec_dict, source=os.fspath(ckpt_dir))
+    skip = (_OUTPUT_LAYER,) if trunk_only else ()
+    wanted = {key: {k: v for k, v in part.items() if not k.startswith(skip)} if skip else part
+              for key, part in sharded_model_state(chunks).items()}
     with quiet_dist_checkpointing():
-        state = dist_checkpointing.load(sharded_model_state(chunks), os.fspath(ckpt_dir))
-    load_model_state(chunks, state)
+        state = dist_checkpointing.load(wanted, os.fspath(ckpt_dir))
+    load_model_state(chunks, state, skip_prefixes=skip)
     if optimizer is not None:
         optimizer.reload_model_params()
+
+
+_OUTPUT_LAYER = "output_layer."

@@ -37,7 +37,8 @@ from megappo.data.dataset import PromptItem  # noqa: E402
 from megappo.data.rewards import RewardResult  # noqa: E402
 from megappo.parallel import destroy_parallel, init_parallel  # noqa: E402
 from megappo.rollout import build_engine  # noqa: E402
-from megappo.run_setup import RunComponents  # noqa: E402
+from megappo.loop.rollout_side import RolloutSide  # noqa: E402
+from megappo.metrics import progress  # noqa: E402
 
 
 class Data:
@@ -70,7 +71,7 @@ class Tokenizer:
         return " ".join(map(str, ids))
 
 
-def components(layout, cfg) -> RunComponents:
+def components(layout, cfg, *, dynamic: bool = False, max_rounds: int = 1) -> RolloutSide:
     hf_config = tiny_hf_config("llama")
     engine = build_engine(cfg.rollout, hf_config=hf_config, hf_dir=None, layout=layout, eos_token_ids=[2])
     if engine is not None:  # any weights will do: load the engine's own (uninitialized) ones
@@ -79,11 +80,12 @@ def components(layout, cfg) -> RunComponents:
                 p.normal_(0, 0.05)
         engine.update_weights([list(engine.model.named_parameters())])
     items = [PromptItem([3, 4, 5], "1", i, "p") for i in range(4)]
-    return RunComponents(cfg, layout, None, hf_config, Tokenizer(), None, None, None, engine, Reward() if engine else None,
-                         Data(), items, None, None)
+    return RolloutSide(layout, cfg.rollout, Data(), Tokenizer(), engine, Reward() if engine else None, items,
+                       dynamic_sampling=dynamic, max_sampling_rounds=max_rounds,
+                       progress=lambda items, desc, leave=True: progress(items, desc, rank=layout.rank, leave=leave))
 
 
-def break_engine(c: RunComponents, after_calls: int = 0):
+def break_engine(c: RolloutSide, after_calls: int = 0):
     """From its ``after_calls + 1``-th ``generate`` on, the engine's model raises."""
     if c.engine is None:
         return
@@ -132,15 +134,15 @@ def main() -> None:
 
     layout = init_parallel(2, 1, device="cpu", timeout_minutes=1)
     c = components(layout, cfg)
-    exp = c.sample_experience(1, dynamic=False, max_rounds=1)
-    res["ok"] = gather({"ids": exp.batch.input_ids_BS.tolist(), "cursor": c.data.calls, "evaluate": c.evaluate()})
+    exp = c.sample(1, policy_version=0)
+    res["ok"] = gather({"ids": exp.tokens.input_ids_BS.tolist(), "cursor": c.data.calls, "evaluate": c.evaluate()})
     if c.reward_fn is not None:
         c.reward_fn.broken = True
-    res["reward"] = gather(attempt(lambda: c.sample_experience(2, dynamic=False, max_rounds=1)))
+    res["reward"] = gather(attempt(lambda: c.sample(2, policy_version=1)))
     if c.reward_fn is not None:
         c.reward_fn.broken = False
     break_engine(c)
-    res["generate"] = gather(attempt(lambda: c.sample_experience(3, dynamic=False, max_rounds=1)))
+    res["generate"] = gather(attempt(lambda: c.sample(3, policy_version=2)))
     res["evaluate"] = gather(attempt(c.evaluate))
     destroy_parallel(keep_process_group=True)
 
@@ -148,12 +150,12 @@ def main() -> None:
     c = components(layout, cfg)
     if layout.rank == 1:
         break_engine(c)
-    res["replica1"] = gather(attempt(lambda: c.sample_experience(1, dynamic=False, max_rounds=1)))
-    c = components(layout, cfg)
+    res["replica1"] = gather(attempt(lambda: c.sample(1, policy_version=0)))
+    c = components(layout, cfg, dynamic=True, max_rounds=3)
     c.reward_fn.score = lambda texts, *a: RewardResult([0.0] * len(texts), [False] * len(texts), 0, 0)  # all groups dropped
     if layout.rank == 0:
         break_engine(c, after_calls=1)  # in the second round
-    res["round2"] = gather(attempt(lambda: c.sample_experience(1, dynamic=True, max_rounds=3)))
+    res["round2"] = gather(attempt(lambda: c.sample(1, policy_version=0)))
     res["round2_cursor"] = gather(c.data.calls)
 
     if dist.get_rank() == 0:

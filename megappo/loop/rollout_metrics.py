@@ -1,0 +1,69 @@
+"""A step's rollout metrics over the global batch (all data-parallel ranks).
+
+Means and standard deviations come from global sums: per response for rewards and lengths,
+per valid token for the engine-vs-trainer mismatch (``megappo.rollout.mismatch``) and the
+critic's explained variance; maxima are maxima over ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from megappo.algo import moment_sums, moments_from_sums
+from megappo.rollout.batch import RolloutBatch
+from megappo.rollout.mismatch import mismatch_from_sums, mismatch_sums
+
+Reduce = Callable[[torch.Tensor, str], torch.Tensor]
+"""``reduce(x, op)``: all-reduce a float64 vector over the data-parallel ranks (``op`` "sum" or "max")."""
+
+
+def rollout_metrics(batch: RolloutBatch, *, reduce: Reduce, dynamic_sampling: bool) -> dict[str, float]:
+    """The step's rollout metrics over the global batch. ``reduce(x, op)`` all-reduces a
+    float64 vector over the data-parallel ranks (``op`` "sum" or "max"); it is called twice.
+    Means and standard deviations come from global sums: per response for rewards and
+    lengths, per valid token for the mismatch metrics (``megappo.rollout.mismatch``) and
+    the critic's explained variance (1 - Var(R - V) / Var(R), Bessel-corrected, NaN when
+    the returns do not vary); maxima are maxima over ranks."""
+    f64 = torch.float64
+    lens_B = batch.tokens.response_lens_B.to(f64)
+    mm_sums, mm_max = mismatch_sums(batch.old_logprobs_BT, batch.rollout_logprobs_BT, batch.mask_BT.float())
+    parts = {
+        "scores": moment_sums(batch.scores_B),
+        "lens": moment_sums(lens_B),
+        "counts": torch.tensor([batch.correct_B.sum().item(), batch.truncated_B.sum().item(), batch.stats.reward_errors, batch.stats.reward_timeouts], dtype=f64),
+        "mismatch": mm_sums,
+    }
+    critic = batch.values_BT is not None and batch.returns_BT is not None
+    if critic:
+        mask_BT, returns_BT = batch.mask_BT.to("cpu", f64), batch.returns_BT.to("cpu", f64)
+        parts["returns"] = moment_sums(returns_BT, mask_BT)
+        parts["residuals"] = moment_sums(returns_BT - batch.values_BT.to("cpu", f64), mask_BT)
+    flat = reduce(torch.cat(list(parts.values())), "sum")
+    sums = dict(zip(parts, flat.split([len(v) for v in parts.values()])))
+    len_max = lens_B.max().reshape(1) if len(lens_B) else torch.zeros(1, dtype=f64)
+    maxima = reduce(torch.cat([len_max, torch.tensor([batch.stats.reward_seconds], dtype=f64), mm_max]), "max")
+
+    score_mean, score_var = moments_from_sums(sums["scores"])
+    num, lens = sums["scores"][0].item(), sums["lens"]
+    correct, truncated, reward_errors, reward_timeouts = sums["counts"].tolist()
+    out = {
+        "reward/mean": float(score_mean),
+        "reward/std": float(score_var.clamp(min=0).sqrt()),
+        "reward/accuracy": correct / num,
+        "reward/errors": reward_errors,
+        "reward/timeouts": reward_timeouts,
+        "response_length/mean": float(lens[1] / lens[0]),
+        "response_length/max": float(maxima[0]),
+        "response_length/truncated_frac": truncated / num,
+        "time/reward": float(maxima[1]),
+    }
+    if dynamic_sampling:
+        out["rollout/sampling_rounds"] = float(batch.stats.sampling_rounds)
+    if critic:
+        _, var_r = moments_from_sums(sums["returns"])
+        _, var_e = moments_from_sums(sums["residuals"])
+        out["critic/explained_variance"] = float(1.0 - var_e / var_r) if var_r > 0 else float("nan")
+    out.update(mismatch_from_sums(sums["mismatch"], maxima[2:]))
+    return out

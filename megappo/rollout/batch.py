@@ -1,0 +1,190 @@
+"""``RolloutBatch``: one step's samples as typed tensors, from the engine to the losses.
+
+Shape legend: B = responses of this data-parallel rank (prompts x group size),
+S = prompt + response positions, T = response positions (the longest response of the batch).
+
+The rollout side builds it from the engine's ``Sample`` lists and the reward scores
+(``from_samples``); the step then fills in the model passes (old / reference log-probs,
+values) and the objective the advantages, returns and loss mask. Every rank of a replica
+holds the same batch (the engine holder builds it and ``run_on_holder`` broadcasts it:
+it is a picklable dataclass of CPU tensors, no string-keyed payload).
+
+``policy_version_B``: the policy version each response was sampled under, i.e. the number
+of actor updates the engine's weights had seen (the synchronous loop samples step k with
+version k - 1, so its staleness is always 0; off-policy modes record their lag here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from megappo.models.batch import TokenBatch
+from megappo.rollout.engine import Sample
+
+
+@dataclass(frozen=True)
+class RolloutStats:
+    """Counters of the rollout that produced a batch (this replica's)."""
+
+    reward_errors: int = 0
+    """Responses whose reward function raised (scored 0)."""
+    reward_timeouts: int = 0
+    """Responses whose reward function timed out (scored 0)."""
+    reward_seconds: float = 0.0
+    """Wall time spent scoring."""
+    sampling_rounds: int = 1
+    """Generation rounds (dynamic sampling may need more than one)."""
+
+    def __add__(self, other: "RolloutStats") -> "RolloutStats":
+        return RolloutStats(
+            self.reward_errors + other.reward_errors,
+            self.reward_timeouts + other.reward_timeouts,
+            self.reward_seconds + other.reward_seconds,
+            self.sampling_rounds + other.sampling_rounds,
+        )
+
+
+_PER_ROW = ("rollout_logprobs_BT", "scores_B", "correct_B", "truncated_B", "group_ids_B", "policy_version_B",
+            "old_logprobs_BT", "ref_logprobs_BT", "values_BT", "advantages_BT", "returns_BT", "loss_mask_BT")
+
+
+@dataclass
+class RolloutBatch:
+    """What the RL step learns from, for this rank's share of the global batch."""
+
+    tokens: TokenBatch
+    """Prompt + response token ids, right-padded, with each row's prompt and response length."""
+    rollout_logprobs_BT: Tensor
+    """float32: the engine's log-prob of each response token (temperature-scaled; 0 on padding)."""
+    scores_B: Tensor
+    """float32: the reward of each response."""
+    correct_B: Tensor
+    """bool: the reward function judged the response correct."""
+    truncated_B: Tensor
+    """bool: the response hit the length limit (no stop token)."""
+    group_ids_B: Tensor
+    """int64: responses to the same prompt share an id (unique over data-parallel ranks)."""
+    policy_version_B: Tensor
+    """int64: the policy version each response was sampled under (see the module doc)."""
+    prompt_texts: list[str] = field(default_factory=list)
+    """The rendered prompt of each response."""
+    response_texts: list[str] = field(default_factory=list)
+    """Each response decoded without special tokens (what the reward function saw)."""
+    stats: RolloutStats = field(default_factory=RolloutStats)
+    # Filled in by the step (model passes, then the objective):
+    old_logprobs_BT: Optional[Tensor] = None
+    ref_logprobs_BT: Optional[Tensor] = None
+    values_BT: Optional[Tensor] = None
+    advantages_BT: Optional[Tensor] = None
+    returns_BT: Optional[Tensor] = None
+    loss_mask_BT: Optional[Tensor] = None
+
+    @property
+    def mask_BT(self) -> Tensor:
+        """float32: 1 on response tokens."""
+        return self.tokens.response_mask_BT
+
+    def __len__(self) -> int:
+        return self.scores_B.shape[0]
+
+    @classmethod
+    def from_samples(
+        cls,
+        prompt_ids: Sequence[Sequence[int]],
+        samples: Sequence[Sequence[Sample]],
+        *,
+        scores: Sequence[float],
+        correct: Sequence[bool],
+        prompt_texts: Sequence[str],
+        response_texts: Sequence[str],
+        first_group_id: int,
+        policy_version: int,
+        stats: RolloutStats,
+    ) -> "RolloutBatch":
+        """Responses in prompt order (``samples[i]`` are prompt ``i``'s); ``scores``,
+        ``correct`` and ``response_texts`` per response, ``prompt_texts`` per prompt."""
+        prompts, responses, logprobs, truncated, groups = [], [], [], [], []
+        for i, (prompt, group) in enumerate(zip(prompt_ids, samples)):
+            for sample in group:
+                prompts.append(list(prompt))
+                responses.append(list(sample.token_ids))
+                logprobs.append(list(sample.logprobs))
+                truncated.append(sample.finish_reason == "length")
+                groups.append(first_group_id + i)
+        per_prompt = [len(g) for g in samples]
+        texts = [t for t, k in zip(prompt_texts, per_prompt) for _ in range(k)]
+        B = len(responses)
+        assert len(scores) == len(correct) == len(response_texts) == B, (len(scores), len(correct), len(response_texts), B)
+        seqs = [p + r for p, r in zip(prompts, responses)]
+        return cls(
+            tokens=TokenBatch(
+                input_ids_BS=_pad_right(seqs, max((len(s) for s in seqs), default=1), 0, torch.long),
+                prompt_lens_B=torch.tensor([len(p) for p in prompts], dtype=torch.long),
+                response_lens_B=torch.tensor([len(r) for r in responses], dtype=torch.long),
+            ),
+            rollout_logprobs_BT=_pad_right(logprobs, max(1, max((len(r) for r in responses), default=1)), 0.0, torch.float32),
+            scores_B=torch.tensor(list(scores), dtype=torch.float32),
+            correct_B=torch.tensor([bool(c) for c in correct], dtype=torch.bool),
+            truncated_B=torch.tensor(truncated, dtype=torch.bool),
+            group_ids_B=torch.tensor(groups, dtype=torch.long),
+            policy_version_B=torch.full((B,), policy_version, dtype=torch.long),
+            prompt_texts=texts,
+            response_texts=list(response_texts),
+            stats=stats,
+        )
+
+    def select(self, rows: Tensor) -> "RolloutBatch":
+        """The rows ``rows`` (int64 indices) of every per-response field (a mini-batch)."""
+        picked = {name: None if getattr(self, name) is None else getattr(self, name)[rows] for name in _PER_ROW}
+        index = rows.tolist()
+        return replace(
+            self,
+            tokens=self.tokens.select(rows),
+            prompt_texts=[self.prompt_texts[i] for i in index] if self.prompt_texts else [],
+            response_texts=[self.response_texts[i] for i in index] if self.response_texts else [],
+            **picked,
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence["RolloutBatch"], *, stats: RolloutStats) -> "RolloutBatch":
+        """The rows of ``parts`` one after another (as sampled: nothing filled in yet), with
+        ``stats`` for the whole; the widths become the longest sequence S and the longest
+        response T (at least 1) of the rows, as ``from_samples`` makes them."""
+        assert parts, "concat needs at least one batch"
+        assert all(p.old_logprobs_BT is None and p.advantages_BT is None for p in parts), "concat before the step fills a batch"
+        prompt_lens_B = torch.cat([p.tokens.prompt_lens_B for p in parts])
+        response_lens_B = torch.cat([p.tokens.response_lens_B for p in parts])
+        S = int((prompt_lens_B + response_lens_B).max()) if len(prompt_lens_B) else 1
+        T = max(1, int(response_lens_B.max()) if len(response_lens_B) else 1)
+        return cls(
+            tokens=TokenBatch(torch.cat([_fit(p.tokens.input_ids_BS, S) for p in parts]), prompt_lens_B, response_lens_B),
+            rollout_logprobs_BT=torch.cat([_fit(p.rollout_logprobs_BT, T) for p in parts]),
+            scores_B=torch.cat([p.scores_B for p in parts]),
+            correct_B=torch.cat([p.correct_B for p in parts]),
+            truncated_B=torch.cat([p.truncated_B for p in parts]),
+            group_ids_B=torch.cat([p.group_ids_B for p in parts]),
+            policy_version_B=torch.cat([p.policy_version_B for p in parts]),
+            prompt_texts=[t for p in parts for t in p.prompt_texts],
+            response_texts=[t for p in parts for t in p.response_texts],
+            stats=stats,
+        )
+
+    def first_rows(self, k: int) -> "RolloutBatch":
+        return self if k >= len(self) else self.select(torch.arange(k))
+
+
+def _pad_right(rows: Sequence[Sequence], width: int, value, dtype) -> Tensor:
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for i, row in enumerate(rows):
+        if row:
+            out[i, : len(row)] = torch.tensor(list(row), dtype=dtype)
+    return out
+
+
+def _fit(x: Tensor, width: int) -> Tensor:
+    """Cut or right-pad (zeros) the last dimension to ``width``."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[1])) if x.shape[1] < width else x[:, :width]
