@@ -23,6 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+from megappo.metrics import plot_metrics
+from megappo.toolkit.char_tokenizer import build_char_tokenizer
+from megappo.toolkit.toy import make_toy_dataset, toy_problems, toy_sft_pairs
+
 DEMO_KIND = "add20"
 ALPHABET = "0123456789+-="
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "toy_liteppo_cpu.yaml"
@@ -83,8 +87,6 @@ def warm_up(model, tokenizer, pairs: list[tuple[str, str]], *, steps: int, batch
 
 def prepare(out: Path, *, seed: int, sft_steps: int) -> dict[str, str]:
     """Tokenizer, data and warmed-up model under ``out``; returns their paths."""
-    from megappo.toolkit.char_tokenizer import build_char_tokenizer
-    from megappo.toolkit.toy import make_toy_dataset, toy_problems, toy_sft_pairs
 
     out.mkdir(parents=True, exist_ok=True)
     model_dir = out / "model"
@@ -118,7 +120,6 @@ def train(paths: dict[str, str], run_dir: Path, *, steps: int | None, extra: lis
 
 
 def summarize(run_dir: Path) -> dict[str, float]:
-    from megappo.metrics import plot_metrics
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]

@@ -28,8 +28,19 @@ import time
 import torch
 
 from megappo.algo.bradley_terry import bradley_terry_loss
+from megappo.checkpoint import CheckpointManager
+from megappo.config import config_to_dict
+from megappo.data.dataset import load_tokenizer, tokenizer_source
 from megappo.data.preferences import PreferenceFields, PreferencePair, load_preference_pairs
+from megappo.metrics import MetricsLogger, progress
+from megappo.models.factory import build_options, optimizer_settings
 from megappo.models.reward_model import PairBatch, RewardModel, SequenceBatch
+from megappo.models.spec import ModelSpec
+from megappo.parallel.collectives import dp_all_reduce
+from megappo.parallel.state import init_parallel
+from megappo.weights.base import table_for
+from megappo.weights.export import save_hf
+from megappo.weights.reward import load_backbone_from_causal_lm, load_hf_into_reward_model, reward_spec
 
 log = logging.getLogger("megappo")
 
@@ -89,8 +100,6 @@ def reward_hf_config(hf_config: dict, tokenizer) -> dict:
     """``hf_config`` (a causal LM's or a reward model's) as a one-label reward model's
     config: the family's ``*ForSequenceClassification`` architecture, one label and a
     ``pad_token_id`` (transformers pools the last token that is not it)."""
-    from megappo.models.spec import ModelSpec
-    from megappo.weights.base import table_for
 
     spec = ModelSpec.from_hf_config(hf_config)
     cfg = {k: v for k, v in hf_config.items() if k not in ("num_labels", "label2id", "id2label")}
@@ -138,7 +147,6 @@ def evaluate(rm: RewardModel, pairs: list[PreferencePair], layout, pad_id: int) 
     (each DP rank scores its share; the sums are all-reduced)."""
     import torch.nn.functional as F
 
-    from megappo.parallel.collectives import dp_all_reduce
 
     mine = torch.arange(len(pairs)).tensor_split(layout.dp)[layout.dp_rank].tolist()
     sums = torch.zeros(4, dtype=torch.float64)
@@ -154,9 +162,6 @@ def build_reward_model(cfg, layout, tokenizer) -> tuple[RewardModel, dict]:
     """The trainable reward model loaded from ``model.hf_path``, and its export config."""
     import json
 
-    from megappo.models.factory import build_options, optimizer_settings
-    from megappo.models.spec import ModelSpec
-    from megappo.weights.reward import load_hf_into_reward_model, reward_spec
 
     path, rt = cfg.model.hf_path, cfg.reward_train
     from_rm = is_reward_model_dir(path)
@@ -168,7 +173,6 @@ def build_reward_model(cfg, layout, tokenizer) -> tuple[RewardModel, dict]:
     if from_rm:
         load_hf_into_reward_model(rm.models, path)
     else:
-        from megappo.weights.reward import load_backbone_from_causal_lm
 
         load_backbone_from_causal_lm(rm.models, path)
     rm.optimizer.reload_model_params()
@@ -182,12 +186,6 @@ def total_steps(cfg, num_pairs: int) -> int:
 
 def run(cfg) -> int:
     """Train a reward model as ``cfg`` says (every rank calls it); returns 0."""
-    from megappo.checkpoint import CheckpointManager
-    from megappo.config import config_to_dict
-    from megappo.data.dataset import load_tokenizer
-    from megappo.metrics import MetricsLogger, progress
-    from megappo.parallel.state import init_parallel
-    from megappo.weights.export import save_hf
 
     rt, p = cfg.reward_train, cfg.parallel
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -242,7 +240,6 @@ def run(cfg) -> int:
         bar.close()
         metrics.close()
     if cfg.checkpoint.save_hf_at_end:
-        from megappo.data.dataset import tokenizer_source
 
         save_hf(rm.models, os.path.join(cfg.train.run_dir, "hf"), hf_config=export_config,
                 tokenizer_dir=tokenizer_source(cfg.data, cfg.model.hf_path)[0])

@@ -115,7 +115,7 @@ def _layout_comment(cfg: Config, world_size: Optional[int]) -> str:
 def check_reward(cfg: Config) -> None:
     """``reward.fn`` names a registered reward or an importable ``module:function`` (the
     registry is in ``megappo.data``, above the config layer, so the entry point asks it)."""
-    from megappo.data.rewards import resolve_reward  # torch-free: reward workers import it too
+    from megappo.data.rewards import resolve_reward  # deferred: keeps the dry run light (the module is torch-free)
 
     try:
         resolve_reward(cfg.reward.fn)
@@ -180,7 +180,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 sys.stdout.flush()
             return 0
         _configure_logging(cfg.logging.level)
-        from megappo.trainer import run  # imports torch and Megatron: only for real runs
+        from megappo.trainer import run  # deferred: torch and Megatron, only for real runs (not --dry-run)
 
         try:
             return int(run(cfg) or 0)  # the trainer's status (e.g. its preemption code)

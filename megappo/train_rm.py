@@ -53,7 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # The typed tree, strictly checked (unknown keys, types); not the RL trainer's
         # validation, whose rollout and length rules do not apply here.
         cfg = build(resolve_tree(args.config, args.overrides))
-        from megappo.rm_trainer import check_reward_train
+        from megappo.rm_trainer import check_reward_train  # deferred: keeps the CLI's start light
 
         check_reward_train(cfg, world, files=not args.dry_run)
     except (ConfigError, FileNotFoundError, ValueError) as err:
@@ -64,7 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if _is_rank0():
             sys.stdout.write(config_to_yaml(cfg))
         return 0
-    from megappo.rm_trainer import run  # imports torch and Megatron: only for real runs
+    from megappo.rm_trainer import run  # deferred: torch and Megatron, only for real runs (not --dry-run)
 
     try:
         return int(run(cfg) or 0)

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -23,8 +24,10 @@ from megappo.loop.build import Run, build_run
 from megappo.loop.rollout_metrics import rollout_metrics
 from megappo.metrics import Timer
 from megappo.models import MegatronPolicy
+from megappo.models.loss_check import check_loss_scaling
 from megappo.parallel.collectives import all_reduce, dp_all_reduce
 from megappo.rollout.batch import RolloutBatch
+from megappo.rollout.reward_model import combine_rewards
 from megappo.weights import save_hf
 
 log = logging.getLogger("megappo")
@@ -45,6 +48,8 @@ class Trainer:
         self.run: Run = build_run(cfg)
         self.policies, self.rollout, self.objective, self.state = (
             self.run.policies, self.run.rollout, self.run.objective, self.run.state)
+        for policy in self.policies.trained().values():
+            check_loss_scaling(policy)  # our loss scaling is Megatron's, on this megatron-core (raises if not)
         self.step_num = self.resume()
         self.sync_weights()
 
@@ -90,9 +95,17 @@ class Trainer:
 
     def step(self, step: int) -> dict[str, float]:
         p, start, times = self.policies, time.perf_counter(), {}
-        with Timer("time/rollout", times):
+        with Timer("time/rollout", times), (self.run.offload.offloaded() if self.run.offload else nullcontext()):
             batch = self.rollout.sample(step, policy_version=step - 1)
             self.rollout.release_memory()  # colocated SGLang gives the GPUs back for training
+        if self.run.metrics.wants_samples(step):
+            self.run.metrics.log_samples(step, batch.prompt_texts, batch.response_texts, batch.scores_B.tolist())
+        rm_metrics = {}
+        if p.reward_model is not None:
+            with Timer("time/reward_model", times):
+                rm = self.cfg.reward.model
+                batch.scores_B, rm_metrics = combine_rewards(batch.scores_B, p.reward_model.score(batch.tokens, batch.truncated_B),
+                                                             weight=rm.weight, rule_weight=rm.rule_weight)
         with Timer("time/logprobs", times):
             self.score_with_models(batch)
         metrics = self.objective.compute_advantages(batch)
@@ -105,6 +118,7 @@ class Trainer:
         with Timer("time/sync", times):
             metrics |= self.sync_weights()
         metrics |= rollout_metrics(batch, reduce=dp_all_reduce, dynamic_sampling=self.cfg.algo.dynamic_sampling)
+        metrics |= rm_metrics
         metrics |= times
         metrics["time/step"] = seconds = time.perf_counter() - start
         metrics["perf/tokens_per_s"] = _global_tokens(batch) / max(seconds, 1e-9)
@@ -134,12 +148,17 @@ class Trainer:
         ``ref``: the model ``train_step`` computes the exact per-token KL against (``kl_BT``
         in the loss function's outputs), or None."""
         per_step: list[dict[str, float]] = []
-        for _ in range(self.cfg.algo.ppo_epochs):
-            for rows in self.minibatches(len(batch)):
-                mini = batch.select(rows)
-                den = self.objective.denominators(mini)
-                out = policy.train_step(mini.tokens, make_loss_fn(mini, den), temperature=self.cfg.rollout.temperature, ref=ref)
-                per_step.append({k: float(v) for k, v in out.items()})
+        minibatches = self.minibatches(len(batch))
+        entropy_grad = self.cfg.algo.entropy_coef != 0  # else entropy is a metric only: no [tokens x vocab] graph
+        with self.rollout.progress(self.cfg.algo.ppo_epochs * len(minibatches), f"train {role}", leave=False) as bar:
+            for _ in range(self.cfg.algo.ppo_epochs):
+                for rows in minibatches:
+                    mini = batch.select(rows)
+                    den = self.objective.denominators(mini)
+                    out = policy.train_step(mini.tokens, make_loss_fn(mini, den), temperature=self.cfg.rollout.temperature, ref=ref,
+                                            entropy_grad=entropy_grad)
+                    per_step.append({k: float(v) for k, v in out.items()})
+                    bar.update(1)
         # train_step already reduced over micro-batches and data-parallel ranks; over the
         # optimizer steps of this RL step: min of *_min, max of *_max, mean of the rest.
         merged = {}

@@ -18,6 +18,7 @@ from megappo import algo
 from megappo.config import load_config
 from megappo.rollout.batch import RolloutBatch
 from megappo.models.batch import TokenBatch
+from megappo.metrics import progress
 from megappo.objective import Objective
 from megappo.trainer import Trainer
 
@@ -200,7 +201,7 @@ def test_trainer_update_passes_the_reference_to_the_actor_step() -> None:
     seen = []
 
     class FakePolicy:
-        def train_step(self, batch, loss_fn, *, temperature, ref=None):
+        def train_step(self, batch, loss_fn, *, temperature, ref=None, entropy_grad=True):
             seen.append(ref)
             return {"loss": 0.0}
 
@@ -209,6 +210,7 @@ def test_trainer_update_passes_the_reference_to_the_actor_step() -> None:
     trainer.cfg = cfg
     trainer.objective = Objective(cfg, reduce_sums=identity)
     trainer.run = SimpleNamespace(layout=SimpleNamespace(dp=1))
+    trainer.rollout = SimpleNamespace(progress=lambda total, desc, leave=True: progress(total, desc, enabled=False))
     exp = experience([1.0, 0.0], [2, 1])
     trainer.objective.compute_advantages(exp)
     reference = object()

@@ -29,6 +29,7 @@ from megappo.config.errors import ConfigError
 from megappo.config.passthrough import renamed_key_error
 from megappo.config.presets import preset_tree
 from megappo.config.schema import Config
+from megappo.config.validate import validate
 from megappo.config.yaml_io import StrictLoader, dump_yaml, parse_yaml, read_yaml_file
 
 
@@ -176,7 +177,6 @@ def load_config(
     """Load a recipe (or only defaults when ``path`` is None), apply ``section.key=value``
     overrides, expand the preset, and validate (parallel layout against ``world_size`` when
     given). Raises `ConfigError` (a ``ValueError``) naming the problem."""
-    from megappo.config.validate import validate
 
     cfg = build(resolve_tree(path, overrides))
     validate(cfg, world_size=world_size)

@@ -14,21 +14,22 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from transformers import AutoTokenizer
-
 from megappo.checkpoint import CheckpointManager
 from megappo.config import Config, config_to_dict, config_to_yaml, uses_critic
-from megappo.data.dataset import PromptDataset
+from megappo.config.model_files import check_tokenizer_fits
+from megappo.data.dataset import PromptDataset, load_tokenizer
 from megappo.data.loader import PromptLoader
 from megappo.data.rewards import RewardFunction
 from megappo.loop.rollout_side import RolloutSide
 from megappo.loop.state import TrainState, tokenizer_fingerprint
 from megappo.metrics import MetricsLogger, progress
-from megappo.models import MegatronPolicy, ModelSpec, build_policy
+from megappo.models import MegatronPolicy, ModelSpec, build_options, build_policy
+from megappo.models.offload import TrainerOffload
 from megappo.objective import Objective
 from megappo.parallel.collectives import dp_sum_reducer
 from megappo.parallel.state import ParallelLayout, init_parallel
 from megappo.rollout import build_engine, holds_engine
+from megappo.rollout.reward_model import LoopRewardModel
 from megappo.weights import load_hf_into_model, load_megatron_model
 
 log = logging.getLogger("megappo")
@@ -43,6 +44,8 @@ class Policies:
     """The value model (PPO with GAE); None for the critic-free presets."""
     reference: Optional[MegatronPolicy]
     """The frozen initial policy (for a KL term); None when no KL is used."""
+    reward_model: Optional[LoopRewardModel] = None
+    """The frozen reward model (``reward.model``); None when rewards are rule-based only."""
 
     def trained(self) -> dict[str, MegatronPolicy]:
         """The policies with optimizers, by checkpoint role."""
@@ -59,6 +62,9 @@ class Run:
     objective: Objective
     state: TrainState
     metrics: MetricsLogger
+    offload: Optional[TrainerOffload]
+    """Moves the policies' parameters, gradient buffers and optimizer state to host memory
+    around rollout (``train.offload``); None when off."""
 
     def close(self) -> None:
         self.rollout.close()
@@ -77,8 +83,13 @@ def build_run(cfg: Config) -> Run:
     spec = ModelSpec.from_hf_dir(cfg.model.hf_path)
     with open(os.path.join(cfg.model.hf_path, "config.json")) as f:
         hf_config = json.load(f)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer_path or cfg.model.hf_path)
+    tokenizer = load_tokenizer(cfg.data, cfg.model.hf_path)
+    check_tokenizer_fits(len(tokenizer), spec.vocab_size, f"tokenizer of {cfg.data.tokenizer_path or cfg.model.hf_path}",
+                         f"model.hf_path={cfg.model.hf_path}")
     policies = build_policies(cfg, spec, layout)
+    if cfg.reward.model.hf_path is not None:
+        policies.reward_model = LoopRewardModel(cfg.reward.model, layout, tokenizer, opts=build_options(cfg, layout),
+                                                max_tokens_per_microbatch=cfg.train.max_tokens_per_microbatch)
     objective = Objective(cfg, reduce_sums=dp_sum_reducer())
     rollout = build_rollout_side(cfg, layout, hf_config, tokenizer)
     state = TrainState(
@@ -90,13 +101,14 @@ def build_run(cfg: Config) -> Run:
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         config_dict=config_to_dict(cfg),
     )
-    metrics = MetricsLogger(cfg.train.run_dir, tensorboard=cfg.logging.tensorboard, console_every=cfg.logging.console_every,
-                            rank=layout.rank)
+    metrics = MetricsLogger.from_config(cfg.logging, cfg.train.run_dir, rank=layout.rank, total_steps=cfg.train.steps,
+                                        run_config=config_to_dict(cfg))
+    offload = TrainerOffload([policies.actor, policies.critic, policies.reference]) if cfg.train.offload else None
     if layout.rank == 0:
         os.makedirs(cfg.train.run_dir, exist_ok=True)
         with open(os.path.join(cfg.train.run_dir, "config.yaml"), "w") as f:
             f.write(config_to_yaml(cfg))
-    return Run(cfg, layout, hf_config, policies, rollout, objective, state, metrics)
+    return Run(cfg, layout, hf_config, policies, rollout, objective, state, metrics, offload)
 
 
 def build_policies(cfg: Config, spec: ModelSpec, layout: ParallelLayout) -> Policies:

@@ -39,7 +39,10 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from megappo.models.batch import TokenBatch
+from megappo.models.batch import TokenBatch, microbatch_rows
+from megappo.models.model_inputs import model_inputs
+from megappo.models.policy import _MicroBatch, _Pass
+from megappo.parallel.collectives import all_reduce
 
 if TYPE_CHECKING:
     from megappo.models.policy import MegatronPolicy
@@ -120,7 +123,6 @@ def check_loss_scaling(policy: "MegatronPolicy", *, tolerance: Optional[float] =
 
 
 def _run(policy: "MegatronPolicy", layout, tol: float) -> LossScalingReport:
-    from megappo.models.batch import microbatch_rows
 
     pp = layout.pp
     first = max(pp, 1)
@@ -193,8 +195,6 @@ def _flat_main_grads(policy: "MegatronPolicy", params: list) -> torch.Tensor:
 def _autograd_grads(policy: "MegatronPolicy", batch: TokenBatch, w_BT: torch.Tensor, denom: float, key: str) -> torch.Tensor:
     """The local gradient by plain autograd on the unwrapped model: one micro-batch, no
     schedule, no DDP (``torch.autograd.grad`` leaves ``main_grad`` untouched)."""
-    from megappo.models.model_inputs import model_inputs
-    from megappo.models.policy import _MicroBatch, _Pass
 
     model = policy.models[0]
     params = _local_to_tp_rank(policy)
@@ -214,6 +214,5 @@ def _max_over_world(x: float) -> float:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from megappo.parallel.collectives import all_reduce
 
     return float(all_reduce(torch.tensor([x], dtype=torch.float64), "max", dist.group.WORLD).item())

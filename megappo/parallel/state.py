@@ -130,7 +130,7 @@ def init_parallel(
             "parallel.device=cuda (or auto)"
         )
     if dev.type == "cpu":
-        from megappo.parallel import cpu_patches
+        from megappo.parallel import cpu_patches  # deferred: megatron-core's CPU patches, only on CPU
 
         cpu_patches.apply()
         # Two cores shared by every rank: more intra-op threads only contend.

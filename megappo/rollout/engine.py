@@ -248,19 +248,19 @@ def build_engine(
     first ``sync_weights`` loads them, it never reads ``hf_dir``. SGLang needs ``hf_dir``
     for the architecture and tokenizer files (weights still come from the sync).
     """
-    from megappo.rollout.group import holds_engine
+    from megappo.rollout.group import holds_engine  # deferred: group.py imports this interface module
 
     if layout is not None and not holds_engine(layout):
         return None
     eos = tuple(int(t) for t in eos_token_ids)
     if rollout.engine == "embedded":
-        from megappo.rollout.embedded import EmbeddedEngine, resolve_engine_device
+        from megappo.rollout.embedded import EmbeddedEngine, resolve_engine_device  # deferred: implements this interface
 
         _warn_ignored(rollout, ("sglang", "server_urls"))
         device = resolve_engine_device(rollout.device, layout)
         return EmbeddedEngine(hf_config, device=device, eos_token_ids=eos)
     if rollout.engine == "sglang":
-        from megappo.rollout.sglang_engine import SGLangEngine
+        from megappo.rollout.sglang_engine import SGLangEngine  # deferred: SGLang, only when asked for
 
         _warn_ignored(rollout, ("server_urls",))
         if hf_dir is None:
@@ -274,7 +274,7 @@ def build_engine(
             seed=seed,
         )
     if rollout.engine == "sglang_server":
-        from megappo.rollout.sglang_server import SGLangServerEngine
+        from megappo.rollout.sglang_server import SGLangServerEngine  # deferred: SGLang's protocol, only when asked for
 
         _warn_ignored(rollout, ("sglang",))
         if not rollout.server_urls:

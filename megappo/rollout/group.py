@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence, TypeVar
 
 import torch.distributed as dist
 
+from megappo.parallel.collectives import dp_group
 from megappo.rollout.engine import RolloutEngine, RolloutEngineError, Sample, SamplingParams
 
 if TYPE_CHECKING:
@@ -95,7 +96,6 @@ def raise_if_any_replica_failed(error: Optional[BaseException], any_failed: bool
     group when ``any_failed``; a no-op otherwise."""
     if not any_failed:
         return
-    from megappo.parallel.collectives import dp_group
 
     group = dp_group()
     if group is None or dist.get_world_size(group) == 1:

@@ -37,6 +37,10 @@ import torch
 from torch import Tensor
 
 from megappo.models.batch import TokenBatch
+from megappo.models.builder import BuildOptions
+from megappo.models.reward_model import RewardModel, SequenceBatch
+from megappo.parallel.collectives import global_masked_mean_var
+from megappo.weights.reward import load_hf_into_reward_model, reward_spec
 
 log = logging.getLogger("megappo")
 
@@ -91,9 +95,6 @@ class LoopRewardModel:
     def __init__(self, model_cfg, layout, policy_tokenizer, *, max_tokens_per_microbatch: int, opts=None):
         """``opts``: the ``BuildOptions`` of the run's models (``models.factory.build_options``:
         dtype, layer spec); default fp32 local at the layout's TP x PP."""
-        from megappo.models.builder import BuildOptions
-        from megappo.models.reward_model import RewardModel
-        from megappo.weights.reward import load_hf_into_reward_model, reward_spec
 
         if model_cfg.hf_path is None:
             raise ValueError("reward.model.hf_path is not set")
@@ -117,7 +118,6 @@ class LoopRewardModel:
 
     def score(self, tokens: TokenBatch, truncated_B: Tensor) -> Tensor:
         """float32 [B] scores of this rank's rows (collective over the model-parallel group)."""
-        from megappo.models.reward_model import SequenceBatch
 
         try:
             return self.model.score(SequenceBatch.from_lists(self.sequences(tokens, truncated_B), self.pad_id)).float().cpu()
@@ -130,7 +130,6 @@ def combine_rewards(rule_B: Optional[Tensor], model_B: Tensor, *, weight: float,
     global batch (all data-parallel ranks): ``reward/model/mean``, ``reward/model/std``
     (population std), ``reward/rule/mean`` (when a rule reward is given). A non-finite model
     score is a ``ValueError``."""
-    from megappo.parallel.collectives import global_masked_mean_var
 
     bad = (~torch.isfinite(model_B)).nonzero().flatten().tolist()
     if bad:

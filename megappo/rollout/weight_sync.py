@@ -38,8 +38,10 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megappo.parallel.collectives import all_reduce
 from megappo.rollout.engine import RolloutEngine, RolloutEngineError, combine_checksums, spot_checksum, tensor_checksum
 from megappo.rollout.group import failures_in_group, holder_rank, holds_engine, model_parallel_group
+from megappo.weights import iter_hf_tensors
 
 if TYPE_CHECKING:
     from megappo.parallel.state import ParallelLayout
@@ -154,7 +156,6 @@ def sync_weights(
 ) -> SyncStats:
     """Send the actor's weights to this replica's engine (module docstring). Every rank
     calls it with its model chunks; ``engine`` is None except on the holder."""
-    from megappo.weights import iter_hf_tensors
 
     start = time.perf_counter()
     is_holder = holds_engine(layout)
@@ -181,7 +182,6 @@ def sync_weights(
 def _raise_on_every_rank(error: Optional[BaseException], layout: "ParallelLayout") -> None:
     """The closing collective of a sync (over all ranks): when any holder failed, every
     rank raises; the holder its own error, the others a ``RolloutEngineError`` quoting all."""
-    from megappo.parallel.collectives import all_reduce
 
     if layout.world_size > 1:
         failed = all_reduce(torch.tensor([0.0 if error is None else 1.0]), "max", dist.group.WORLD)

@@ -25,6 +25,14 @@ from typing import Optional, Sequence
 
 import torch
 
+from megappo.config.schema import RolloutConfig
+from megappo.models import BuildOptions, MegatronPolicy, ModelSpec, TokenBatch
+from megappo.parallel.state import init_parallel
+from megappo.rollout import RolloutEngineError, SamplingParams, build_engine, checksums_match, generate_in_group, sync_weights
+from megappo.toolkit.convert import resolve_model_source
+from megappo.weights.megatron_ckpt import load_megatron_model
+from megappo.weights.model_io import load_hf_into_model
+
 
 def fixed_sequences(vocab_size: int, num: int, length: int, seed: int) -> torch.Tensor:
     """[N, S] token ids drawn uniformly with a fixed seed."""
@@ -72,16 +80,11 @@ def compare_logprobs(
     (``rollout.engine`` names; None skips it)."""
     import torch.distributed as dist
 
-    from megappo.models import BuildOptions, MegatronPolicy, ModelSpec, TokenBatch
-    from megappo.parallel.state import init_parallel
-    from megappo.weights.megatron_ckpt import load_megatron_model
-    from megappo.weights.model_io import load_hf_into_model
 
     layout = init_parallel(tp, pp)
     spec = ModelSpec.from_hf_dir(hf_dir)
     policy = MegatronPolicy(spec, "reference", BuildOptions(tp=tp, pp=pp))
     if ckpt is not None:
-        from megappo.toolkit.convert import resolve_model_source
 
         src = resolve_model_source(ckpt, hf_config_dir=hf_dir)
         load_megatron_model(policy.models, src.dist_dir, spec_dict=src.spec_dict)
@@ -113,7 +116,6 @@ def compare_logprobs(
 
 def checksum_row(eng, trainer_checksum: float) -> dict:
     """The ``weights_checksum`` comparison of an engine just synced (module docstring)."""
-    from megappo.rollout import RolloutEngineError, checksums_match
 
     scope = eng.checksum_scope()
     row = {"compare": "weights_checksum", "trainer": trainer_checksum, "engine": None, "match": None,
@@ -128,14 +130,7 @@ def checksum_row(eng, trainer_checksum: float) -> dict:
 def engine_vs_megatron(policy, hf_dir: str, prompts_NP: torch.Tensor, layout, *, engine: str, gen_tokens: int, seed: int) -> list[dict]:
     """Sync the actor into a fresh rollout engine, compare checksums, decode greedily, and
     compare the engine's log-probs with the actor's on the same tokens. The rows (the
-    checksum's on the holder only); none when ``megappo.rollout`` is absent."""
-    try:
-        from megappo.rollout import SamplingParams, build_engine, generate_in_group, sync_weights
-    except ImportError:
-        return []
-    from megappo.config.schema import RolloutConfig
-    from megappo.models import TokenBatch
-
+    checksum's on the holder only)."""
     with open(os.path.join(hf_dir, "config.json")) as f:
         hf_config = json.load(f)
     eng = build_engine(RolloutConfig(engine=engine), hf_config=hf_config, hf_dir=hf_dir, layout=layout, eos_token_ids=())

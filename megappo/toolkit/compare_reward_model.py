@@ -14,6 +14,11 @@ from __future__ import annotations
 
 import torch
 
+from megappo.models.builder import BuildOptions
+from megappo.models.reward_model import RewardModel, SequenceBatch
+from megappo.parallel.state import init_parallel
+from megappo.weights.reward import load_hf_into_reward_model, reward_spec
+
 
 def varied_sequences(vocab_size: int, num: int, seq_len: int, seed: int, pad_id: int) -> list[list[int]]:
     """``num`` random sequences of lengths spread over [seq_len / 4, seq_len], without ``pad_id``."""
@@ -52,10 +57,6 @@ def compare_reward_model(
 
     import torch.distributed as dist
 
-    from megappo.models.builder import BuildOptions
-    from megappo.models.reward_model import RewardModel, SequenceBatch
-    from megappo.parallel.state import init_parallel
-    from megappo.weights.reward import load_hf_into_reward_model, reward_spec
 
     spec = reward_spec(hf_dir)
     with open(os.path.join(hf_dir, "config.json")) as f:

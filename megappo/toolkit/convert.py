@@ -16,6 +16,15 @@ from typing import Optional
 
 import torch
 
+from megappo.checkpoint import LATEST, META, CheckpointManager, read_meta
+from megappo.models.builder import BuildOptions, build_model_chunks
+from megappo.models.spec import ModelSpec
+from megappo.parallel.state import init_parallel
+from megappo.weights.export import DEFAULT_MAX_SHARD_BYTES, TOKENIZER_FILES, is_hf_export, save_hf
+from megappo.weights.hf_io import HFCheckpoint
+from megappo.weights.megatron_ckpt import MODEL_META, load_megatron_model, read_model_meta, save_megatron_model
+from megappo.weights.model_io import load_hf_into_model, validate_hf_dir
+
 log = logging.getLogger("megappo")
 
 
@@ -39,8 +48,6 @@ class ModelSource:
 
 
 def _build_actor(spec, tp: int, pp: int, vpp: Optional[int], dtype: torch.dtype):
-    from megappo.models.builder import BuildOptions, build_model_chunks
-    from megappo.parallel.state import init_parallel
 
     layout = init_parallel(tp, pp, vpp)
     chunks = build_model_chunks(spec, "actor", BuildOptions(tp=tp, pp=pp, vpp=vpp, dtype=dtype))
@@ -61,10 +68,6 @@ def convert_hf_to_megatron(
     """Write the HF model ``hf_dir`` as a Megatron distributed checkpoint ``out_dir``
     (with ``megappo_model.json``: spec, HF config, source directory). ``dtype=None``
     keeps the dtype ``config.json`` declares when it is bfloat16 or float32 (else float32)."""
-    from megappo.models.spec import ModelSpec
-    from megappo.weights.hf_io import HFCheckpoint
-    from megappo.weights.megatron_ckpt import save_megatron_model
-    from megappo.weights.model_io import load_hf_into_model, validate_hf_dir
 
     check_megatron_out(out_dir)
     spec = ModelSpec.from_hf_dir(hf_dir)
@@ -89,8 +92,6 @@ def check_megatron_out(out_dir: str) -> None:
 
 
 def _checkpoint_marker(path: str) -> Optional[str]:
-    from megappo.checkpoint import LATEST, META
-    from megappo.weights.megatron_ckpt import MODEL_META
 
     return next((m for m in (MODEL_META, META, LATEST, "metadata.json") if os.path.exists(os.path.join(path, m))), None)
 
@@ -100,7 +101,6 @@ def check_hf_out(out_dir: str, *, ckpt: str, overwrite: bool = False) -> None:
     whole directory): the checkpoint being converted, a directory inside it or holding
     it, any checkpoint, a file; and, unless ``overwrite``, a non-empty directory that is
     not an earlier HF export (``is_hf_export``). Runs before Megatron starts."""
-    from megappo.weights.export import is_hf_export
 
     out, src = os.path.realpath(out_dir), os.path.realpath(ckpt)
     if out == src:
@@ -128,7 +128,6 @@ def check_hf_out(out_dir: str, *, ckpt: str, overwrite: bool = False) -> None:
 def _read_hf_config_dir(hf_config_dir: str) -> Optional[dict]:
     """``--hf-config``'s ``config.json`` (None when it has only tokenizer files); a missing
     directory, or one with neither, is an error, not an export without a tokenizer."""
-    from megappo.weights.export import TOKENIZER_FILES
 
     if not os.path.isdir(hf_config_dir):
         raise ValueError(f"--hf-config {hf_config_dir}: no such directory")
@@ -151,8 +150,6 @@ def resolve_model_source(path: str, *, role: str = "actor", hf_config_dir: Optio
     """A model checkpoint (``megappo_model.json``), a training checkpoint ``step_N`` or a
     checkpoint directory (its ``latest``). The HF config (and tokenizer) come from
     ``hf_config_dir`` when given, else from what the checkpoint recorded."""
-    from megappo.checkpoint import LATEST, META, CheckpointManager, read_meta
-    from megappo.weights.megatron_ckpt import MODEL_META, read_model_meta
 
     if os.path.isfile(os.path.join(path, LATEST)):
         path = CheckpointManager(path).latest()
@@ -202,9 +199,6 @@ def convert_megatron_to_hf(
     in ``dtype`` (default: the dtype the HF config declares, else float32). ``out_dir``
     is replaced whole: see ``check_hf_out`` for what is refused (``overwrite`` allows a
     non-empty directory that is not an earlier export)."""
-    from megappo.models.spec import ModelSpec
-    from megappo.weights.export import DEFAULT_MAX_SHARD_BYTES, save_hf
-    from megappo.weights.megatron_ckpt import load_megatron_model
 
     if role != "actor":
         raise ValueError(f"only the actor converts to an HF causal LM (got role {role!r})")

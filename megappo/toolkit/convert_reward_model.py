@@ -16,13 +16,20 @@ from typing import Optional
 
 import torch
 
+from megappo.models.builder import BuildOptions
+from megappo.models.reward_model import build_reward_chunks
+from megappo.models.spec import ModelSpec
+from megappo.parallel.state import init_parallel
+from megappo.rm_trainer import reward_hf_config
+from megappo.toolkit.convert import config_dtype, resolve_model_source
+from megappo.weights.export import save_hf
+from megappo.weights.megatron_ckpt import MODEL_META, load_megatron_model, read_model_meta, save_megatron_model
+from megappo.weights.reward import load_hf_into_reward_model, reward_config_problems, reward_spec
+
 log = logging.getLogger("megappo")
 
 
 def _build(spec, tp: int, pp: int, dtype: torch.dtype) -> list:
-    from megappo.models.builder import BuildOptions
-    from megappo.models.reward_model import build_reward_chunks
-    from megappo.parallel.state import init_parallel
 
     layout = init_parallel(tp, pp)
     chunks = build_reward_chunks(spec, BuildOptions(tp=tp, pp=pp, dtype=dtype))
@@ -36,8 +43,6 @@ def _build(spec, tp: int, pp: int, dtype: torch.dtype) -> list:
 def convert_reward_hf_to_megatron(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32) -> None:
     """Write the HF reward model ``hf_dir`` as a Megatron model checkpoint ``out_dir``. A
     causal LM, or a classifier with more than one label, is a ``ValueError`` naming it."""
-    from megappo.weights.megatron_ckpt import save_megatron_model
-    from megappo.weights.reward import load_hf_into_reward_model, reward_spec
 
     spec = reward_spec(hf_dir)  # fails on a bad directory before starting Megatron
     with open(os.path.join(hf_dir, "config.json")) as f:
@@ -52,11 +57,6 @@ def convert_reward_megatron_to_hf(
 ) -> None:
     """Export a reward-model checkpoint (a model checkpoint of role ``reward`` or a
     ``train_rm`` training checkpoint) as an HF ``*ForSequenceClassification`` directory."""
-    from megappo.models.spec import ModelSpec
-    from megappo.toolkit.convert import config_dtype, resolve_model_source
-    from megappo.weights.export import save_hf
-    from megappo.weights.megatron_ckpt import MODEL_META, load_megatron_model, read_model_meta
-    from megappo.weights.reward import reward_config_problems
 
     if os.path.isfile(os.path.join(ckpt, MODEL_META)) and read_model_meta(ckpt).get("role") != "reward":
         raise ValueError(f"{ckpt} holds the role {read_model_meta(ckpt).get('role')!r}, not a reward model")
@@ -65,7 +65,6 @@ def convert_reward_megatron_to_hf(
     if reward_config_problems(hf_config, source="hf_config"):  # a train_rm run that started from a causal LM
         from transformers import AutoTokenizer
 
-        from megappo.rm_trainer import reward_hf_config
 
         if src.tokenizer_dir is None:
             raise ValueError(f"{ckpt}: its HF config is a causal LM's and no tokenizer directory is known (pass --hf-config DIR)")

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megappo.algo import policy_loss
+from megappo.models.batch import TokenBatch
 from megappo.models.spec import ModelSpec
 
 PRESETS = {
@@ -123,8 +125,6 @@ def measure_actor_update(
     """Time ``policy.train_step`` (a PPO surrogate on random tokens and advantages) over
     ``steps`` steps after ``warmup``; ``rows`` sequences of ``seq_len`` per step, each a
     64-token prompt and a full-length response."""
-    from megappo.algo import policy_loss
-    from megappo.models.batch import TokenBatch
 
     device = policy.device
     g = torch.Generator().manual_seed(seed)

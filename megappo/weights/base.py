@@ -341,7 +341,7 @@ def megatron_to_hf_state(
 
 def table_for(spec_or_family: ModelSpec | str) -> FamilyTable:
     """The mapping table of a family (``spec.family``)."""
-    from megappo.weights import llama, mistral, qwen2, qwen3
+    from megappo.weights import llama, mistral, qwen2, qwen3  # deferred: the family tables import this module
 
     family = spec_or_family if isinstance(spec_or_family, str) else spec_or_family.family
     tables = {t.family: t for t in (llama.TABLE, qwen2.TABLE, qwen3.TABLE, mistral.TABLE)}

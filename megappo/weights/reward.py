@@ -20,6 +20,7 @@ import torch
 from megappo.models.spec import ModelSpec
 from megappo.weights.base import Placement, hf_shapes, plan, shard_from_hf, table_for
 from megappo.weights.hf_io import HFCheckpoint
+from megappo.weights.model_io import placement_of, unwrap, validate_hf_dir
 from megappo.weights.validate import spec_differences
 
 log = logging.getLogger("megappo")
@@ -106,7 +107,6 @@ def load_hf_into_reward_model(chunks: list, hf_dir: str | os.PathLike) -> None:
     """Fill this rank's reward-model chunks (built by ``megappo.models.reward_model``) from
     an HF ``*ForSequenceClassification`` directory, its TP shard of its layers, streaming
     one tensor at a time. Every problem is a ``ValueError`` naming the directory."""
-    from megappo.weights.model_io import placement_of, unwrap
 
     chunks = [unwrap(c) for c in chunks]
     if not chunks:
@@ -138,7 +138,6 @@ def load_backbone_from_causal_lm(chunks: list, hf_dir: str | os.PathLike) -> Non
     """Start a reward model from a causal LM (``*ForCausalLM``): every weight but the score
     head, which keeps its initialization; the LM head is not used. The directory is checked
     as the actor's load checks it (config, names, shapes)."""
-    from megappo.weights.model_io import placement_of, unwrap, validate_hf_dir
 
     chunks = [unwrap(c) for c in chunks]
     spec = chunks[0].megappo_spec
