@@ -69,7 +69,6 @@ CONSOLE_KEYS = (
 """Metrics shown on the console line, in this order, when present (each is a name the
 trainer logs: tests/test_metrics.py checks them against the code that makes them)."""
 
-PHASES = ("time/rollout", "time/reward", "time/logprobs", "time/train", "time/sync")
 """Names of the per-phase timings of a step (seconds), for ``Timer``."""
 
 

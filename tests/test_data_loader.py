@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from megappo.data.dataset import PromptItem
-from megappo.data.loader import PromptLoader, iter_eval_batches
+from megappo.data.loader import PromptLoader
 
 
 def make_items(n: int) -> list[PromptItem]:
@@ -95,12 +95,3 @@ def test_seed_mismatch_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="megappo.data"):
         loader.load_state_dict({"epoch": 1, "index": 4, "seed": 2})
     assert "checkpoint's seed 2" in caplog.text
-
-
-@pytest.mark.parametrize("n, batch, dp, limit", [(10, 4, 3, None), (7, 8, 2, None), (30, 8, 4, 13)])
-def test_eval_batches_in_order_and_in_step(n, batch, dp, limit):
-    data = make_items(n)
-    per_rank = [list(iter_eval_batches(data, batch, r, dp, max_samples=limit)) for r in range(dp)]
-    assert len({len(batches) for batches in per_rank}) == 1  # same number of batches on every rank
-    merged = [i for step in zip(*per_rank) for share in step for i in indices(share)]
-    assert merged == list(range(n if limit is None else min(n, limit)))

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from megappo.parallel.collectives import all_reduce, global_token_count, reduce_metrics
+from megappo.parallel.collectives import all_reduce, dp_all_reduce, reduce_metrics
 from megappo.parallel.vocab_parallel import vocab_parallel_full_kl, vocab_parallel_logprobs
 
 V_TRUE, V_PADDED = 11, 12
@@ -107,4 +107,4 @@ def test_reduce_metrics_rules_on_one_rank():
 def test_single_process_collectives_communicate_nothing():
     x = torch.tensor([1.0, 2.0])
     assert all_reduce(x, "max", None).tolist() == [1.0, 2.0]
-    assert float(global_token_count(torch.ones(2, 3))) == 6.0
+    assert float(dp_all_reduce(torch.ones(2, 3).sum())) == 6.0

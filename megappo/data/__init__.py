@@ -4,7 +4,7 @@ Modules:
 
   sources         jsonl / parquet rows, bad rows reported
   dataset         ``PromptDataset``, ``PromptItem``: rendering, chat templates, length filter
-  loader          ``PromptLoader`` (DP shards, seeded shuffle, resumable cursor), ``iter_eval_batches``
+  loader          ``PromptLoader`` (DP shards, seeded shuffle, resumable cursor)
   answers         GSM8K ``####`` and MATH ``\\boxed{}`` answer extraction
   rewards         ``RewardFunction``, ``RewardResult``, the reward registry
   reward_pool     spawn worker pool with per-item timeouts
@@ -25,7 +25,6 @@ _EXPORTS = {
     "PromptDataset": "dataset",
     "PromptItem": "dataset",
     "PromptLoader": "loader",
-    "iter_eval_batches": "loader",
     "RewardFunction": "rewards",
     "RewardResult": "rewards",
     "RewardSpec": "rewards",

@@ -11,16 +11,15 @@ The cursor (``state_dict``: epoch, index into the epoch's order, seed) is saved 
 checkpoint; after ``load_state_dict`` the loader returns exactly the batches an
 uninterrupted run would have returned next.
 
-Evaluation (``iter_eval_batches``): the held-out prompts in file order, in global batches
-split the same way; the last batch may be short, and every rank yields the same number
-of (possibly empty) batches so that collective operations stay in step.
+Evaluation takes the held-out prompts directly: rank ``r`` of ``d`` scores every ``d``-th one
+(``megappo.loop.rollout_side``).
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from megappo.data.dataset import PromptItem
 
@@ -116,22 +115,3 @@ class PromptLoader:
             logger.warning("data: resuming with the checkpoint's seed %d instead of train.seed=%d", seed, self.seed)
         self.epoch, self.index, self.seed = epoch, index, seed
         self._order_epoch = None
-
-
-def iter_eval_batches(
-    dataset: Sequence[PromptItem],
-    global_batch_size: int,
-    dp_rank: int,
-    dp_size: int,
-    max_samples: Optional[int] = None,
-) -> Iterator[list[PromptItem]]:
-    """This rank's share of each global batch of the held-out prompts, in order (see the
-    module docstring); ``max_samples`` (``data.max_eval_samples``) keeps the first ones."""
-    _check_rank(dp_rank, dp_size)
-    if global_batch_size < 1:
-        raise ValueError(f"eval batch size must be >= 1, got {global_batch_size}")
-    total = len(dataset) if max_samples is None else min(len(dataset), max_samples)
-    for start in range(0, total, global_batch_size):
-        size = min(global_batch_size, total - start)
-        lo, hi = start + dp_rank * size // dp_size, start + (dp_rank + 1) * size // dp_size
-        yield [dataset[i] for i in range(lo, hi)]

@@ -97,18 +97,6 @@ def global_masked_mean_var(x: Tensor, mask: Optional[Tensor] = None, *, unbiased
     return moments_from_sums(global_moment_sums(x, mask), unbiased=unbiased)
 
 
-def global_token_count(mask_BT: Tensor) -> Tensor:
-    """Valid tokens of the global batch (sum of ``mask_BT`` over DP ranks): a float64 0-dim
-    tensor, exact for integer counts below 2**53. The ``num_tokens`` of ``aggregate_loss``."""
-    return dp_all_reduce(mask_BT.detach().to(torch.float64).sum(), "sum")
-
-
-def global_seq_count(num_seqs_local: int) -> int:
-    """Sequences of the global batch: the sum of ``num_seqs_local`` over DP ranks (the
-    ``num_seqs`` of ``aggregate_loss``; filtered responses count, see its docstring)."""
-    return int(dp_all_reduce(torch.tensor(float(num_seqs_local), dtype=torch.float64), "sum").item())
-
-
 # ---------------------------------------------------------------------------- metrics
 
 def _reduction(key: str, weight_key: str) -> str:

@@ -86,7 +86,7 @@ def actor_loss(batch: TokenBatch, data: dict, rows_offset: torch.Tensor, *, with
     mean over the global batch. ``rows_offset`` maps the rows of ``batch`` (this DP rank's
     share) to rows of the full batch's tensors in ``data``."""
     mask = batch.response_mask_BT
-    num_tokens = float(collectives.global_token_count(mask))
+    num_tokens = float(collectives.dp_all_reduce(mask.double().sum()))
 
     def loss_fn(out, rows):
         r = rows_offset[rows]
@@ -115,7 +115,7 @@ def ratio_probe(name: str, old_lp_BT: torch.Tensor, loss_fn):
 
 def critic_loss(batch: TokenBatch, data: dict, rows_offset: torch.Tensor):
     mask = batch.response_mask_BT
-    num_tokens = float(collectives.global_token_count(mask))
+    num_tokens = float(collectives.dp_all_reduce(mask.double().sum()))
 
     def loss_fn(out, rows):
         r = rows_offset[rows]
@@ -414,8 +414,7 @@ def check_collectives() -> None:
     mean, var = collectives.global_masked_mean_var(xs, ms)
     diff("collectives_global_mean", mean, masked_mean(x.double(), mask.double()))
     diff("collectives_global_var", var, masked_var(x.double(), mask.double()))
-    diff("collectives_token_count", collectives.global_token_count(ms), mask.sum())
-    diff("collectives_seq_count", collectives.global_seq_count(xs.shape[0]), 10)
+    diff("collectives_token_count", collectives.dp_all_reduce(ms.double().sum()), mask.sum())
     from megappo.algo import moment_sums
 
     mean2, _ = moments_from_sums(collectives.dp_sum_reducer()(moment_sums(xs, ms)))

@@ -49,7 +49,7 @@ def make_step(layout):
     share = batch.split(layout.dp)[layout.dp_rank]
     rows = torch.arange(batch.B).tensor_split(layout.dp)[layout.dp_rank]
     mask = share.response_mask_BT
-    n = float(collectives.global_token_count(mask))
+    n = float(collectives.dp_all_reduce(mask.double().sum()))
 
     def actor_loss(out, r):
         return -(out["logprobs_BT"] * mask[r]).sum() / n, {}
