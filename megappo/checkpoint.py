@@ -47,8 +47,7 @@ import torch
 
 from megappo import checkpoint_dir as cdir
 from megappo.checkpoint_config import check_resume_config, run_settings_win
-from megappo.data.reward_pool import main_module_hidden
-from megappo.helper_processes import die_with_parent, shielded_from_preemption
+from megappo.helper_processes import start_writer_helper
 from megappo.models.optimizer_state import load_optimizer_state, prepare_for_state_load
 from megappo.weights.export import fsync_dir, fsync_tree
 from megappo.weights.megatron_ckpt import check_spec, load_model_state, sharded_model_state
@@ -59,39 +58,6 @@ FORMAT = "megappo-train/1"
 META = cdir.META
 LATEST = cdir.LATEST
 OPTIMIZER_SHARDING = ("fully_reshardable", "dp_reshardable")
-
-_WRITER_HELPER: list = []
-"""[Manager, its queue] once ``start_writer_helper`` ran (kept referenced: dropping it stops it)."""
-
-
-def start_writer_helper() -> Optional[int]:
-    """Give megatron-core's checkpoint writer (``filesystem_async``'s results queue) a Manager
-    shielded from preemption signals and dying with this process; returns its pid (None,
-    with a warning, when this megatron-core has no such queue). A Manager megatron-core
-    started itself (an earlier save) is replaced: between saves its queue is idle."""
-    import multiprocessing
-    from multiprocessing.managers import SyncManager
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    current = getattr(filesystem_async, "_results_queue", _WRITER_HELPER)
-    if current is _WRITER_HELPER:
-        log.warning(
-            "megatron-core has no filesystem_async._results_queue: its checkpoint writer helper is not shielded "
-            "from preemption signals (a SIGUSR1 to every process may break the preemption save)"
-        )
-        return None
-    if _WRITER_HELPER and current is _WRITER_HELPER[1]:
-        return _WRITER_HELPER[0]._process.pid
-    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    # A hidden __main__: the helper does not re-import the trainer's entry module. (It still
-    # imports torch once the first save's results, torch objects, pass through it: ~270 MB.)
-    with main_module_hidden(), shielded_from_preemption():
-        manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
-    _WRITER_HELPER[:] = [manager, manager.Queue()]
-    filesystem_async._results_queue = _WRITER_HELPER[1]
-    return manager._process.pid
-
 
 class _Role:
     """What is saved for one role: its model chunks, and optimizer / scheduler if trained."""

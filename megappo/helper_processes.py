@@ -1,4 +1,5 @@
-"""Helper processes that outlive a preemption signal and die with the trainer (stdlib only).
+"""Helper processes that outlive a preemption signal and die with the trainer (stdlib only at
+import: reward workers import this module; ``start_writer_helper`` imports megatron-core when called).
 
 The trainer starts helpers: reward worker pools (``megappo.data.reward_pool``) and
 megatron-core's checkpoint-writer ``Manager`` (``megappo.checkpoint``). Two things went wrong
@@ -17,6 +18,9 @@ with them (issue 14, bugs 1 and 9):
    ``die_with_parent``, called first thing in a helper, asks the kernel to SIGKILL it when the
    thread that started it exits (``prctl(PR_SET_PDEATHSIG)``, Linux); helpers are therefore
    started from the trainer's main thread.
+
+``main_module_hidden`` keeps ``spawn`` children from re-importing the trainer's ``__main__``;
+``start_writer_helper`` gives megatron-core's checkpoint writer a Manager started this way.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Iterator
+from typing import Iterator, Optional
 
 log = logging.getLogger(__name__)
 
@@ -83,3 +87,62 @@ def blocked_signals(pid: int) -> set[int]:
                 mask = int(line.split()[1], 16)
                 return {n for n in range(1, 65) if mask & (1 << (n - 1))}
     raise ValueError(f"/proc/{pid}/status has no SigBlk line")
+
+
+@contextlib.contextmanager
+def main_module_hidden() -> Iterator[None]:
+    """Make ``spawn`` children skip re-importing the parent's ``__main__``.
+
+    ``multiprocessing.spawn`` has every child import the parent's main module (by
+    ``__spec__.name`` or ``__file__``). Under ``torchrun -m megappo.train`` that loads the
+    trainer's imports into each reward worker; under ``python -`` or an embedded
+    interpreter the file does not exist and the worker dies. Reward workers need nothing
+    from ``__main__`` (functions are looked up by module name), so the two attributes are
+    hidden while the workers are started.
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    names = ("__spec__", "__file__")
+    saved = {name: main.__dict__.pop(name) for name in names if name in main.__dict__}
+    main.__dict__["__spec__"] = None
+    try:
+        yield
+    finally:
+        for name in names:
+            main.__dict__.pop(name, None)
+        main.__dict__.update(saved)
+
+
+_WRITER_HELPER: list = []
+"""[Manager, its queue] once ``start_writer_helper`` ran (kept referenced: dropping it stops it)."""
+
+
+def start_writer_helper() -> Optional[int]:
+    """Give megatron-core's checkpoint writer (``filesystem_async``'s results queue) a Manager
+    shielded from preemption signals and dying with this process; returns its pid (None,
+    with a warning, when this megatron-core has no such queue). A Manager megatron-core
+    started itself (an earlier save) is replaced: between saves its queue is idle."""
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    current = getattr(filesystem_async, "_results_queue", _WRITER_HELPER)
+    if current is _WRITER_HELPER:
+        log.warning(
+            "megatron-core has no filesystem_async._results_queue: its checkpoint writer helper is not shielded "
+            "from preemption signals (a SIGUSR1 to every process may break the preemption save)"
+        )
+        return None
+    if _WRITER_HELPER and current is _WRITER_HELPER[1]:
+        return _WRITER_HELPER[0]._process.pid
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    # A hidden __main__: the helper does not re-import the trainer's entry module. (It still
+    # imports torch once the first save's results, torch objects, pass through it: ~270 MB.)
+    with main_module_hidden(), shielded_from_preemption():
+        manager.start(initializer=die_with_parent, initargs=(os.getpid(),))
+    _WRITER_HELPER[:] = [manager, manager.Queue()]
+    filesystem_async._results_queue = _WRITER_HELPER[1]
+    return manager._process.pid

@@ -238,7 +238,7 @@ def test_a_second_run_in_the_same_directory_is_told_who_holds_it(tmp_path, repo_
     finally:
         holder.send_signal(signal.SIGKILL)  # the kernel drops the lock with its holder: no stale lock
         holder.wait()
-    with lock_run_dir(run_dir) as lock:
+    with lock_run_dir(run_dir):
         with pytest.raises(RunDirLocked, match=f"pid {os.getpid()}"):
             lock_run_dir(run_dir)
     lock_run_dir(run_dir).release()  # released: free again

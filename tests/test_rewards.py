@@ -290,7 +290,6 @@ def test_workers_survive_preemption_signals(user_module):
     """torchrun's killpg and Slurm signal every process: the trainer handles SIGUSR1 / SIGTERM
     (and Ctrl-C's SIGINT) to save; reward workers must not die of them (bug 1)."""
     import os
-    import signal
     import time
 
     from megappo.helper_processes import PREEMPTION_SIGNALS, blocked_signals

@@ -35,7 +35,6 @@ trainer leaves none behind.
 from __future__ import annotations
 
 import collections
-import contextlib
 import importlib
 import importlib.util
 import logging
@@ -48,9 +47,9 @@ import weakref
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
-from megappo.helper_processes import die_with_parent, shielded_from_preemption
+from megappo.helper_processes import die_with_parent, main_module_hidden, shielded_from_preemption
 
 logger = logging.getLogger(__name__)
 
@@ -120,32 +119,6 @@ def _init_worker(sys_path: list[str], preloads: Sequence[Preload], quiet_loggers
 
 def _noop() -> None:
     pass
-
-
-@contextlib.contextmanager
-def main_module_hidden() -> Iterator[None]:
-    """Make ``spawn`` children skip re-importing the parent's ``__main__``.
-
-    ``multiprocessing.spawn`` has every child import the parent's main module (by
-    ``__spec__.name`` or ``__file__``). Under ``torchrun -m megappo.train`` that loads the
-    trainer's imports into each reward worker; under ``python -`` or an embedded
-    interpreter the file does not exist and the worker dies. Reward workers need nothing
-    from ``__main__`` (functions are looked up by module name), so the two attributes are
-    hidden while the workers are started.
-    """
-    main = sys.modules.get("__main__")
-    if main is None:
-        yield
-        return
-    names = ("__spec__", "__file__")
-    saved = {name: main.__dict__.pop(name) for name in names if name in main.__dict__}
-    main.__dict__["__spec__"] = None
-    try:
-        yield
-    finally:
-        for name in names:
-            main.__dict__.pop(name, None)
-        main.__dict__.update(saved)
 
 
 def _on_alarm(signum: int, frame: Any) -> None:
