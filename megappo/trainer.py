@@ -107,14 +107,14 @@ class Trainer:
                 batch.scores_B, rm_metrics = combine_rewards(batch.scores_B, p.reward_model.score(batch.tokens, batch.truncated_B),
                                                              weight=rm.weight, rule_weight=rm.rule_weight)
         with Timer("time/logprobs", times):
-            self.score_with_models(batch)
+            self.score_with_models(batch, step)
         metrics = self.objective.compute_advantages(batch)
         with Timer("time/train", times):
             if p.critic is not None:
-                metrics |= self.update(p.critic, batch, self.objective.critic_loss_fn, "critic")
+                metrics |= self.update(p.critic, batch, self.objective.critic_loss_fn, "critic", step=step)
             if step > self.cfg.algo.critic_warmup_steps:
                 ref = self.objective.actor_loss_reference(p.reference)  # exact KL loss: None otherwise
-                metrics |= self.update(p.actor, batch, self.objective.actor_loss_fn, "actor", ref=ref)
+                metrics |= self.update(p.actor, batch, self.objective.actor_loss_fn, "actor", step=step, ref=ref)
         with Timer("time/sync", times):
             metrics |= self.sync_weights()
         metrics |= rollout_metrics(batch, reduce=dp_all_reduce, dynamic_sampling=self.cfg.algo.dynamic_sampling)
@@ -126,12 +126,12 @@ class Trainer:
 
     # -- the phases -------------------------------------------------------------------
 
-    def score_with_models(self, batch: RolloutBatch) -> None:
+    def score_with_models(self, batch: RolloutBatch, step: int) -> None:
         """Old and reference log-probs and old values, mini-batch by mini-batch so that the
         micro-batches are exactly those of the update: the first ratio is exactly 1."""
         p, temp = self.policies, self.cfg.rollout.temperature
         old, ref, values = [], [], []
-        for rows in self.minibatches(len(batch)):
+        for rows in self.minibatches(len(batch), step=step, epoch=0):
             mini = batch.tokens.select(rows)
             old.append(p.actor.forward_logprobs(mini, temperature=temp)["logprobs_BT"])
             if p.reference is not None:
@@ -143,16 +143,16 @@ class Trainer:
         batch.ref_logprobs_BT = _cat_rows(ref, T) if ref else None
         batch.values_BT = _cat_rows(values, T) if values else None
 
-    def update(self, policy: MegatronPolicy, batch: RolloutBatch, make_loss_fn, role: str, ref=None) -> dict[str, float]:
+    def update(self, policy: MegatronPolicy, batch: RolloutBatch, make_loss_fn, role: str, *, step: int, ref=None) -> dict[str, float]:
         """``ppo_epochs`` passes over the rollout batch, one optimizer step per mini-batch.
         ``ref``: the model ``train_step`` computes the exact per-token KL against (``kl_BT``
         in the loss function's outputs), or None."""
         per_step: list[dict[str, float]] = []
-        minibatches = self.minibatches(len(batch))
         entropy_grad = self.cfg.algo.entropy_coef != 0  # else entropy is a metric only: no [tokens x vocab] graph
-        with self.rollout.progress(self.cfg.algo.ppo_epochs * len(minibatches), f"train {role}", leave=False) as bar:
-            for _ in range(self.cfg.algo.ppo_epochs):
-                for rows in minibatches:
+        epochs = self.cfg.algo.ppo_epochs
+        with self.rollout.progress(epochs * len(self.minibatches(len(batch), step=step, epoch=0)), f"train {role}", leave=False) as bar:
+            for epoch in range(epochs):
+                for rows in self.minibatches(len(batch), step=step, epoch=epoch):
                     mini = batch.select(rows)
                     den = self.objective.denominators(mini)
                     out = policy.train_step(mini.tokens, make_loss_fn(mini, den), temperature=self.cfg.rollout.temperature, ref=ref,
@@ -168,13 +168,20 @@ class Trainer:
         merged[f"{role}/optimizer_steps"] = float(len(per_step))
         return merged
 
-    def minibatches(self, num_rows: int) -> list[torch.Tensor]:
-        """Row indices of each mini-batch of this rank's batch (contiguous, whole groups)."""
+    def minibatches(self, num_rows: int, *, step: int, epoch: int) -> list[torch.Tensor]:
+        """Row indices of each mini-batch of this rank's batch in epoch ``epoch`` of ``step``:
+        contiguous runs of whole groups, or with ``train.shuffle_minibatches`` of a permutation
+        drawn from (seed, step, epoch, data-parallel rank) alone. The old log-prob pass uses
+        epoch 0's, so the first update sees the same micro-batches (its ratio is exactly 1)."""
         t, n = self.cfg.train, self.cfg.rollout.num_return_sequences_in_group
+        order = torch.arange(num_rows)
+        if t.shuffle_minibatches:
+            seed = (t.seed * 1_000_003 + step * 1009 + epoch) * 131 + self.run.layout.dp_rank
+            order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed % 2**63))
         if t.mini_batch_size is None:
-            return [torch.arange(num_rows)]
+            return [order]
         rows = t.mini_batch_size * n // self.run.layout.dp
-        return [torch.arange(s, min(s + rows, num_rows)) for s in range(0, num_rows, rows)]
+        return [order[s : s + rows] for s in range(0, num_rows, rows)]
 
     def sync_weights(self) -> dict[str, float]:
         stats = self.rollout.sync_weights(self.policies.actor.models)

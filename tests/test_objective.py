@@ -215,5 +215,5 @@ def test_trainer_update_passes_the_reference_to_the_actor_step() -> None:
     trainer.objective.compute_advantages(exp)
     reference = object()
     ref = trainer.objective.actor_loss_reference(reference)
-    out = trainer.update(FakePolicy(), exp, trainer.objective.actor_loss_fn, "actor", ref=ref)
+    out = trainer.update(FakePolicy(), exp, trainer.objective.actor_loss_fn, "actor", step=1, ref=ref)
     assert seen == [reference] and out["actor/optimizer_steps"] == 1.0

@@ -259,6 +259,11 @@ class TrainConfig:
     """Prompts per RL step (global, over all data-parallel ranks)."""
     mini_batch_size: Optional[int] = None
     """Prompts per optimizer step (global); None is one optimizer step per epoch over the whole rollout batch."""
+    shuffle_minibatches: bool = False
+    """Shuffle each rank's responses before cutting them into mini-batches (a fresh seeded
+    permutation per step and epoch, so a resumed run shuffles as the uninterrupted one), as
+    TRL does; False takes mini-batches of whole, contiguous groups. Advantages are computed
+    before the split, so group statistics are unaffected."""
     max_tokens_per_microbatch: int = 8192
     """Token budget of one micro-batch per data-parallel rank (prompt + response tokens;
     padding counts unless ``packed_sequences``)."""
