@@ -210,6 +210,21 @@ def test_preemption_signal_to_the_process_group_saves_and_exits_124(toy, tmp_pat
 
 
 @pytest.mark.slow
+def test_a_reward_that_always_fails_stops_the_run(toy, tmp_path):
+    """Issue 14, bug 5: every reward raises -> the second failed batch in a row stops the run on
+    every rank with the reward's error (it used to train on zeros and exit 0)."""
+    (tmp_path / "broken_reward.py").write_text("def score(response, answer, prompt):\n    raise RuntimeError('reward service down')\n")
+    run_dir = tmp_path / "run"
+    cmd = [TORCHRUN_SH, TOY_RECIPE, "--nproc", "2", *toy, f"train.run_dir={run_dir}", "train.steps=4", *QUIET,
+           f"reward.fn={tmp_path / 'broken_reward.py'}:score"]  # fmt: skip
+    out = _run(cmd, _env(), timeout=JOB_TIMEOUT)
+    text = out.stdout + out.stderr
+    assert out.returncode not in (0, 124), text[-4000:]
+    assert "RewardFailureError" in text and "failed on 256 of 256 responses (256 raised" in text and "reward service down" in text, text[-6000:]
+    assert _steps(run_dir) == [1]  # the first failed batch trained (on zeros); the second stopped the run
+
+
+@pytest.mark.slow
 def test_two_node_rendezvous_on_localhost(toy, tmp_path):
     """Two torchrun agents (one process each) meet through c10d on 127.0.0.1 and train."""
     run_dir = tmp_path / "run"
