@@ -69,14 +69,14 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-# The loop's options ride along with the presets: dynamic sampling with GRPO, the overlong
+# The loop's options ride along with the presets: shuffled mini-batches with LitePPO, dynamic sampling with GRPO, the overlong
 # filter, DAPO's soft overlong penalty and truncated importance sampling with Dr.GRPO.
 # ppo packs its micro-batches (padding removed, several per mini-batch at PP=2);
 # grpo uses the exact vocabulary KL loss from the TP-sharded logits (kl_penalty=full);
 # reinforce_pp_baseline also saves HF weights every step and scores with a reward function
 # that raises on some responses; dr_grpo adds a KL loss so the reference runs at PP=2 too.
 PRESET_LAYOUTS = [
-    ("liteppo", ["parallel.tensor_model_parallel_size=2"]),
+    ("liteppo", ["parallel.tensor_model_parallel_size=2", "train.shuffle_minibatches=true"]),
     ("grpo", ["parallel.tensor_model_parallel_size=2", "algo.dynamic_sampling=true", "algo.max_sampling_rounds=3",
               "algo.kl_penalty=full"]),
     ("reinforce_pp_baseline", ["parallel.tensor_model_parallel_size=2", "checkpoint.save_hf_every=1"]),

@@ -217,3 +217,23 @@ def test_trainer_update_passes_the_reference_to_the_actor_step() -> None:
     ref = trainer.objective.actor_loss_reference(reference)
     out = trainer.update(FakePolicy(), exp, trainer.objective.actor_loss_fn, "actor", step=1, ref=ref)
     assert seen == [reference] and out["actor/optimizer_steps"] == 1.0
+
+
+def test_shuffled_minibatches_cover_every_row_once_and_replay_per_step() -> None:
+    """With train.shuffle_minibatches each (step, epoch) draws its own permutation, the same
+    on a resumed run (a function of the seed, step, epoch and rank only); without it the
+    mini-batches are contiguous runs of whole groups."""
+    def trainer_for(*overrides):
+        trainer = Trainer.__new__(Trainer)
+        trainer.cfg = config("train.mini_batch_size=2", *overrides)
+        trainer.run = SimpleNamespace(layout=SimpleNamespace(dp=1, dp_rank=0))
+        return trainer
+
+    plain = trainer_for().minibatches(8, step=3, epoch=0)
+    assert [r.tolist() for r in plain] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    shuffled = trainer_for("train.shuffle_minibatches=true")
+    a = shuffled.minibatches(8, step=3, epoch=0)
+    assert sorted(torch.cat(a).tolist()) == list(range(8)) and [len(r) for r in a] == [4, 4]
+    assert [r.tolist() for r in a] == [r.tolist() for r in trainer_for("train.shuffle_minibatches=true").minibatches(8, step=3, epoch=0)]
+    assert torch.cat(a).tolist() != torch.cat(shuffled.minibatches(8, step=3, epoch=1)).tolist()
+    assert torch.cat(a).tolist() != torch.cat(shuffled.minibatches(8, step=4, epoch=0)).tolist()
