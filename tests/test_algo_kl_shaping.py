@@ -19,6 +19,7 @@ from megappo.algo import (
     add_token_level_kl,
     clip_rewards,
     full_kl,
+    groups_with_signal,
     kl_penalty,
     make_kl_controller,
     moment_sums,
@@ -234,3 +235,18 @@ def test_overlong_filter_and_shape_rewards():
     torch.testing.assert_close(out, clip_rewards(penalised - penalised.mean(), 1.0))
     with pytest.raises(ValueError):
         clip_rewards(scores, -1.0)
+
+
+def test_groups_with_signal_matches_a_loop():
+    """Dynamic sampling's filter keeps exactly the responses of groups whose raw scores are
+    not all equal (a plain loop over groups is the reference); groups may be interleaved."""
+    g = torch.Generator().manual_seed(5)
+    group_ids_B = torch.randint(0, 7, (40,), generator=g)
+    scores_B = torch.randint(0, 2, (40,), generator=g).float()
+    scores_B[group_ids_B == 3] = 1.0  # an all-correct group
+    keep_B = groups_with_signal(scores_B, group_ids_B)
+    for gid in group_ids_B.unique().tolist():
+        members = group_ids_B == gid
+        varied = len(set(scores_B[members].tolist())) > 1
+        assert keep_B[members].tolist() == [varied] * int(members.sum())
+    assert not keep_B[group_ids_B == 3].any() and keep_B.any()
