@@ -49,8 +49,10 @@ from megappo import checkpoint_dir as cdir
 from megappo.checkpoint_config import check_resume_config, run_settings_win
 from megappo.helper_processes import start_writer_helper
 from megappo.models.optimizer_state import load_optimizer_state, prepare_for_state_load
+from megappo.models.spec import ModelSpec
 from megappo.weights.export import fsync_dir, fsync_tree
 from megappo.weights.megatron_ckpt import check_spec, load_model_state, sharded_model_state
+from megappo.weights.model_io import unwrap
 
 log = logging.getLogger("megappo")
 
@@ -384,8 +386,6 @@ def check_role_specs(run_specs: dict, meta: dict, *, source: str) -> None:
 
 
 def _role_spec(role: "_Role"):
-    from megappo.weights.model_io import unwrap
-
     return unwrap(role.chunks[0]).megappo_spec
 
 
@@ -401,6 +401,4 @@ def read_meta(path: str | os.PathLike) -> dict:
 
 
 def _spec(spec_dict: dict):
-    from megappo.models.spec import ModelSpec
-
     return ModelSpec(**spec_dict)
