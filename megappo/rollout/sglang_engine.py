@@ -84,7 +84,9 @@ def engine_server_args(
     args.update(
         {
             "model_path": hf_dir,
-            "tp_size": tp_size,
+            # On CPU SGLang's own TP=2 needs SGLANG_CPU_OMP_THREADS_BIND (one NUMA node here):
+            # a CPU engine is TP 1 whatever the trainer's TP (rollout.sglang.tp_size overrides).
+            "tp_size": 1 if on_cpu else tp_size,
             "base_gpu_id": gpu_id,
             "load_format": "dummy",
             "skip_tokenizer_init": True,
