@@ -19,6 +19,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
+from megappo.checkpoint_dir import prune_hf_exports
 from megappo.config import Config
 from megappo.loop.build import Run, build_run
 from megappo.loop.rollout_metrics import rollout_metrics
@@ -28,6 +29,7 @@ from megappo.models.loss_check import check_loss_scaling
 from megappo.parallel.collectives import all_reduce, dp_all_reduce
 from megappo.rollout.batch import RolloutBatch
 from megappo.rollout.reward_model import combine_rewards
+from megappo.run_dir import lock_run_dir
 from megappo.weights import save_hf
 
 log = logging.getLogger("megappo")
@@ -58,10 +60,12 @@ class Trainer:
         self._preempted = True
 
     def resume(self) -> int:
-        """The step of the latest checkpoint when ``checkpoint.resume`` is auto (0 if none)."""
-        step = 0
-        if self.cfg.checkpoint.resume == "auto" and self.state.checkpoints.latest() is not None:
-            step = self.state.restore()
+        """The step this run starts after: the checkpoint ``checkpoint.resume`` /
+        ``resume_from`` choose (checkpoints of another lineage are set aside, never
+        deleted), or 0 for a fresh start."""
+        c = self.cfg.checkpoint
+        path = self.state.checkpoints.start(c.resume, c.resume_from)
+        step = self.state.restore(path, allow_algo_change=c.allow_algo_change) if path is not None else 0
         self.run.metrics.start(step)
         return step
 
@@ -85,6 +89,8 @@ class Trainer:
                 self.state.save(step)
             if cfg.checkpoint.save_hf_every and step % cfg.checkpoint.save_hf_every == 0:
                 self.save_hf(f"step_{step}")
+                if self.run.layout.rank == 0:
+                    prune_hf_exports(os.path.join(cfg.train.run_dir, "hf"), cfg.checkpoint.keep_last_hf)
             self.step_num = step
             if preempted:
                 log.warning("preempted after step %d; checkpoint saved, exiting with %d", step, PREEMPT_EXIT_CODE)
@@ -217,8 +223,14 @@ def _cat_rows(parts: list[torch.Tensor], T: int) -> torch.Tensor:
 def run(cfg: Config) -> int:
     """Train with ``cfg``; returns the process exit status."""
     start = time.time()
-    trainer = Trainer(cfg)
-    code = trainer.fit()
-    trainer.run.close()
+    # One run per directory: the second gets a message naming the holder (rank 0 holds it).
+    lock = lock_run_dir(cfg.train.run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        trainer = Trainer(cfg)
+        code = trainer.fit()
+        trainer.run.close()
+    finally:
+        if lock is not None:
+            lock.release()
     log.info("run finished in %.1f s (exit %d); run dir %s", time.time() - start, code, os.path.abspath(cfg.train.run_dir))
     return code

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("weights",),
     ("data", "metrics", "metrics_sinks", "helper_processes"),
     ("rollout",),
-    ("checkpoint", "checkpoint_config", "checkpoint_dir"),
+    ("checkpoint", "checkpoint_config", "checkpoint_dir", "run_dir"),
     ("objective",),
     ("loop",),
     ("trainer", "rm_trainer"),

@@ -64,13 +64,17 @@ class TrainState:
         )
         log.info("checkpoint step %d saved in %.1f s", step, time.perf_counter() - t0)
 
-    def restore(self, path: Optional[str] = None) -> int:
-        """Load checkpoint ``path`` (default: ``latest``) into every part; returns its step."""
+    def restore(self, path: Optional[str] = None, *, allow_algo_change: bool = False) -> int:
+        """Load checkpoint ``path`` (default: ``latest``) into every part; returns its step.
+        The run's config is compared with the checkpoint's: every changed key is logged, new
+        optimizer and scheduler settings apply, an ``algo`` change is refused unless allowed."""
         extra: dict[str, Any] = self.checkpoints.load(
             path,
             policies=self.policies,
             spec_dict=self.spec.to_dict(),
             tokenizer_fingerprint=self.tokenizer_fingerprint,
+            config_dict=self.config_dict,
+            allow_algo_change=allow_algo_change,
         )
         for name, part in self.parts.items():
             part.load_state_dict(extra[name])
