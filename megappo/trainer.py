@@ -137,17 +137,18 @@ class Trainer:
         micro-batches are exactly those of the update: the first ratio is exactly 1."""
         p, temp = self.policies, self.cfg.rollout.temperature
         old, ref, values = [], [], []
-        for rows in self.minibatches(len(batch), step=step, epoch=0):
+        minibatches = self.minibatches(len(batch), step=step, epoch=0)
+        for rows in minibatches:
             mini = batch.tokens.select(rows)
             old.append(p.actor.forward_logprobs(mini, temperature=temp)["logprobs_BT"])
             if p.reference is not None:
                 ref.append(p.reference.forward_logprobs(mini, temperature=temp)["logprobs_BT"])
             if p.critic is not None:
                 values.append(p.critic.forward_values(mini))
-        T = batch.mask_BT.shape[1]
-        batch.old_logprobs_BT = _cat_rows(old, T)
-        batch.ref_logprobs_BT = _cat_rows(ref, T) if ref else None
-        batch.values_BT = _cat_rows(values, T) if values else None
+        T, order = batch.mask_BT.shape[1], torch.cat(minibatches)
+        batch.old_logprobs_BT = _cat_rows(old, T, order)
+        batch.ref_logprobs_BT = _cat_rows(ref, T, order) if ref else None
+        batch.values_BT = _cat_rows(values, T, order) if values else None
 
     def update(self, policy: MegatronPolicy, batch: RolloutBatch, make_loss_fn, role: str, *, step: int, ref=None) -> dict[str, float]:
         """``ppo_epochs`` passes over the rollout batch, one optimizer step per mini-batch.
@@ -214,10 +215,14 @@ def _global_tokens(batch: RolloutBatch) -> int:
     return int(dp_all_reduce(local.to(torch.float64).reshape(1))[0].item())
 
 
-def _cat_rows(parts: list[torch.Tensor], T: int) -> torch.Tensor:
-    """Concatenate per-mini-batch [b, t] tensors into [B, T] (right-padded with zeros)."""
+def _cat_rows(parts: list[torch.Tensor], T: int, order: torch.Tensor) -> torch.Tensor:
+    """Per-mini-batch [b, t] tensors as one [B, T] (right-padded with zeros) in the batch's row
+    order: ``order`` lists the batch rows the parts' rows are, one after another."""
     padded = [torch.nn.functional.pad(p.detach().float().cpu(), (0, T - p.shape[1])) if p.shape[1] < T else p[:, :T].detach().float().cpu() for p in parts]
-    return torch.cat(padded, dim=0)
+    stacked = torch.cat(padded, dim=0)
+    out = torch.empty_like(stacked)
+    out[order] = stacked
+    return out
 
 
 def run(cfg: Config) -> int:
