@@ -46,7 +46,7 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Iterable, Sequence
 
@@ -120,6 +120,21 @@ def flattened_bucket_payload(named_tensors: Sequence[tuple[str, torch.Tensor]]) 
     return payloads
 
 
+def _in_daemon_thread(fn, *args, **kwargs) -> Future:
+    """``fn(*args, **kwargs)`` on a daemon thread: a call stuck in SGLang must not keep the
+    process from exiting (a ``ThreadPoolExecutor`` worker is joined at exit)."""
+    future: Future = Future()
+
+    def run():
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            future.set_exception(e)
+
+    threading.Thread(target=run, daemon=True, name="sglang-engine-call").start()
+    return future
+
+
 def _fresh_event_loop_if_taken() -> None:
     """``sglang.Engine`` runs its calls on this thread's asyncio loop. After an engine hung
     (or died) that loop may still be running on the abandoned worker thread, so a new engine
@@ -175,13 +190,11 @@ class SGLangEngine(RolloutEngine):
         self._ready = False
         self._stuck: str | None = None
         self._spots: dict[str, tuple[int, ...]] | None = None
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sglang-engine")
         self._died: str | None = None
         _fresh_event_loop_if_taken()
         try:
             self._engine = sglang.Engine(**args)  # main thread: SGLang installs signal handlers here
         except Exception as e:
-            self._worker.shutdown(wait=False)
             raise RolloutEngineError(f"{self.name}: failed to start: {type(e).__name__}: {e}") from e
         self._watch_children()
 
@@ -207,7 +220,7 @@ class SGLangEngine(RolloutEngine):
             raise RolloutEngineError(f"{self.name}: refused: an earlier call ({self._stuck}) never returned")
         if self._engine is None:
             raise RolloutEngineError(f"{self.name}: {what} after shutdown")
-        future = self._worker.submit(getattr(self._engine, method), *args, **kwargs)
+        future = _in_daemon_thread(getattr(self._engine, method), *args, **kwargs)
         deadline = time.monotonic() + self.timeout_s
         try:
             while True:  # wake every second to notice a child's death (SIGQUIT) before the timeout
@@ -325,11 +338,10 @@ class SGLangEngine(RolloutEngine):
         if engine is None:
             return
         if self._stuck is None:
-            future = self._worker.submit(engine.shutdown)
+            future = _in_daemon_thread(engine.shutdown)
             try:
                 future.result(timeout=self.timeout_s)
             except FutureTimeout as e:
                 raise RolloutEngineError(f"{self.name}: shutdown did not return within {self.timeout_s:g} s") from e
         else:
             engine.shutdown()
-        self._worker.shutdown(wait=False)
