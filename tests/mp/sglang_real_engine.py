@@ -355,8 +355,6 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(RESULTS, indent=1, default=str))
     sys.stdout.flush()
     os._exit(0)  # threads left in a hung or crashed SGLang engine must not hold the exit
-    sys.stdout.flush()
-    os._exit(0)  # SGLang children of the crashed engine may linger; the results are written
 
 
 if __name__ == "__main__":
