@@ -41,12 +41,12 @@ def test_response_mask_positions_and_ids_follow_the_contract():
     assert b.response_ids_BT[2].tolist() == [19, 20, 21, 22, 23]
 
 
-def test_select_trims_to_the_rows_and_split_keeps_the_batch_width():
+def test_select_trims_to_the_rows_or_keeps_the_batch_width():
     b = _batch()
     sub = b.select(torch.tensor([0, 1]))
     assert sub.S == 6 and sub.T == 4 and sub.input_ids_BS.tolist() == b.input_ids_BS[:2, :6].tolist()
-    parts = b.split(2)
-    assert [p.B for p in parts] == [2, 1] and all(p.T == 5 for p in parts)
+    parts = [b.select(rows, trim=False) for rows in torch.arange(b.B).tensor_split(2)]
+    assert [p.B for p in parts] == [2, 1] and all(p.T == 5 and p.S == b.S for p in parts)
 
 
 @pytest.mark.parametrize(

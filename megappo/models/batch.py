@@ -98,23 +98,15 @@ class TokenBatch:
         return self._positions(-1).clamp(min=0, max=max(self.S - 1, 0))
 
     def select(self, rows: Tensor, *, trim: bool = True) -> "TokenBatch":
-        """The rows ``rows`` (a LongTensor of indices), cut to their longest sequence if
-        ``trim``; the response width becomes theirs (the caller pads outputs back)."""
+        """The rows ``rows`` (a LongTensor of indices). ``trim``: cut to their longest
+        sequence, the response width becoming theirs (the caller pads outputs back); else
+        the batch's widths are kept (e.g. one data-parallel rank's share of a batch)."""
         rows = rows.to(self.input_ids_BS.device)
+        if not trim:
+            return TokenBatch(self.input_ids_BS[rows], self.prompt_lens_B[rows], self.response_lens_B[rows], response_width=self.T)
         seq = self.seq_lens_B[rows]
-        width = int(seq.max()) if (trim and rows.numel()) else self.S
+        width = int(seq.max()) if rows.numel() else self.S
         return TokenBatch(self.input_ids_BS[rows, :width], self.prompt_lens_B[rows], self.response_lens_B[rows])
-
-    def split(self, num: int) -> list["TokenBatch"]:
-        """``num`` contiguous shares of the rows (sizes differ by at most one), e.g. one per
-        data-parallel rank; each keeps the batch's response width."""
-        if not 1 <= num <= max(self.B, 1):
-            raise ValueError(f"cannot split {self.B} rows into {num} parts")
-        parts = torch.arange(self.B).tensor_split(num)
-        return [
-            TokenBatch(self.input_ids_BS[r], self.prompt_lens_B[r], self.response_lens_B[r], response_width=self.T)
-            for r in parts
-        ]
 
     def to(self, device) -> "TokenBatch":
         ids, p, r = self.input_ids_BS.to(device), self.prompt_lens_B.to(device), self.response_lens_B.to(device)

@@ -219,8 +219,8 @@ def phase_tp1(spec, batch, data, ckpt) -> dict:
     diff("logprobs_identical_reference", ref_same.forward_logprobs(batch, temperature=TEMP)["logprobs_BT"], same["logprobs_BT"])
 
     # Each DP rank trains on its half; the halves' gradients add up to the batch's.
-    half = batch.split(2)[layout.dp_rank]
     offset = torch.arange(batch.B).tensor_split(2)[layout.dp_rank]
+    half = batch.select(offset, trim=False)
     kl_loss_fn = actor_loss(half, data, offset, with_kl=True)
     m1 = actor.forward_backward(half, kl_loss_fn, temperature=TEMP, ref=ref)
     grads_kl = grads_of(actor)

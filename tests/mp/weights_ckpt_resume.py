@@ -46,8 +46,8 @@ def make_step(layout):
     g = torch.Generator().manual_seed(5)
     batch = TokenBatch(torch.randint(0, 103, (4, 12), generator=g), torch.tensor([3, 2, 4, 1]), torch.tensor([9, 6, 8, 11]))
     returns = torch.randn(4, batch.T, generator=g)
-    share = batch.split(layout.dp)[layout.dp_rank]
     rows = torch.arange(batch.B).tensor_split(layout.dp)[layout.dp_rank]
+    share = batch.select(rows, trim=False)
     mask = share.response_mask_BT
     n = float(collectives.dp_all_reduce(mask.double().sum()))
 
