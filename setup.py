@@ -15,6 +15,8 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(exclude=["tests", "tests.*"]),
+    # SGLang-on-CPU stand-ins (megappo/parallel/sglang_cpu/shims): not a package, shipped as data.
+    package_data={"megappo.parallel.sglang_cpu": ["shims/*.py", "shims/*/*.py"]},
     python_requires=">=3.10",
     install_requires=[
         # Unpinned range here; `make` pins the CPU wheel through constraints.txt (PIP_CONSTRAINT).
@@ -37,7 +39,7 @@ setup(
         "wandb": ["wandb>=0.20"],  # logging.wandb
         "math": ["math-verify>=0.8"],
         # GPU only (sglang-kernel ships CUDA wheels); these releases pin torch==2.13.0.
-        "sglang": ["sglang>=0.5.18,<0.5.22"],
+        "sglang": ["sglang>=0.5.18,<=0.5.23"],
         # GPU only: never install Transformer Engine in a CPU environment (it breaks `import megatron.core`).
         "te": ["transformer-engine[pytorch]"],
     },

@@ -133,7 +133,7 @@ def test_build_engine_embedded_and_placement():
 
 def test_sglang_missing_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "sglang", None)  # import sglang -> ImportError
-    with pytest.raises(ImportError, match=r"pip install megappo\[sglang\].*sglang>=0.5.18,<0.5.22"):
+    with pytest.raises(ImportError, match=r"pip install megappo\[sglang\].*sglang>=0.5.18,<=0.5.23"):
         build_engine(RolloutConfig(engine="sglang"), hf_config={}, hf_dir="/nonexistent", layout=None, eos_token_ids=[2])
 
 
@@ -153,7 +153,8 @@ def test_server_args_check_names_unknown_keys():
 
 
 def test_supported_versions():
-    assert [version_supported(v) for v in ("0.5.17", "0.5.18", "0.5.21", "0.5.21.post1", "0.5.22")] == [False, True, True, True, False]
+    versions = ("0.5.17", "0.5.18", "0.5.21", "0.5.21.post1", "0.5.22", "0.5.23", "0.5.24")
+    assert [version_supported(v) for v in versions] == [False, True, True, True, True, True, False]
 
 
 def test_generate_in_group_single_rank_raises_an_engine_error():

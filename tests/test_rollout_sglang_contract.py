@@ -60,7 +60,8 @@ def probe(request, tmp_path_factory):
 
     from megappo.rollout.engine import checksum_of
     from megappo.rollout.sglang_protocol import flatten_bucket
-    from megappo.rollout.sglang_server import _free_port, join_update_group
+    from megappo.parallel.state import free_port
+    from megappo.rollout.sglang_server import join_update_group
 
     spec = importlib.util.spec_from_file_location("rollout_sglang_probe", PROBE)
     mod = importlib.util.module_from_spec(spec)
@@ -69,7 +70,7 @@ def probe(request, tmp_path_factory):
 
     python, env = probe_command(request.param)
     out = tmp_path_factory.mktemp("sglang") / "result.json"
-    port = _free_port("127.0.0.1")
+    port = free_port("127.0.0.1")
     proc = subprocess.Popen(
         python + [str(PROBE), "--out", str(out), "--group-port", str(port)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -24,7 +24,8 @@ from sglang_env import SKIP_REASON, sglang_env, sglang_python
 
 from megappo.rollout import RolloutEngineError, SamplingParams, checksums_match
 from megappo.rollout.sglang_ports import SLOTS
-from megappo.rollout.sglang_server import SGLangServerEngine, _free_port, join_update_group
+from megappo.parallel.state import free_port
+from megappo.rollout.sglang_server import SGLangServerEngine, join_update_group
 from megappo.rollout.weight_sync import stream_to_engine
 
 PY = sglang_python()
@@ -155,7 +156,7 @@ def test_a_dead_trainers_group_does_not_block_the_next(servers):
 def test_a_rendezvous_nobody_joins_is_bounded():
     t0 = time.monotonic()
     with pytest.raises(Exception, match="(?i)timed? ?out|timeout"):
-        join_update_group("127.0.0.1", _free_port("127.0.0.1"), world_size=2, rank=0, backend="gloo", timeout_s=3)
+        join_update_group("127.0.0.1", free_port("127.0.0.1"), world_size=2, rank=0, backend="gloo", timeout_s=3)
     assert time.monotonic() - t0 < 30
 
 

@@ -138,7 +138,8 @@ class RolloutConfig:
     server_urls: list[str] = field(default_factory=list)
     """Base URLs of external SGLang servers for ``engine: sglang_server``."""
     server_timeout_s: float = 600.0
-    """Timeout of every call to an external server; a hang becomes an error naming the server."""
+    """Timeout of every call to an SGLang engine (colocated) or server; a hang becomes an error
+    naming the engine or the server."""
     eval_temperature: float = 0.0
     """Sampling temperature of evaluation (0 is greedy)."""
 

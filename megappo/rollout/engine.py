@@ -272,6 +272,7 @@ def build_engine(
             tp_size=layout.tp if layout is not None else 1,
             gpu_id=layout.local_rank if layout is not None else 0,
             seed=seed,
+            timeout_s=rollout.server_timeout_s,
         )
     if rollout.engine == "sglang_server":
         from megappo.rollout.sglang_server import SGLangServerEngine  # deferred: SGLang's protocol, only when asked for

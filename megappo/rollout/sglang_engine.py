@@ -52,8 +52,10 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from megappo.parallel import sglang_cpu
+from megappo.parallel.sglang_cpu import cpu_server_args
 from megappo.rollout.engine import Bucket, Progress, RolloutEngine, RolloutEngineError, Sample, SamplingParams
-from megappo.rollout.sglang_ports import local_slot
+from megappo.rollout.sglang_ports import engine_ports, local_slot
 from megappo.rollout.sglang_protocol import (
     check_result,
     check_server_args,
@@ -74,11 +76,9 @@ def engine_server_args(
     """Our defaults overlaid with ``rollout.sglang`` (unchecked; see ``check_server_args``).
     ``slot``: the replica's slot on its node (``sglang_ports.local_slot``), which picks its
     ports; ``on_cpu``: SGLang's CPU-path arguments (``sglang_cpu.cpu_server_args``) first."""
-    from megappo.rollout.sglang_ports import engine_ports
 
     args: dict[str, Any] = {}
     if on_cpu:
-        from megappo.parallel.sglang_cpu import cpu_server_args
 
         args.update(cpu_server_args())
     args.update(
@@ -164,7 +164,6 @@ class SGLangEngine(RolloutEngine):
         slot: int | None = None,
         timeout_s: float = 600.0,
     ):
-        from megappo.parallel import sglang_cpu
 
         on_cpu = sglang_cpu.sglang_runs_on_cpu(server_args)
         if on_cpu:

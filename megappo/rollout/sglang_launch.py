@@ -27,6 +27,7 @@ import time
 import urllib.request
 from typing import Optional, Sequence
 
+from megappo.parallel import sglang_cpu
 from megappo.rollout.sglang_ports import engine_ports
 
 
@@ -48,7 +49,6 @@ def server_command(
     env: Optional[dict] = None,
 ) -> tuple[list[str], dict[str, str], int]:
     """``(argv, environment, port)`` of one ``python -m sglang.launch_server`` (module docstring)."""
-    from megappo.parallel import sglang_cpu
 
     extra = list(extra)
     user = {"port": port, "nccl_port": _flag_value(extra, "--nccl-port")}

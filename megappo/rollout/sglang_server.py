@@ -53,6 +53,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megappo.parallel.state import free_port
 from megappo.rollout.engine import Bucket, Progress, RolloutEngine, RolloutEngineError, Sample, SamplingParams, checksums_match
 from megappo.rollout.sglang_protocol import (
     GROUP_NAME,
@@ -96,12 +97,6 @@ def _address_towards(url: str) -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.connect((socket.gethostbyname(host), 9))
         return s.getsockname()[0]
-
-
-def _free_port(address: str) -> int:
-    with socket.socket() as s:
-        s.bind((address, 0))
-        return s.getsockname()[1]
 
 
 class SGLangServerEngine(RolloutEngine):
@@ -269,7 +264,7 @@ class SGLangServerEngine(RolloutEngine):
         tp_sizes = [int(info.get("tp_size", 1)) if isinstance(info, dict) else 1 for info in infos]
         world_size = 1 + sum(tp_sizes)
         address = _address_towards(self.urls[0])
-        port = _free_port(address)
+        port = free_port(address)
         offsets = [1 + sum(tp_sizes[:i]) for i in range(len(self.urls))]
         self._group_name = f"{GROUP_NAME}_{uuid.uuid4().hex[:12]}"  # a dead trainer's group may still hold the old name
         bodies = [init_group_request(address, port, off, world_size, self.backend, self._group_name) for off in offsets]

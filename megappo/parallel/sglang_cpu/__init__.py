@@ -66,7 +66,7 @@ def apply() -> None:
     """Prepare this process (and the processes it starts) to import and run SGLang on CPU.
 
     Must run before ``import sglang``: SGLang reads its CPU switch at import. Idempotent."""
-    if "sglang" in sys.modules and os.environ.get("SGLANG_USE_CPU_ENGINE") != "1":
+    if sys.modules.get("sglang") is not None and os.environ.get("SGLANG_USE_CPU_ENGINE") != "1":
         raise RuntimeError(
             "megappo.parallel.sglang_cpu.apply: sglang was imported before SGLANG_USE_CPU_ENGINE=1 was set, "
             "so its CPU path is off in this process; build the SGLang engine before anything imports sglang"
