@@ -11,6 +11,7 @@ parts it calls (rollout side, policies, train state) and ``megappo/objective.py`
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import time
@@ -80,6 +81,7 @@ class Trainer:
             metrics_log.log(0, self.rollout.evaluate())
         for step in self.rollout.progress(range(self.step_num + 1, cfg.train.steps + 1), "steps"):
             metrics = self.step(step)
+            check_finite(step, metrics)  # before anything is saved: a NaN run never overwrites a good checkpoint
             last = step == cfg.train.steps
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or last):
                 metrics.update(self.rollout.evaluate())
@@ -200,6 +202,23 @@ class Trainer:
         save_hf(self.policies.actor.models, out, hf_config=self.run.hf_config,
                 tokenizer_dir=self.cfg.data.tokenizer_path or self.cfg.model.hf_path)
         log.info("actor saved in HF format to %s", out)
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient norm of the step is NaN or infinite: the weights are (or are about
+    to be) corrupt, so the run stops before it writes a checkpoint."""
+
+
+def check_finite(step: int, metrics: dict[str, float]) -> None:
+    """Raise ``NonFiniteError`` naming the step and the metrics when a trained policy's loss
+    or gradient norm is not finite (the same on every rank: both are reduced over ranks).
+    The weights only go non-finite through such a gradient (or a non-finite learning rate,
+    which validation refuses), so this also guards them."""
+    bad = {k: v for k, v in metrics.items()
+           if k.startswith(("actor/", "critic/")) and (k.endswith("loss") or k.endswith("grad_norm")) and not math.isfinite(v)}
+    if bad:
+        raise NonFiniteError(f"step {step}: non-finite {', '.join(f'{k}={v}' for k, v in sorted(bad.items()))}; the run stops "
+                             "before saving (the latest checkpoint is the last good one): lower optim.lr or check the data")
 
 
 def _any_rank(flag: bool) -> bool:

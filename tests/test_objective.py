@@ -237,3 +237,13 @@ def test_shuffled_minibatches_cover_every_row_once_and_replay_per_step() -> None
     assert [r.tolist() for r in a] == [r.tolist() for r in trainer_for("train.shuffle_minibatches=true").minibatches(8, step=3, epoch=0)]
     assert torch.cat(a).tolist() != torch.cat(shuffled.minibatches(8, step=3, epoch=1)).tolist()
     assert torch.cat(a).tolist() != torch.cat(shuffled.minibatches(8, step=4, epoch=0)).tolist()
+
+
+def test_a_non_finite_loss_or_grad_norm_stops_the_run_naming_the_step() -> None:
+    from megappo.trainer import NonFiniteError, check_finite
+
+    check_finite(3, {"actor/pg_loss": 0.1, "actor/grad_norm": 2.0, "reward/std": float("nan")})  # a metric, not a loss
+    with pytest.raises(NonFiniteError, match=r"step 4: non-finite actor/grad_norm=nan"):
+        check_finite(4, {"actor/pg_loss": 0.1, "actor/grad_norm": float("nan")})
+    with pytest.raises(NonFiniteError, match=r"step 5: non-finite critic/vf_loss=inf"):
+        check_finite(5, {"critic/vf_loss": float("inf")})
