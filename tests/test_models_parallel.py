@@ -118,7 +118,6 @@ def test_collectives_over_data_parallel_ranks(results):
         "collectives_global_mean",
         "collectives_global_var",
         "collectives_token_count",
-        "collectives_seq_count",
         "collectives_sum_reducer_mean",
         "collectives_reduce_metrics",
         tol=1e-12,
