@@ -84,7 +84,7 @@ class FailOnce:
 
 def bytes_in_flight(actor, engine, layout, *, bucket_mb: float) -> dict:
     """Phase 6: peak bytes of the sending stages gathered but not yet taken by the engine."""
-    import megappo.weights as weights
+    import megappo.rollout.weight_sync as weights  # the name the sync calls
 
     gathered, taken = [], []
     original_iter = weights.iter_hf_tensors
