@@ -51,7 +51,7 @@ from megappo.helper_processes import start_writer_helper
 from megappo.models.optimizer_state import load_optimizer_state, prepare_for_state_load
 from megappo.models.spec import ModelSpec
 from megappo.weights.export import fsync_dir, fsync_tree
-from megappo.weights.megatron_ckpt import check_spec, load_model_state, sharded_model_state
+from megappo.weights.megatron_ckpt import check_spec, load_model_state, quiet_dist_checkpointing, sharded_model_state
 from megappo.weights.model_io import unwrap
 
 log = logging.getLogger("megappo")
@@ -237,7 +237,8 @@ class CheckpointManager:
         dist.barrier()
 
         for name, role in roles.items():
-            dist_checkpointing.save(role.sharded_state(is_loading=False, sharding=self.sharding), os.path.join(tmp, name))
+            with quiet_dist_checkpointing():
+                dist_checkpointing.save(role.sharded_state(is_loading=False, sharding=self.sharding), os.path.join(tmp, name))
         torch.save(rng_state(), os.path.join(tmp, "rng", f"rank{rank:05d}.pt"))
         if rank == 0:
             torch.save(extra or {}, os.path.join(tmp, "extra.pt"))
@@ -348,7 +349,8 @@ class CheckpointManager:
             if with_opt:
                 prepare_for_state_load(role.optimizer)
             state = role.sharded_state(is_loading=True, sharding=meta.get("optimizer_sharding", self.sharding), with_optimizer=with_opt)
-            loaded = dist_checkpointing.load(state, os.path.join(path, name))
+            with quiet_dist_checkpointing():
+                loaded = dist_checkpointing.load(state, os.path.join(path, name))
             load_model_state(role.chunks, loaded)
             if with_opt:
                 with run_settings_win(role.optimizer, role.scheduler):
