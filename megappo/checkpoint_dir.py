@@ -25,6 +25,8 @@ import shutil
 import time
 from typing import Optional
 
+from megappo.weights.export import fsync_dir
+
 log = logging.getLogger("megappo")
 
 META = "meta.json"
@@ -176,14 +178,6 @@ def point_latest(ckpt_dir: str, name: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(ckpt_dir, LATEST))
     fsync_dir(ckpt_dir)
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def prune_hf_exports(hf_dir: str, keep_last: int) -> list[str]:
