@@ -133,6 +133,14 @@ def test_unreadable_model_config_is_skipped(tmp_path: Path) -> None:
          "algo.kl_penalty=full with algo.add_token_level_kl=true"),
         (["algo.preset=grpo", "algo.kl_penalty=full", "parallel.pipeline_model_parallel_size=2"],
          r"algo.kl_penalty=full with algo.use_kl_loss=true needs parallel.pipeline_model_parallel_size=1 \(got 2\)"),
+        # the reliability keys are checked by the dry run too, not first at step N
+        (["checkpoint.keep_last_hf=-1"], "checkpoint.keep_last_hf must be >= 0, got -1"),
+        (["reward.batch_timeout_s=-5"], "reward.batch_timeout_s must be >= 0"),
+        (["reward.max_failed_fraction=1.5"], "reward.max_failed_fraction must be <= 1.0, got 1.5"),
+        (["reward.max_failed_fraction=-0.1"], "reward.max_failed_fraction must be >= 0"),
+        (["reward.max_failed_batches=0"], "reward.max_failed_batches must be >= 1, got 0"),
+        (["checkpoint.resume=never", "checkpoint.resume_from=3"],
+         "checkpoint.resume=never contradicts checkpoint.resume_from='3'"),
     ],
 )
 def test_invalid_combinations(overrides: list[str], needle: str) -> None:

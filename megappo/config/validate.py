@@ -52,7 +52,7 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
         "data.max_eval_samples", "train.steps", "train.rollout_batch_size", "train.mini_batch_size",
         "train.max_tokens_per_microbatch", "algo.ppo_epochs", "algo.max_sampling_rounds",
         "algo.kl_horizon", "algo.overlong_buffer_len", "reward.num_workers", "checkpoint.keep_last",
-        "logging.console_every", "model.recompute_num_layers", "model.fp8.amax_history_len",
+        "reward.max_failed_batches", "logging.console_every", "model.recompute_num_layers", "model.fp8.amax_history_len",
         "optim.lr_decay_steps",
     )),
     *((p, 0, True) for p in (
@@ -60,8 +60,8 @@ _LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
         "algo.critic_warmup_steps", "optim.lr", "optim.critic_lr", "optim.min_lr", "optim.weight_decay",
         "optim.clip_grad", "algo.entropy_coef", "algo.kl_loss_coef", "algo.init_kl_coef",
         "algo.value_loss_coef", "algo.overlong_penalty_factor", "algo.adv_norm.eps",
-        "model.value_head_init_std",
-        "rollout.eval_temperature", "algo.gamma", "algo.lambd", "optim.adam_beta1", "optim.adam_beta2",
+        "model.value_head_init_std", "checkpoint.keep_last_hf", "reward.batch_timeout_s",
+        "reward.max_failed_fraction", "rollout.eval_temperature", "algo.gamma", "algo.lambd", "optim.adam_beta1", "optim.adam_beta2",
     )),
     *((p, 0, False) for p in (
         "rollout.temperature", "rollout.server_timeout_s", "reward.timeout_s", "optim.adam_eps",
@@ -75,6 +75,7 @@ _UPPER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("rollout.top_p", 1.0, True), ("algo.gamma", 1.0, True), ("algo.lambd", 1.0, True),
     ("algo.pg_clip", 1.0, False), ("algo.pg_clip_low", 1.0, False), ("algo.pg_clip_high", 1.0, False),
     ("optim.adam_beta1", 1.0, False), ("optim.adam_beta2", 1.0, False),
+    ("reward.max_failed_fraction", 1.0, True),
 )
 
 
@@ -127,6 +128,10 @@ def _check_ranges(cfg: Config) -> None:
         value = get(cfg, path)
         if value is not None and (value > high if inclusive else value >= high):
             raise ConfigError(f"{path} must be {'<=' if inclusive else '<'} {high}, got {value}")
+    if cfg.checkpoint.resume == "never" and cfg.checkpoint.resume_from is not None:
+        raise ConfigError(
+            f"checkpoint.resume=never contradicts checkpoint.resume_from={cfg.checkpoint.resume_from!r}: set one of them"
+        )
     if cfg.rollout.top_k != -1 and cfg.rollout.top_k < 1:
         raise ConfigError(f"rollout.top_k must be -1 (disabled) or >= 1, got {cfg.rollout.top_k}")
 
