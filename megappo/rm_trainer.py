@@ -88,12 +88,16 @@ def use_chat_template(mode: str, tokenizer) -> bool:
 
 
 def is_reward_model_dir(hf_dir: str) -> bool:
-    """Whether ``config.json`` names a ``*ForSequenceClassification`` architecture."""
+    """Whether ``config.json`` names a ``*ForSequenceClassification`` architecture (False
+    when it is missing or unreadable: the causal-LM path then reports that)."""
     import json
 
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        archs = json.load(f).get("architectures") or []
-    return any(a.endswith("ForSequenceClassification") for a in archs)
+    try:
+        with open(os.path.join(hf_dir, "config.json")) as f:
+            archs = json.load(f).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any(isinstance(a, str) and a.endswith("ForSequenceClassification") for a in archs)
 
 
 def reward_hf_config(hf_config: dict, tokenizer) -> dict:

@@ -130,6 +130,21 @@ def test_a_causal_lm_or_several_labels_is_not_a_reward_model(tmp_path):
     assert reward_spec(ok).family == "qwen3"
 
 
+def test_conversion_tool_sends_a_classifier_to_the_reward_checks(tmp_path, capsys):
+    """tools/convert_hf_to_megatron.py given a two-label classifier: the reward converter's
+    one-line error (exit 2), not the causal-LM path's complaint about a missing lm_head."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tool_hf2m", REPO_ROOT / "tools" / "convert_hf_to_megatron.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    two = make_tiny_hf_reward_model(tmp_path, "llama", layers=2, num_labels=2, name="two", tokenizer=False)
+    assert tool.main(["--hf-dir", str(two), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "num_labels=2" in err and "lm_head" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_reward_tensor_problems_name_each_tensor(tmp_path):
     from megappo.models.spec import ModelSpec
     from megappo.weights.reward import expected_reward_shapes, tensor_problems

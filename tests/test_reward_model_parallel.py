@@ -111,10 +111,16 @@ def test_compare_tool_rows(runs, phase):
     assert (row["tp"], row["pp"]) == (tp, pp) and len(set(row["lengths"])) == row["num_seqs"]
 
 
-def test_conversion_tp2_to_pp2_is_bit_exact(runs):
+def test_conversion_tools_dispatch_to_the_reward_converter_bit_exact(runs):
+    """tools/convert_hf_to_megatron.py at TP=2 and tools/convert_megatron_to_hf.py at PP=2,
+    given a reward model, keep its score head: HF -> Megatron -> HF is bit-exact, and a
+    train_rm checkpoint (started from a causal LM) exports what that run exported itself."""
+    assert all(r["convert/hf2m_rc"] == 0 for r in runs[0]("tp2"))
     res = _rank0(runs, "pp2")
-    assert res["convert/mismatch"] == []
+    assert res["convert/m2hf_rc"] == 0 and res["convert/train_m2hf_rc"] == 0
+    assert res["convert/mismatch"] == [] and res["convert/train_mismatch"] == []
     assert res["convert/architectures"] == ["Qwen2ForSequenceClassification"]
+    assert res["convert/train_architectures"] == ["Qwen2ForSequenceClassification"]
 
 
 @pytest.mark.parametrize("phase", ["tp2", "pp2", "dp2"])

@@ -1,6 +1,7 @@
 """Convert an HF model directory into a Megatron distributed checkpoint (loadable at any
 TP / PP: dist_checkpointing reshards on load), plus ``megappo_model.json`` (spec, HF
-config, source directory). Streams safetensors: memory stays near one copy of the model.
+config, source directory); a reward model (``*ForSequenceClassification``) keeps its
+``score`` head. Streams safetensors: memory stays near one copy of the model.
 
     python tools/convert_hf_to_megatron.py --hf-dir MODEL --out CKPT               # one process
     torchrun --nproc-per-node 4 tools/convert_hf_to_megatron.py --hf-dir MODEL --out CKPT --tp 2 --pp 2

@@ -3,7 +3,9 @@ config.json, generation config and tokenizer files) that
 ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
 
 --ckpt takes a model checkpoint of tools/convert_hf_to_megatron.py, a training checkpoint
-``step_N`` (its actor), or a checkpoint directory (its ``latest``).
+``step_N`` (its actor), or a checkpoint directory (its ``latest``). A reward model (a model
+checkpoint of role ``reward``, or a ``megappo.train_rm`` checkpoint) exports as the family's
+``*ForSequenceClassification``.
 
     python tools/convert_megatron_to_hf.py --ckpt runs/x/checkpoints --out runs/x/hf
     python tools/convert_megatron_to_hf.py --ckpt CKPT --out OUT --hf-config ORIGINAL_MODEL_DIR

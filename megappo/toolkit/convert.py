@@ -4,6 +4,8 @@ logic behind ``tools/convert_hf_to_megatron.py`` and ``tools/convert_megatron_to
 Both run as a plain process (world of one, TP=1 / PP=1) or under ``torchrun`` at a given
 TP / PP; a distributed checkpoint reshards on load, so the layout only bounds memory and
 time. The HF side streams one tensor at a time (``load_hf_into_model`` / ``save_hf``).
+A reward model (an HF ``*ForSequenceClassification``, or a checkpoint of role ``reward``)
+goes to ``megappo.toolkit.convert_reward_model``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from megappo.checkpoint import LATEST, META, CheckpointManager, read_meta
 from megappo.models.builder import BuildOptions, build_model_chunks
 from megappo.models.spec import ModelSpec
 from megappo.parallel.state import init_parallel
+from megappo.rm_trainer import is_reward_model_dir
+from megappo.toolkit.convert_reward_model import convert_reward_hf_to_megatron, export_reward_source, is_reward_checkpoint
 from megappo.weights.export import DEFAULT_MAX_SHARD_BYTES, TOKENIZER_FILES, is_hf_export, save_hf
 from megappo.weights.hf_io import HFCheckpoint
 from megappo.weights.megatron_ckpt import MODEL_META, load_megatron_model, read_model_meta, save_megatron_model
@@ -70,6 +74,15 @@ def convert_hf_to_megatron(
     keeps the dtype ``config.json`` declares when it is bfloat16 or float32 (else float32)."""
 
     check_megatron_out(out_dir)
+    if is_reward_model_dir(hf_dir):  # a *ForSequenceClassification: score head, role "reward"
+        if vpp is not None:
+            raise ValueError("--vpp: a reward model has no virtual pipeline stages")
+        if dtype is None:
+            with open(os.path.join(hf_dir, "config.json")) as f:
+                declared = config_dtype(json.load(f))
+            dtype = declared if declared in (torch.bfloat16, torch.float32) else torch.float32
+        convert_reward_hf_to_megatron(hf_dir, out_dir, tp=tp, pp=pp, dtype=dtype)
+        return
     spec = ModelSpec.from_hf_dir(hf_dir)
     with HFCheckpoint(hf_dir) as ckpt:  # fail on a bad directory before starting Megatron
         validate_hf_dir(spec, ckpt)
@@ -200,10 +213,15 @@ def convert_megatron_to_hf(
     is replaced whole: see ``check_hf_out`` for what is refused (``overwrite`` allows a
     non-empty directory that is not an earlier export)."""
 
-    if role != "actor":
-        raise ValueError(f"only the actor converts to an HF causal LM (got role {role!r})")
+    if role == "actor" and is_reward_checkpoint(ckpt):  # a reward model: a *ForSequenceClassification export
+        role = "reward"
+    if role not in ("actor", "reward"):
+        raise ValueError(f"only the actor (an HF causal LM) or a reward model converts to HF (got role {role!r})")
     src = resolve_model_source(ckpt, role=role, hf_config_dir=hf_config_dir)
     check_hf_out(out_dir, ckpt=ckpt, overwrite=overwrite)
+    if role == "reward":
+        export_reward_source(src, ckpt, out_dir, tp=tp, pp=pp, dtype=dtype or config_dtype(src.hf_config), max_shard_bytes=max_shard_bytes)
+        return
     chunks = _build_actor(ModelSpec(**src.spec_dict), tp, pp, None, torch.float32)
     load_megatron_model(chunks, src.dist_dir, spec_dict=src.spec_dict)
     if src.tokenizer_dir is None:

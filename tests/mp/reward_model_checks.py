@@ -139,23 +139,42 @@ def check_resume(ctx, res: dict) -> None:
     res["resume/steps"] = [r["step"] for r in _metrics(cut)]
 
 
+def _tool_main(name: str):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.normpath(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
 def check_convert(ctx, tag: str, res: dict) -> None:
+    """The conversion CLIs (``tools/convert_*.py``) find the reward model themselves: an HF
+    ``*ForSequenceClassification`` in at TP=2, the model checkpoint out at PP=2, and the
+    ``train_rm`` training checkpoint of phase tp2 out at PP=2 (against that run's own export)."""
     import torch.distributed as dist
     from hf_fixtures import read_hf_state
 
-    from megappo.toolkit.convert_reward_model import convert_reward_hf_to_megatron, convert_reward_megatron_to_hf
+    def mismatch(a_dir, b_dir):
+        a, b = read_hf_state(a_dir), read_hf_state(b_dir)
+        return sorted(set(a) ^ set(b)) + [n for n in a if n in b and not torch.equal(a[n], b[n])]
 
     mcore = os.path.join(ctx.work, "rm-mcore-tp2")
     if tag == "tp2":
-        convert_reward_hf_to_megatron(ctx.zoo["rm-qwen2-tied"], mcore, tp=2)
+        res["convert/hf2m_rc"] = _tool_main("convert_hf_to_megatron")(["--hf-dir", ctx.zoo["rm-qwen2-tied"], "--out", mcore, "--tp", "2"])
     if tag == "pp2":
-        out = os.path.join(ctx.work, "rm-from-mcore")
-        convert_reward_megatron_to_hf(mcore, out, pp=2)
+        out, trained = os.path.join(ctx.work, "rm-from-mcore"), os.path.join(ctx.work, "rm-from-train-ckpt")
+        res["convert/m2hf_rc"] = _tool_main("convert_megatron_to_hf")(["--ckpt", mcore, "--out", out, "--pp", "2"])
+        train_ckpt = os.path.join(ctx.work, "train-tp2", "checkpoints")
+        res["convert/train_m2hf_rc"] = _tool_main("convert_megatron_to_hf")(["--ckpt", train_ckpt, "--out", trained, "--pp", "2"])
         if dist.get_rank() == 0:
-            a, b = read_hf_state(ctx.zoo["rm-qwen2-tied"]), read_hf_state(out)
-            res["convert/mismatch"] = sorted(set(a) ^ set(b)) + [n for n in a if n in b and not torch.equal(a[n], b[n])]
-            with open(os.path.join(out, "config.json")) as f:
-                res["convert/architectures"] = json.load(f)["architectures"]
+            res["convert/mismatch"] = mismatch(ctx.zoo["rm-qwen2-tied"], out)
+            res["convert/train_mismatch"] = mismatch(os.path.join(ctx.work, "train-tp2", "hf"), trained)
+            for key, d in (("convert/architectures", out), ("convert/train_architectures", trained)):
+                with open(os.path.join(d, "config.json")) as f:
+                    res[key] = json.load(f)["architectures"]
+        dist.barrier()
 
 
 def check_loop_reward_model(ctx, res: dict) -> None:
