@@ -271,6 +271,15 @@ def test_rm_recipe_dry_runs():
     assert "reward_train:" in r.stdout and "preferences_train.jsonl" in r.stdout and "must be the HF directory" in r.stderr
 
 
+def test_gsm8k_rm_recipe_is_ppo_with_only_the_reward_model_on_one_8_gpu_node():
+    from megappo.config import load_config
+
+    cfg = load_config(REPO_ROOT / "recipes" / "gsm8k_ppo_rm.yaml", world_size=8)
+    assert cfg.algo.preset == "ppo" and cfg.rollout.engine == "sglang"
+    rm = cfg.reward.model
+    assert rm.hf_path.startswith("/path/to/") and (rm.weight, rm.rule_weight, rm.on_cpu) == (1.0, 0.0, True)
+
+
 @pytest.mark.slow
 def test_compare_reward_model_tool_prints_json_and_refuses_a_causal_lm(tmp_path):
     """One process (world 1); the tool's TP=2 / PP=2 runs are in test_reward_model_parallel.py."""
