@@ -280,6 +280,23 @@ def test_gsm8k_rm_recipe_is_ppo_with_only_the_reward_model_on_one_8_gpu_node():
     assert rm.hf_path.startswith("/path/to/") and (rm.weight, rm.rule_weight, rm.on_cpu) == (1.0, 0.0, True)
 
 
+def test_reward_model_layout_is_the_actors_and_a_misfit_names_the_fields(tmp_path):
+    """The reward model has no TP x PP of its own: one whose heads or layers the actor's
+    layout does not divide is a config error naming the parallel field and reward.model.hf_path."""
+    from megappo.config import ConfigError, load_config
+
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"], "num_labels": 1,
+                                                 "num_attention_heads": 6, "num_key_value_heads": 3, "num_hidden_layers": 3}))
+    base = ["algo.preset=grpo", "parallel.device=cpu", "rollout.engine=embedded", f"reward.model.hf_path={rm}"]
+    with pytest.raises(ConfigError, match=r"parallel.tensor_model_parallel_size=2 does not divide num_key_value_heads=3 of reward.model.hf_path=.*actor's TP x PP"):
+        load_config(None, [*base, "parallel.tensor_model_parallel_size=2"])
+    with pytest.raises(ConfigError, match=r"parallel.pipeline_model_parallel_size=2 does not divide num_hidden_layers=3 of reward.model.hf_path="):
+        load_config(None, [*base, "parallel.pipeline_model_parallel_size=2"])
+    assert load_config(None, [*base, "parallel.tensor_model_parallel_size=3"]).reward.model.hf_path == str(rm)
+
+
 @pytest.mark.slow
 def test_compare_reward_model_tool_prints_json_and_refuses_a_causal_lm(tmp_path):
     """One process (world 1); the tool's TP=2 / PP=2 runs are in test_reward_model_parallel.py."""

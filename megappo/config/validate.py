@@ -136,6 +136,22 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"rollout.top_k must be -1 (disabled) or >= 1, got {cfg.rollout.top_k}")
 
 
+def _check_reward_model_layout(path: Optional[str], tp: int, pp: int) -> None:
+    """The reward model (``reward.model.hf_path``) runs with the actor's TP x PP: Megatron's
+    model-parallel groups are one per process, so it has no layout of its own."""
+    hf = read_hf_config(path)
+    if hf is None:
+        return
+    why = f"of reward.model.hf_path={path} (the reward model runs with the actor's TP x PP; it has no layout of its own)"
+    heads = hf.get("num_attention_heads")
+    for name, n in (("num_attention_heads", heads), ("num_key_value_heads", hf.get("num_key_value_heads") or heads)):
+        if isinstance(n, int) and n % tp:
+            raise ConfigError(f"parallel.tensor_model_parallel_size={tp} does not divide {name}={n} {why}")
+    layers = hf.get("num_hidden_layers")
+    if isinstance(layers, int) and layers % pp:
+        raise ConfigError(f"parallel.pipeline_model_parallel_size={pp} does not divide num_hidden_layers={layers} {why}")
+
+
 def _check_parallel(cfg: Config, world_size: Optional[int]) -> None:
     par = cfg.parallel
     tp, pp, vpp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.virtual_pipeline_model_parallel_size
@@ -159,6 +175,7 @@ def _check_parallel(cfg: Config, world_size: Optional[int]) -> None:
         if isinstance(layers, int) and layers % (pp * (vpp or 1)):
             what_pp = f"pipeline_model_parallel_size={pp}" + (f" x virtual_pipeline_model_parallel_size={vpp}" if vpp else "")
             raise ConfigError(f"parallel.{what_pp} = {pp * (vpp or 1)} does not divide num_hidden_layers={layers} {where}")
+    _check_reward_model_layout(cfg.reward.model.hf_path, tp, pp)
     if world_size is None:
         return
     dp = data_parallel_size(cfg, world_size)
