@@ -297,3 +297,84 @@ def test_shutdown():
     engine.shutdown()
     with pytest.raises(RolloutEngineError, match="shut down"):
         engine.health()
+
+
+def _in_thread(fn):
+    import threading
+
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, box
+
+
+@pytest.fixture(scope="module")
+def no_eos():
+    """An engine with no stop ids (responses run to max_new_tokens) and its trainer."""
+    cfg, trainer = make_trainer_model("llama")
+    engine = EmbeddedEngine(cfg, eos_token_ids=[])
+    stream_to_engine(hf_tensors(trainer), engine, bucket_mb=0.05)
+    return trainer, engine
+
+
+def test_pause_and_continue_change_nothing_in_the_samples(no_eos):
+    import time
+
+    _, engine = no_eos
+    p = SamplingParams(n=2, temperature=1.0, max_new_tokens=300, seed=5)
+    reference = engine.generate(PROMPTS[:2], p)
+    t, box = _in_thread(lambda: engine.generate(PROMPTS[:2], p))
+    time.sleep(0.2)
+    engine.pause_generation()
+    time.sleep(1.0)
+    assert t.is_alive(), box
+    engine.continue_generation()
+    t.join(120)
+    assert box.get("value") == reference, box.get("error")
+
+    engine.pause_generation("in_place")  # a call sent while paused waits, then runs
+    t, box = _in_thread(lambda: engine.generate(PROMPTS[:2], p))
+    time.sleep(0.5)
+    assert t.is_alive() and not box
+    engine.continue_generation()
+    t.join(120)
+    assert box.get("value") == reference, box.get("error")
+    with pytest.raises(ValueError, match="pause_generation mode"):
+        engine.pause_generation("later")
+
+
+def test_abort_keeps_the_tokens_so_far_and_their_logprobs(no_eos):
+    import time
+
+    trainer, engine = no_eos
+    p = SamplingParams(n=2, temperature=1.0, max_new_tokens=100_000, seed=6)
+    t, box = _in_thread(lambda: engine.generate(PROMPTS, p))
+    time.sleep(1.0)
+    engine.abort_requests()
+    t.join(60)
+    assert not t.is_alive() and "error" not in box, box
+    samples = [s for group in box["value"] for s in group]
+    assert len(samples) == len(PROMPTS) * 2
+    assert all(s.finish_reason == "abort" and 0 < len(s.token_ids) < 100_000 for s in samples)
+    assert max_logprob_diff(trainer, PROMPTS, box["value"], 1.0) < 1e-4
+    # an abort ends the calls in flight only; pausing in "abort" mode also stays paused
+    after = engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=5, seed=1))
+    assert after[0][0].finish_reason == "length" and len(after[0][0].token_ids) == 5
+    t, box = _in_thread(lambda: engine.generate(PROMPTS[:1], p))
+    time.sleep(0.5)
+    engine.pause_generation("abort")
+    t.join(60)
+    assert [s.finish_reason for s in box["value"][0]] == ["abort", "abort"], box
+    t, box = _in_thread(lambda: engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=5, seed=1)))
+    time.sleep(0.5)
+    assert t.is_alive()
+    engine.continue_generation()
+    t.join(60)
+    assert box.get("value") == after, box

@@ -44,7 +44,8 @@ LLAMA = [
     "refuses_before_first_sync", "sync_flattened_buckets_and_checksum", "n_samples_and_finish_reasons",
     "logprobs_temperature_vs_transformers", "greedy_is_argmax_with_t1_logprobs", "top_k_1_and_tiny_top_p_sample_the_argmax",
     "stop_token_ids_end_and_keep_the_token", "seed_is_accepted_not_reproducible", "update_weights_then_logprobs_match_new_weights",
-    "failed_update_refuses_to_generate_until_a_full_sync", "release_and_resume", "health", "hung_engine_times_out",
+    "failed_update_refuses_to_generate_until_a_full_sync", "release_and_resume", "health", "pause_continue_and_abort",
+    "hung_engine_times_out",
     "shutdown_ends_processes",
 ]
 FAMILIES = [f"{f}_{c}" for f in ("qwen2", "qwen3", "mistral") for c in ("logprobs", "checksum")]

@@ -187,13 +187,27 @@ def test_pause_continue_and_abort(servers):
     assert not t.is_alive() and "error" not in box, box
     assert len(box["value"][0][0].token_ids) == 600
 
-    t, box = _in_thread(lambda: engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=3000)))
-    time.sleep(2)
+    # requests sent while paused, to both servers (they hold every generation thread), resume
+    engine.pause_generation("retract")
+    t, box = _in_thread(lambda: engine.generate(PROMPTS, SamplingParams(max_new_tokens=8)))
+    time.sleep(2.0)
+    assert t.is_alive() and not box
+    t0 = time.monotonic()
+    engine.continue_generation()
+    t.join(120)
+    assert not t.is_alive() and "error" not in box, box
+    assert time.monotonic() - t0 < 60 and [len(g[0].token_ids) for g in box["value"]] == [8] * len(PROMPTS)
+
+    # abort: the samples end with finish reason "abort", their tokens so far and log-probs
+    t, box = _in_thread(lambda: engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=3000)))
+    time.sleep(3)
     assert t.is_alive()
-    engine.abort_generation()
+    engine.abort_requests()
     t.join(60)
-    assert not t.is_alive()
-    assert isinstance(box.get("error"), RolloutEngineError) and "abort" in str(box["error"]), box
+    assert not t.is_alive() and "error" not in box, box
+    samples = [g[0] for g in box["value"]]
+    assert all(s.finish_reason == "abort" and 0 < len(s.token_ids) < 3000 for s in samples), samples
+    assert hf_max_diff(servers["model"], box["value"], PROMPTS[:2], 1.0) <= 1e-4
     with pytest.raises(ValueError, match="pause_generation mode"):
         engine.pause_generation("later")
     engine.health()

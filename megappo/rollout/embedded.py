@@ -16,17 +16,35 @@ of every unfinished row. Rows that end (EOS / stop id, kept in the response, or
 from; greedy at T = 0 with T = 1 log-probs). Sample j of prompt i (counted over the whole
 call) draws from its own generator seeded by ``row_seed(seed, i, j)``, so a call is
 deterministic under ``SamplingParams.seed`` whatever ``max_batch_rows`` is.
+
+Pause / continue / abort (another thread calls them while ``generate`` runs): decoding
+checks before each forward pass; a paused call waits there, holding its KV cache (a weight
+update made meanwhile applies to later forward passes; the cached keys and values of earlier
+tokens stay those of the old weights: ``retract`` and ``in_place`` behave alike here). An
+abort ends every row of every call then in flight with ``finish_reason="abort"`` and the
+tokens drawn so far; calls started later are not affected.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import threading
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import torch
 
-from megappo.rollout.engine import Bucket, Progress, RolloutEngine, RolloutEngineError, Sample, SamplingParams, checksum_of
+from megappo.rollout.engine import (
+    PAUSE_MODES,
+    Bucket,
+    PauseMode,
+    Progress,
+    RolloutEngine,
+    RolloutEngineError,
+    Sample,
+    SamplingParams,
+    checksum_of,
+)
 from megappo.rollout.sampling import choose_tokens, row_seed
 
 if TYPE_CHECKING:
@@ -97,6 +115,36 @@ class EmbeddedEngine(RolloutEngine):
         self._ready = False
         self._offloaded = False
         self._closed = False
+        self._control = threading.Condition()
+        self._paused = False
+        self._aborts = 0  # abort_requests calls so far; a call in flight notes the count it started at
+
+    # ------------------------------------------------- partial-rollout controls
+
+    def pause_generation(self, mode: PauseMode = "retract") -> None:
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"pause_generation mode must be one of {PAUSE_MODES}; got {mode!r}")
+        with self._control:
+            self._paused = True
+            if mode == "abort":
+                self._aborts += 1
+            self._control.notify_all()
+
+    def continue_generation(self) -> None:
+        with self._control:
+            self._paused = False
+            self._control.notify_all()
+
+    def abort_requests(self) -> None:
+        with self._control:
+            self._aborts += 1
+            self._control.notify_all()
+
+    def _may_go_on(self, aborts_at_start: int) -> bool:
+        """Wait while paused; False once an abort came after the call started."""
+        with self._control:
+            self._control.wait_for(lambda: not self._paused or self._aborts != aborts_at_start)
+            return self._aborts == aborts_at_start
 
     # ---------------------------------------------------------------- weights
 
@@ -155,9 +203,17 @@ class EmbeddedEngine(RolloutEngine):
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
         per_chunk = max(1, (self.max_batch_rows or len(prompts) * params.n) // params.n)
         results: list[list[Sample]] = []
+        with self._control:
+            aborts = self._aborts
         try:
             for start in range(0, len(prompts), per_chunk):
-                results.extend(self._generate_chunk(prompts[start : start + per_chunk], start, params, seed, on_progress))
+                chunk = prompts[start : start + per_chunk]
+                if not self._may_go_on(aborts):
+                    results.extend([Sample([], [], "abort") for _ in range(params.n)] for _ in chunk)
+                    if on_progress is not None:
+                        on_progress(len(chunk))
+                    continue
+                results.extend(self._generate_chunk(chunk, start, params, seed, on_progress, aborts))
         except RolloutEngineError:
             raise
         except Exception as e:
@@ -176,7 +232,13 @@ class EmbeddedEngine(RolloutEngine):
 
     @torch.no_grad()
     def _generate_chunk(
-        self, prompts: Sequence[Sequence[int]], first: int, params: SamplingParams, seed: int, on_progress: Optional[Progress]
+        self,
+        prompts: Sequence[Sequence[int]],
+        first: int,
+        params: SamplingParams,
+        seed: int,
+        on_progress: Optional[Progress],
+        aborts: int,
     ) -> list[list[Sample]]:
         from transformers import DynamicCache
 
@@ -230,6 +292,12 @@ class EmbeddedEngine(RolloutEngine):
             if done and on_progress is not None:
                 on_progress(done)
             if not keep:
+                break
+            if not self._may_go_on(aborts):
+                for k in keep:
+                    reasons[rows[k]] = "abort"
+                if on_progress is not None:
+                    on_progress(sum(1 for u in unfinished if u > 0))
                 break
             if len(keep) < len(rows):
                 idx = torch.tensor(keep, device=dev)

@@ -44,7 +44,11 @@ if TYPE_CHECKING:
     from megappo.config.schema import RolloutConfig
     from megappo.parallel.state import ParallelLayout
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "abort"]
+"""``abort``: ended by ``abort_requests`` (or a pause in ``abort`` mode) with the tokens
+generated so far and their log-probs."""
+PauseMode = Literal["retract", "abort", "in_place"]
+PAUSE_MODES: tuple[str, ...] = ("retract", "abort", "in_place")
 Bucket = Sequence[tuple[str, torch.Tensor]]
 Progress = Callable[[int], object]
 """``on_progress(k)``: ``k`` more prompts have all their samples."""
@@ -118,7 +122,7 @@ class Sample:
 
     def __post_init__(self):
         assert len(self.token_ids) == len(self.logprobs), (len(self.token_ids), len(self.logprobs))
-        assert self.finish_reason in ("stop", "length"), self.finish_reason
+        assert self.finish_reason in ("stop", "length", "abort"), self.finish_reason
 
 
 class RolloutEngine(abc.ABC):
@@ -146,6 +150,29 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def update_weights(self, buckets: Iterable[Bucket]) -> None:
         """Load every weight of the model from buckets of ``(hf_name, full_tensor)``."""
+
+    # Partial rollouts (asynchronous RL builds on these). They may be called from another
+    # thread while ``generate`` runs; ``generate`` calls made while paused wait for
+    # ``continue_generation`` (or return aborted at once after ``abort_requests``).
+
+    def pause_generation(self, mode: PauseMode = "retract") -> None:
+        """Stop decoding at the next token boundary until ``continue_generation``.
+        ``retract``: in-flight requests keep their tokens and go on after continue (SGLang
+        recomputes their KV cache, so a weight update made while paused applies to every
+        later token; the embedded engine keeps its cache, see its docstring); ``in_place``:
+        they keep their KV cache as it is; ``abort``: they end now (``abort_requests``) and
+        the engine stays paused."""
+        raise RolloutEngineError(f"{self.name}: pause_generation is not supported")
+
+    def continue_generation(self) -> None:
+        """Resume decoding after ``pause_generation`` (a no-op when not paused)."""
+        raise RolloutEngineError(f"{self.name}: continue_generation is not supported")
+
+    def abort_requests(self) -> None:
+        """End every request in flight now: each of their samples comes back from
+        ``generate`` with ``finish_reason == "abort"``, the tokens generated so far and their
+        log-probs (possibly none). Requests sent later run normally."""
+        raise RolloutEngineError(f"{self.name}: abort_requests is not supported")
 
     def release_memory(self) -> None:
         """Free the engine's accelerator memory for training (no-op where not shared)."""

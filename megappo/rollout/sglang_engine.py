@@ -36,6 +36,12 @@ generation resumes everything.
 SGLang keeps fused, sharded parameters that are not HF-named, so only a few tensors' first
 rows are read, with ``get_weights_by_name`` (Llama-like models only). Progress:
 ``Engine.generate`` returns all prompts at once, so ``on_progress`` is told at the end.
+
+Pause / continue / abort: SGLang's ``Engine`` has no methods for them; they are SGLang's
+tokenizer-manager calls (what its HTTP server's routes call), run on the engine's event
+loop, which a ``generate`` in flight holds. While a ``generate`` holds it, any other call
+(a weight update included) is refused with a ``RolloutEngineError`` saying so: with the
+colocated engine, pause in ``abort`` mode (or let the call return) before a weight update.
 """
 
 from __future__ import annotations
@@ -54,7 +60,16 @@ import torch
 
 from megappo.parallel import sglang_cpu
 from megappo.parallel.sglang_cpu import cpu_server_args
-from megappo.rollout.engine import Bucket, Progress, RolloutEngine, RolloutEngineError, Sample, SamplingParams
+from megappo.rollout.engine import (
+    PAUSE_MODES,
+    Bucket,
+    PauseMode,
+    Progress,
+    RolloutEngine,
+    RolloutEngineError,
+    Sample,
+    SamplingParams,
+)
 from megappo.rollout.sglang_ports import engine_ports, local_slot
 from megappo.rollout.sglang_protocol import (
     check_result,
@@ -190,6 +205,8 @@ class SGLangEngine(RolloutEngine):
         self._stuck: str | None = None
         self._spots: dict[str, tuple[int, ...]] | None = None
         self._died: str | None = None
+        self._loop_lock = threading.Lock()  # held by the call running SGLang's event loop
+        self._aborts = 0  # abort_requests / pause("abort") calls so far (parse_samples' aborted)
         _fresh_event_loop_if_taken()
         try:
             self._engine = sglang.Engine(**args)  # main thread: SGLang installs signal handlers here
@@ -210,16 +227,37 @@ class SGLangEngine(RolloutEngine):
 
         signal.signal(signal.SIGQUIT, on_child_failure)
 
-    def _call(self, what: str, method: str, *args, **kwargs) -> Any:
-        """``Engine.<method>(*args, **kwargs)`` on the worker thread, bounded by ``timeout_s``; SGLang's
-        failures (exceptions, ``(False, message)`` answers) become ``RolloutEngineError``."""
+    def _check_usable(self, what: str) -> None:
         if self._died is not None:
             raise RolloutEngineError(f"{self.name}: refused: {self._died}")
         if self._stuck is not None:
             raise RolloutEngineError(f"{self.name}: refused: an earlier call ({self._stuck}) never returned")
         if self._engine is None:
             raise RolloutEngineError(f"{self.name}: {what} after shutdown")
-        future = _in_daemon_thread(getattr(self._engine, method), *args, **kwargs)
+
+    def _call(self, what: str, method: Any, *args, **kwargs) -> Any:
+        """``Engine.<method>(*args, **kwargs)`` (or ``method(...)`` when callable) on a worker
+        thread that holds the engine's event loop, bounded by ``timeout_s``; SGLang's failures
+        (exceptions, ``(False, message)`` answers) become ``RolloutEngineError``. A call while
+        another holds the loop (a ``generate`` running or paused) is refused: SGLang's
+        ``Engine`` runs one call at a time on its loop."""
+        self._check_usable(what)
+        fn = getattr(self._engine, method) if isinstance(method, str) else method
+        if not self._loop_lock.acquire(blocking=False):
+            raise RolloutEngineError(
+                f"{self.name}: {what} while a generate call holds the engine (running or paused); "
+                "continue_generation or abort_requests and let it return first"
+            )
+
+        def holding_loop():
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._loop_lock.release()
+
+        return self._wait(what, _in_daemon_thread(holding_loop))
+
+    def _wait(self, what: str, future: Future) -> Any:
         deadline = time.monotonic() + self.timeout_s
         try:
             while True:  # wake every second to notice a child's death (SIGQUIT) before the timeout
@@ -248,11 +286,67 @@ class SGLangEngine(RolloutEngine):
         if not self._ready:
             raise RolloutEngineError(f"{self.name}: no complete weight sync yet (or the last one failed); cannot generate")
         self.resume_memory()
+        aborts = self._aborts
         out = self._call("generate", "generate", **generate_request(prompts, params, self.eos_token_ids))
-        samples = parse_samples(out, len(prompts), params.n, self.name)
+        samples = parse_samples(out, len(prompts), params.n, self.name, aborted=self._aborts != aborts)
         if on_progress is not None:
             on_progress(len(prompts))
         return samples
+
+    # ------------------------------------------------- partial-rollout controls
+
+    def _control(self, what: str, make_coro) -> None:
+        """Run a coroutine of SGLang's tokenizer manager on the engine's event loop: queued
+        onto it while a ``generate`` runs it (the only way to reach a paused call), else run
+        here with the loop held like any call."""
+        self._check_usable(what)
+        loop = self._engine.loop
+        future = asyncio.run_coroutine_threadsafe(make_coro(), loop)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return check_result(future.result(timeout=0.2), what, self.name)
+            except FutureTimeout:
+                pass
+            if self._loop_lock.acquire(blocking=False):  # nobody runs the loop: run it until ours is done
+                self._loop_lock.release()
+                try:
+                    self._call(what, lambda: loop.run_until_complete(asyncio.wrap_future(future, loop=loop)))
+                except RolloutEngineError:
+                    if self._stuck is not None:
+                        raise  # otherwise a generate took the loop meanwhile; it runs ours
+                else:
+                    return None
+            if time.monotonic() >= deadline:
+                raise RolloutEngineError(f"{self.name}: {what} did not return within {self.timeout_s:g} s (rollout.server_timeout_s)")
+
+    def pause_generation(self, mode: PauseMode = "retract") -> None:
+        """``RolloutEngine.pause_generation`` through SGLang's tokenizer manager (SGLang's
+        ``Engine`` has no such method; its HTTP server calls the same)."""
+        from sglang.srt.managers.io_struct import PauseGenerationReqInput
+
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"pause_generation mode must be one of {PAUSE_MODES}; got {mode!r}")
+        manager = self._engine.tokenizer_manager
+        self._aborts += mode == "abort"
+        self._control(f"pause_generation({mode!r})", lambda: manager.pause_generation(PauseGenerationReqInput(mode=mode)))
+
+    def continue_generation(self) -> None:
+        from sglang.srt.managers.io_struct import ContinueGenerationReqInput
+
+        manager = self._engine.tokenizer_manager
+        self._control("continue_generation", lambda: manager.continue_generation(ContinueGenerationReqInput()))
+
+    def abort_requests(self) -> None:
+        manager = self._engine.tokenizer_manager
+        self._aborts += 1
+
+        async def abort_all():
+            manager.abort_request(abort_all=True)
+
+        self._control("abort_requests", abort_all)
+
+    # ---------------------------------------------------------------- weights
 
     def update_weights(self, buckets: Iterable[Bucket]) -> None:
         from sglang.srt.utils import MultiprocessingSerializer

@@ -122,22 +122,25 @@ def generate_request(prompts: Sequence[Sequence[int]], params: SamplingParams, e
     }
 
 
-def parse_samples(outputs: Any, num_prompts: int, n: int, engine_name: str) -> list[list[Sample]]:
-    """SGLang's answer to ``generate_request`` -> ``n`` samples per prompt."""
+def parse_samples(outputs: Any, num_prompts: int, n: int, engine_name: str, *, aborted: bool = False) -> list[list[Sample]]:
+    """SGLang's answer to ``generate_request`` -> ``n`` samples per prompt. ``aborted``: the
+    engine asked for an abort during the call, so finish reason ``abort`` is a sample with
+    its tokens so far; otherwise it is SGLang giving up on the request (out of memory, a
+    rejected input) and raises."""
     if isinstance(outputs, dict):
         outputs = [outputs]
     if not isinstance(outputs, list) or len(outputs) != num_prompts * n:
         got = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
         raise RolloutEngineError(f"{engine_name}: expected {num_prompts * n} outputs, got {got}")
-    samples = [_sample(o, engine_name) for o in outputs]
+    samples = [_sample(o, engine_name, aborted) for o in outputs]
     return [samples[i * n : (i + 1) * n] for i in range(num_prompts)]
 
 
-def _sample(output: dict, engine_name: str) -> Sample:
+def _sample(output: dict, engine_name: str, aborted: bool) -> Sample:
     meta = output.get("meta_info", {})
     reason = meta.get("finish_reason")
     kind = reason.get("type") if isinstance(reason, dict) else reason
-    if kind not in ("stop", "length"):
+    if kind not in ("stop", "length") and not (kind == "abort" and aborted):
         detail = reason.get("message") if isinstance(reason, dict) else None
         raise RolloutEngineError(f"{engine_name}: request ended with finish reason {kind!r}" + (f": {detail}" if detail else ""))
     triples = meta.get("output_token_logprobs")

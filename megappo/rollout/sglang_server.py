@@ -28,10 +28,14 @@ name taken on the servers: every engine joins under a fresh name
 (``megappo_weight_sync_<random>``); the rendezvous and every collective of the group are
 bounded by ``rollout.server_timeout_s``.
 
-Partial rollouts (the asynchronous modes build on these): ``pause_generation(mode)``
-(``/pause_generation``; ``retract`` keeps the in-flight requests' progress and re-runs their
-KV cache after ``continue_generation``; ``abort`` ends them), ``continue_generation``
-(``/continue_generation``) and ``abort_generation`` (``/abort_request`` with ``abort_all``).
+Partial rollouts (``RolloutEngine``'s pause / continue / abort): ``pause_generation(mode)``
+(``/pause_generation``), ``continue_generation`` (``/continue_generation``) and
+``abort_requests`` (``/abort_request`` with ``abort_all``; the aborted requests' answers
+carry finish reason ``abort`` and their tokens so far; an ``abort`` answer with no abort
+asked for during the call is SGLang giving up on it, an error). Control calls have their own
+threads: a ``generate`` waiting on paused servers holds a generation thread per server, and
+a shared pool once let it hold the very threads ``continue_generation`` needed (a request
+sent while paused then never resumed).
 ``release_memory``/``resume_memory`` do nothing: the servers have
 their own GPUs. ``weights_checksum`` is a spot-check read back from every server with
 ``POST /get_weights_by_name`` (``sglang_protocol``); servers that disagree are an error
@@ -54,7 +58,17 @@ import torch
 import torch.distributed as dist
 
 from megappo.parallel.state import free_port
-from megappo.rollout.engine import Bucket, Progress, RolloutEngine, RolloutEngineError, Sample, SamplingParams, checksums_match
+from megappo.rollout.engine import (
+    PAUSE_MODES,
+    Bucket,
+    PauseMode,
+    Progress,
+    RolloutEngine,
+    RolloutEngineError,
+    Sample,
+    SamplingParams,
+    checksums_match,
+)
 from megappo.rollout.sglang_protocol import (
     GROUP_NAME,
     choose_spots,
@@ -122,6 +136,8 @@ class SGLangServerEngine(RolloutEngine):
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.name = "sglang servers " + ", ".join(self.urls)
         self._pool = ThreadPoolExecutor(max_workers=len(self.urls), thread_name_prefix="sglang-http")
+        self._generation_pool = ThreadPoolExecutor(max_workers=len(self.urls), thread_name_prefix="sglang-generate")
+        self._aborts = 0  # abort_requests / pause("abort") calls so far
         self._group = None
         self._group_name = GROUP_NAME
         self._sessions = True
@@ -171,7 +187,7 @@ class SGLangServerEngine(RolloutEngine):
         S = len(self.urls)
         shares = [list(range(s, len(prompts), S)) for s in range(S)]
         futures = {
-            self._pool.submit(self._generate_on, s, [prompts[i] for i in rows], params): s
+            self._generation_pool.submit(self._generate_on, s, [prompts[i] for i in rows], params): s
             for s, rows in enumerate(shares) if rows
         }
         results: list[Optional[list[Sample]]] = [None] * len(prompts)
@@ -184,32 +200,28 @@ class SGLangServerEngine(RolloutEngine):
         return results  # type: ignore[return-value]
 
     def _generate_on(self, s: int, prompts: list, params: SamplingParams) -> list[list[Sample]]:
+        aborts = self._aborts
         answer = self._http(self.urls[s], "/generate", generate_request(prompts, params, self.eos_token_ids))
-        return parse_samples(answer, len(prompts), params.n, f"SGLang server {self.urls[s]}")
+        return parse_samples(answer, len(prompts), params.n, f"SGLang server {self.urls[s]}", aborted=self._aborts != aborts)
 
     def health(self) -> None:
         self._on_all("/health", [None] * len(self.urls), method="GET")
 
     # ------------------------------------------------- partial-rollout controls
 
-    PAUSE_MODES = ("retract", "abort", "in_place")
-
-    def pause_generation(self, mode: str = "retract") -> None:
-        """Stop scheduling on every server; requests sent meanwhile wait for
-        ``continue_generation``. ``retract``: in-flight requests keep their tokens and go on
-        after continue (their KV cache recomputed, so later tokens follow the weights then
-        loaded); ``abort``: they end now with their partial output; ``in_place``: they keep a
-        stale KV cache (SGLang 0.5.21 then crashes on an update with ``flush_cache``)."""
-        if mode not in self.PAUSE_MODES:
-            raise ValueError(f"pause_generation mode must be one of {self.PAUSE_MODES}; got {mode!r}")
+    def pause_generation(self, mode: PauseMode = "retract") -> None:
+        """``RolloutEngine.pause_generation`` on every server. ``in_place`` keeps a stale KV
+        cache: SGLang 0.5.21 then crashes on an update with ``flush_cache``."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"pause_generation mode must be one of {PAUSE_MODES}; got {mode!r}")
+        self._aborts += mode == "abort"
         self._on_all("/pause_generation", [{"mode": mode}] * len(self.urls))
 
     def continue_generation(self) -> None:
         self._on_all("/continue_generation", [{}] * len(self.urls))
 
-    def abort_generation(self) -> None:
-        """End every in-flight request on every server now (their ``generate`` calls raise
-        ``RolloutEngineError`` naming the abort)."""
+    def abort_requests(self) -> None:
+        self._aborts += 1  # before the abort reaches a server: its answers then count as aborted
         self._on_all("/abort_request", [{"abort_all": True}] * len(self.urls))
 
     # ---------------------------------------------------------------- weights
@@ -310,3 +322,4 @@ class SGLangServerEngine(RolloutEngine):
                 pass
             dist.destroy_process_group(group)
         self._pool.shutdown(wait=False)
+        self._generation_pool.shutdown(wait=False)

@@ -233,6 +233,56 @@ def llama_checks(work: Path) -> None:
         engine.health()
         return {}
 
+    @check("pause_continue_and_abort")
+    def _():
+        import threading
+
+        def in_thread(fn):
+            box = {}
+            t = threading.Thread(target=lambda: box.update(value=fn()), daemon=True)
+            t.start()
+            return t, box
+
+        many = [[1, 3 + i, 50 + i] for i in range(16)]
+        long = SamplingParams(n=4, max_new_tokens=200, temperature=1.0)  # prompt + 200 < 256 positions
+        # pause (retract) while a call runs: it waits (other calls are refused meanwhile), then finishes
+        t, box = in_thread(lambda: engine.generate(many, long))
+        time.sleep(1.0)
+        engine.pause_generation()
+        time.sleep(2.0)
+        assert t.is_alive(), box
+        try:
+            engine.health()
+            raise AssertionError("a call went through while a paused generate held the engine")
+        except RolloutEngineError as e:
+            assert "holds the engine" in str(e), e
+        engine.continue_generation()
+        t.join(300)
+        assert not t.is_alive() and "value" in box
+        assert all(s.finish_reason in ("stop", "length") for g in box["value"] for s in g)
+        assert max_diff(new_model, box["value"][:4], many[:4], 1.0) <= 1e-4
+        # a call sent while paused waits, then runs
+        engine.pause_generation("in_place")
+        t, box = in_thread(lambda: engine.generate(PROMPTS, SamplingParams(max_new_tokens=6)))
+        time.sleep(2.0)
+        assert t.is_alive() and not box
+        engine.continue_generation()
+        t.join(120)
+        assert not t.is_alive() and len(box["value"]) == len(PROMPTS)
+        # abort: the calls in flight end with finish reason "abort" and their tokens so far
+        t, box = in_thread(lambda: engine.generate(many, long))
+        time.sleep(1.5)
+        engine.abort_requests()
+        t.join(120)
+        assert not t.is_alive() and "value" in box
+        reasons = [s.finish_reason for g in box["value"] for s in g]
+        aborted = [(p, [s]) for p, g in zip(many, box["value"]) for s in g if s.finish_reason == "abort" and s.token_ids]
+        assert aborted, reasons
+        worst = max_diff(new_model, [g for _, g in aborted[:8]], [p for p, _ in aborted[:8]], 1.0)
+        assert worst <= 1e-4, worst
+        engine.health()
+        return {"aborted": reasons.count("abort"), "of": len(reasons), "abort_logprob_diff": worst}
+
     @check("hung_engine_times_out")
     def _():
         import psutil
