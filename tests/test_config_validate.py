@@ -120,7 +120,7 @@ def test_unreadable_model_config_is_skipped(tmp_path: Path) -> None:
         (["model.fp8.format=e4m3", "model.transformer_impl=local"], "model.fp8.format=e4m3 needs Transformer Engine"),
         (["model.fp8.format=hybrid", "parallel.device=cpu"], "FP8-capable GPU"),
         (["rollout.engine=sglang_server"], "rollout.engine=sglang_server needs rollout.server_urls"),
-        (["rollout.engine=sglang", "parallel.device=cpu"], "SGLang has no CPU build"),
+        (["rollout.engine=sglang", "parallel.device=cpu"], "runs SGLang in this Python, which has none"),  # .venv has no SGLang
         (["model.fp8.format=e4m3", "model.fp8.param_gather=true", "parallel.device=cuda",
           "model.transformer_impl=transformer_engine"], "needs parallel.use_distributed_optimizer=true"),
         (["algo.add_token_level_kl=true", *GRPO], "use algo.use_kl_loss instead"),

@@ -113,7 +113,8 @@ class ParallelConfig:
 class RolloutConfig:
     engine: Literal["embedded", "sglang", "sglang_server"] = "embedded"
     """Rollout engine: ``embedded`` (plain torch in the trainer process; the CPU default),
-    ``sglang`` (colocated ``sglang.Engine``) or ``sglang_server`` (external servers by URL)."""
+    ``sglang`` (colocated ``sglang.Engine``; with ``parallel.device: cpu`` for tests and debugging
+    only, in the CPU SGLang environment) or ``sglang_server`` (external servers by URL)."""
     num_return_sequences_in_group: int = 8
     """Responses sampled per prompt (the group size G of GRPO/LitePPO); group-level
     statistics need at least 2."""

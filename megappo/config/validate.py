@@ -9,6 +9,7 @@ returned). What needs the files a run reads (model, tokenizer, data, run directo
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import math
 from functools import reduce
@@ -287,8 +288,13 @@ def _check_backends(cfg: Config) -> None:
         raise ConfigError("parallel.backend=nccl needs GPUs, but parallel.device=cpu: use backend 'gloo' or 'auto'")
     if rollout.engine == "sglang_server" and not rollout.server_urls:
         raise ConfigError("rollout.engine=sglang_server needs rollout.server_urls (the servers' base URLs)")
-    if rollout.engine != "embedded" and par.device == "cpu":
-        raise ConfigError(f"rollout.engine={rollout.engine} needs GPUs (SGLang has no CPU build); use engine 'embedded'")
+    if rollout.engine == "sglang" and par.device == "cpu" and importlib.util.find_spec("sglang") is None:
+        # SGLang on CPU is for tests and debugging (tiny models; megappo.parallel.sglang_cpu)
+        raise ConfigError(
+            "rollout.engine=sglang with parallel.device=cpu (tests and debugging only) runs SGLang in this "
+            "Python, which has none: build the CPU SGLang environment (make sglang-env) and run with "
+            ".venv-sglang/bin/python, or use rollout.engine=embedded"
+        )
 
 
 def _no_critic(cfg: Config) -> bool:
