@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("loop",),
     ("trainer", "rm_trainer"),
     ("train", "train_rm"),
-    ("toolkit", "demo"),
+    ("toolkit", "demo", "demo_rlhf"),
 ]
 """Bottom to top. Units of one layer may import each other as long as no cycle forms."""
 

@@ -321,3 +321,38 @@ def test_sampled_preferences_pair_the_sum_with_the_policys_wrong_answers(tmp_pat
     for row in rows:
         a, b = row["prompt"].rstrip("=").split("+")
         assert row["chosen"] == str(int(a) + int(b)) and row["rejected"].strip() != row["chosen"]
+
+
+def test_ranking_preferences_cover_every_wrong_value_and_the_policys_mistakes(tmp_path):
+    from megappo.toolkit.toy_preferences import hard_negatives, ranking_preferences
+
+    assert hard_negatives("23") == {"13", "21", "22", "24", "25", "33", "32", "2", "3", "233", "223"}
+    assert hard_negatives("7") == {"5", "6", "8", "9", "17", "77"}  # no negative values; "7" dropped to "" is skipped
+    problems = [("11+12=", "23"), ("3+4=", "7")]
+    path = ranking_preferences(tmp_path / "r.jsonl", problems, seed=0, max_value=38, extra={"3+4=": ["7", "x9", ""]})
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    by_prompt = {p: {r["rejected"] for r in rows if r["prompt"] == p} for p, _ in problems}
+    assert by_prompt["11+12="] == ({str(v) for v in range(39)} | hard_negatives("23")) - {"23"}
+    assert by_prompt["3+4="] == ({str(v) for v in range(39)} | hard_negatives("7") | {"x9"}) - {"7"}
+    assert all(r["chosen"] == r["answer"] != r["rejected"] for r in rows)
+    assert [r["prompt"] for r in rows] != sorted(r["prompt"] for r in rows)  # shuffled
+
+
+def test_ranking_accuracy_is_the_argmax_of_transformers_scores(tmp_path):
+    """Against scoring each candidate alone (no padding) with transformers: the candidate
+    called the answer is the hand-found argmax for three prompts and the argmin for two."""
+    from transformers import AutoTokenizer
+
+    from hf_fixtures import hf_reward_scores
+    from megappo.toolkit.toy_preferences import ranking_accuracy
+
+    rm = make_tiny_hf_reward_model(tmp_path, "llama", layers=1, seed=3)
+    tok = AutoTokenizer.from_pretrained(rm)
+    texts = [str(v) for v in range(12)] + ["1x"]
+    candidates = {}
+    for i, prompt in enumerate(["1+2=", "3+4=", "5+5=", "0+9=", "7+1="]):
+        seqs = [tok(prompt)["input_ids"] + tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+        scores = [float(hf_reward_scores(rm, [s])[0]) for s in seqs]
+        pick = max if i < 3 else min
+        candidates[prompt] = (texts[scores.index(pick(scores))], texts)
+    assert ranking_accuracy(rm, candidates, batch=7) == pytest.approx(3 / 5)

@@ -60,6 +60,27 @@ def make_toy_preferences(path: Union[str, Path], n: int, seed: int, kind: str = 
     return path
 
 
+def policy_samples(
+    model_dir: Union[str, Path], problems: list[tuple[str, str]], *, samples: int, seed: int, max_new_tokens: int = 4,
+) -> dict[str, list[str]]:
+    """``samples`` responses per problem sampled (temperature 1) from the causal LM in
+    ``model_dir``, as text without special tokens, keyed by prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    torch.manual_seed(seed)
+    out = {}
+    for prompt, _ in problems:
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        with torch.no_grad():
+            gen = model.generate(ids, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=max_new_tokens,
+                                 num_return_sequences=samples, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        out[prompt] = [t.strip() for t in tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)]
+    return out
+
+
 def sampled_preferences(
     model_dir: Union[str, Path], path: Union[str, Path], *, samples: int, seed: int, kind: str = "add20", split: Split = "train",
     max_new_tokens: int = 4,
@@ -69,26 +90,74 @@ def sampled_preferences(
     paired with the sum. A reward model trained only on hand-made mistakes is easy for the
     policy to exploit with answers it never saw; the policy's own mistakes are what RL
     explores (the usual RLHF practice of labelling the SFT model's samples)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    torch.manual_seed(seed)
+    problems = toy_problems(kind, split)
+    sampled = policy_samples(model_dir, problems, samples=samples, seed=seed, max_new_tokens=max_new_tokens)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = 0
     with path.open("w", encoding="utf-8") as out:
-        for prompt, answer in toy_problems(kind, split):
-            ids = torch.tensor([tok(prompt)["input_ids"]])
-            with torch.no_grad():
-                gen = model.generate(ids, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=max_new_tokens,
-                                     num_return_sequences=samples, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            for text in tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True):
-                if text.strip() != answer:
+        for prompt, answer in problems:
+            for text in sampled[prompt]:
+                if text and text != answer:
                     out.write(json.dumps({"prompt": prompt, "chosen": answer, "rejected": text, "answer": answer}) + "\n")
-                    rows += 1
     return path
+
+
+def hard_negatives(answer: str) -> set[str]:
+    """Wrong answers next to the right one: off by one or ten, digits swapped, a digit
+    dropped or doubled."""
+    value, out = int(answer), set()
+    out |= {str(value + d) for d in (-10, -2, -1, 1, 2, 10) if value + d >= 0}
+    out |= {answer[::-1], answer[:-1], answer[1:], answer + answer[-1], answer[0] + answer}
+    return {w.lstrip("0") or "0" for w in out if w} - {answer}
+
+
+def ranking_preferences(
+    path: Union[str, Path], problems: list[tuple[str, str]], *, seed: int, max_value: int = 38,
+    extra: dict[str, list[str]] | None = None,
+) -> Path:
+    """Pairs that teach a reward model to put the sum first among every answer a policy
+    may give: for each problem the sum against every other value 0..``max_value``, the hard
+    negatives above and the ``extra`` wrong responses of that prompt (the policy's own
+    samples), shuffled. Ranking, not only pair separation, is what PPO needs of a reward
+    model: the policy moves to the reward model's argmax."""
+    rows = []
+    for prompt, answer in problems:
+        wrong = {str(v) for v in range(max_value + 1)} | hard_negatives(answer) | set((extra or {}).get(prompt, ()))
+        rows += [{"prompt": prompt, "chosen": answer, "rejected": w, "answer": answer} for w in sorted(wrong) if w and w != answer]
+    random.Random(f"megappo-toy-ranking/{seed}").shuffle(rows)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def ranking_accuracy(rm_dir: Union[str, Path], candidates: dict[str, tuple[str, list[str]]], *, batch: int = 512) -> float:
+    """Fraction of prompts whose right answer the HF reward model in ``rm_dir`` scores above
+    every other candidate (``candidates``: prompt -> (answer, responses)); each response is
+    scored as the RL loop presents it: prompt with the tokenizer's special tokens, response,
+    EOS."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(rm_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(rm_dir, dtype=torch.float32).eval()
+    rows = [(p, r) for p, (a, rs) in candidates.items() for r in dict.fromkeys([a, *rs])]
+    seqs = [tok(p)["input_ids"] + tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for p, r in rows]
+    scores = []
+    for i in range(0, len(seqs), batch):
+        chunk = seqs[i : i + batch]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), tok.pad_token_id)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for j, s in enumerate(chunk):
+            ids[j, : len(s)], mask[j, : len(s)] = torch.tensor(s), 1
+        with torch.no_grad():
+            scores += model(input_ids=ids, attention_mask=mask).logits[:, 0].tolist()
+    best: dict[str, tuple[float, str]] = {}
+    for (p, r), s in zip(rows, scores):
+        if p not in best or s > best[p][0]:
+            best[p] = (s, r)
+    return sum(best[p][1] == a for p, (a, _) in candidates.items()) / max(len(candidates), 1)
 
 
 def main(argv=None) -> int:
