@@ -6,13 +6,14 @@ carries are learned last): off by one in the ones digit, a dropped or doubled ca
 ten), or another value of the same length. A reward model trained on these pairs scores a
 response by whether it is the sum: the exact-match reward, learned from preferences.
 
-Measured limit (2-core CPU, the demo's 2-layer 64-wide warm-up model as the starting point):
-pair accuracy is not ranking accuracy. Reward models reaching 80-97% held-out pair accuracy
-(hand-made, the policy's own and exhaustive negatives) put the sum first among the 39
-candidate answers 0..38 on only 20-26% of held-out problems, and PPO with such a model as
-the only reward (``toy_ppo_cpu.yaml``, TP=2) drove held-out exact match from 35% down to
-9-15% while the model's reward rose: the policy finds the reward model's argmax. An RLHF
-demo on this task needs a reward model that ranks, not only separates pairs.
+Pair accuracy is not ranking accuracy: PPO drives the policy to the reward model's argmax.
+Reward models trained on one hand-made mistake per problem reached 80-97% held-out pair
+accuracy yet put the sum first among the candidate answers 0..38 on only 20-26% of problems,
+and PPO with them as the only reward lowered held-out exact match (35% -> 9-15%).
+``ranking_preferences`` pairs the sum with every wrong candidate of each training problem
+(plus near misses and the policy's own mistakes), and ``ranking_accuracy`` measures the top-1
+ranking that matters; ``megappo.demo_rlhf`` uses both (its reward model: 98% top-1 on the
+training problems, 96% held out, measured on the 2-core machine).
 
 Rows: ``{"prompt": "23+45=", "chosen": "68", "rejected": "58", "answer": "68"}``; the eval
 split holds other problems than the train split (``toy``'s split by prompt hash).
