@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
 
 _ARCH = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
 }
 
 
@@ -41,8 +44,8 @@ def tiny_hf_config(
 ) -> dict[str, Any]:
     """A config.json dict for a tiny model of ``family`` (an odd vocabulary by default, so
     TP=2 needs a padded row)."""
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
+    if family not in FAMILIES + MOE_FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES + MOE_FAMILIES}; got {family!r}")
     cfg: dict[str, Any] = dict(
         model_type=family,
         architectures=[_ARCH[family]],
@@ -60,12 +63,18 @@ def tiny_hf_config(
         bos_token_id=1,
         eos_token_id=2,
     )
-    if family == "qwen3":
+    if family in ("qwen3", "qwen3_moe"):
         cfg["head_dim"] = head_dim or 16
     elif head_dim is not None:
         cfg["head_dim"] = head_dim
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         cfg["sliding_window"] = None
+    if family == "qwen3_moe":
+        # Tiny MoE defaults: 4 experts, top-2, experts narrower than the dense MLP.
+        cfg.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=ffn // 2, norm_topk_prob=True,
+                   decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.001)
+    if family == "mixtral":
+        cfg.update(num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02, router_jitter_noise=0.0)
     cfg.update(extra)
     return cfg
 

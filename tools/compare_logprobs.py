@@ -9,6 +9,7 @@ The checksum line compares what the weight sync sent with what the engine reads 
 the weights it holds ("scope": "all", or the few tensors an SGLang engine spot-checks).
 
     torchrun --nproc-per-node 2 tools/compare_logprobs.py --hf-dir MODEL --tp 2 --pp 1
+    torchrun --nproc-per-node 2 tools/compare_logprobs.py --hf-dir MOE_MODEL --ep 2
     python tools/compare_logprobs.py --hf-dir MODEL --ckpt CONVERTED_CKPT --token-ids "1,5,9,2;3,3,7,8"
 """
 
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt", default=None, help="load the actor from this Megatron checkpoint instead of --hf-dir")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--ep", type=int, default=1, help="expert-parallel size (mixture-of-experts models)")
     ap.add_argument("--num-seqs", type=int, default=4, help="random sequences (ignored with --token-ids)")
     ap.add_argument("--seq-len", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
@@ -55,6 +57,7 @@ def main(argv=None) -> int:
             ckpt=args.ckpt,
             tp=args.tp,
             pp=args.pp,
+            ep=args.ep,
             num_seqs=args.num_seqs,
             seq_len=args.seq_len,
             seed=args.seed,

@@ -5,6 +5,7 @@ config, source directory); a reward model (``*ForSequenceClassification``) keeps
 
     python tools/convert_hf_to_megatron.py --hf-dir MODEL --out CKPT               # one process
     torchrun --nproc-per-node 4 tools/convert_hf_to_megatron.py --hf-dir MODEL --out CKPT --tp 2 --pp 2
+    torchrun --nproc-per-node 2 tools/convert_hf_to_megatron.py --hf-dir MOE_MODEL --out CKPT --ep 2
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size of this run (default 1)")
     ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of this run (default 1)")
     ap.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
+    ap.add_argument("--ep", type=int, default=1, help="expert-parallel size of this run (mixture-of-experts models; default 1)")
     ap.add_argument("--dtype", choices=DTYPES, default="auto",
                     help="parameter dtype of the checkpoint (default auto: the dtype config.json declares, "
                          "bfloat16 or float32, so a bf16 model is not doubled in memory; else float32)")
@@ -41,7 +43,7 @@ def main(argv=None) -> int:
 
     try:
         dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-        convert_hf_to_megatron(args.hf_dir, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, dtype=dtype)
+        convert_hf_to_megatron(args.hf_dir, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, dtype=dtype, ep=args.ep)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

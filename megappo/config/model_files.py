@@ -12,7 +12,8 @@ import json
 import os
 from typing import Any, Optional
 
-SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral")
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # config.json keys that announce a mixture-of-experts model inside a dense family's name.
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
@@ -55,7 +56,7 @@ def hf_config_problems(cfg: dict[str, Any]) -> list[str]:
     family = cfg.get("model_type")
     if family not in SUPPORTED_FAMILIES:
         archs = cfg.get("architectures") or []
-        moe = " (a mixture-of-experts model; MoE is not supported yet)" if "moe" in str(family).lower() or any(
+        moe = f" (a mixture-of-experts model; supported MoE families: {', '.join(MOE_FAMILIES)})" if "moe" in str(family).lower() or any(
             k in cfg for k in _MOE_KEYS) else ""
         return [f"unsupported model_type {family!r} (architectures {archs}){moe}; megappo supports {', '.join(SUPPORTED_FAMILIES)}"]
     problems = [
@@ -66,8 +67,10 @@ def hf_config_problems(cfg: dict[str, Any]) -> list[str]:
     if problems:
         return problems
     experts = {k: cfg[k] for k in _MOE_KEYS if cfg.get(k)}
-    if experts:
-        problems.append(f"mixture-of-experts settings {experts} (MoE is not supported yet)")
+    if family in MOE_FAMILIES:
+        problems += moe_config_problems(cfg)
+    elif experts:
+        problems.append(f"mixture-of-experts settings {experts} in a dense {family} config (MoE families: {', '.join(MOE_FAMILIES)})")
     if cfg.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {cfg['hidden_act']!r} (only silu / SwiGLU is supported)")
     if cfg.get("attention_bias") and family != "qwen2":
@@ -83,6 +86,30 @@ def hf_config_problems(cfg: dict[str, Any]) -> list[str]:
         problems.append(f"rope type {rope_type!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
     if family != "mistral" and cfg.get("use_sliding_window"):
         problems.append("use_sliding_window=true (per-layer sliding windows are not supported)")
+    return problems
+
+
+def moe_config_problems(cfg: dict[str, Any]) -> list[str]:
+    """The MoE settings of a Qwen3-MoE / Mixtral config that megappo cannot represent, each
+    naming its field: a shared expert (Qwen2-MoE style), router jitter, or a missing expert count."""
+    family, problems = cfg["model_type"], []
+    # transformers 5 writes Qwen3-MoE's num_experts as num_local_experts (its attribute map).
+    n_key = "num_experts" if family == "qwen3_moe" and "num_experts" in cfg else "num_local_experts"
+    for key in (n_key, "num_experts_per_tok"):
+        if not isinstance(cfg.get(key), int) or cfg[key] < 1:
+            problems.append(f"{key} missing or not a positive integer ({cfg.get(key)!r})")
+    if not problems and cfg["num_experts_per_tok"] > cfg[n_key]:
+        problems.append(f"num_experts_per_tok {cfg['num_experts_per_tok']} exceeds {n_key} {cfg[n_key]}")
+    normalised = family == "mixtral" or bool(cfg.get("norm_topk_prob"))
+    if not problems and cfg["num_experts_per_tok"] == 1 and normalised:
+        problems.append("num_experts_per_tok=1 with a renormalised top-k (Mixtral, or norm_topk_prob=true) weights every "
+                        "token's expert by 1, which Megatron's router cannot express (it needs pre-softmax scores at top-1)")
+    if cfg.get("shared_expert_intermediate_size"):
+        problems.append("shared_expert_intermediate_size (a shared expert) is not supported for " + family)
+    if cfg.get("router_jitter_noise"):
+        problems.append(f"router_jitter_noise={cfg['router_jitter_noise']} (router input jitter) is not supported")
+    if family == "qwen3_moe" and not isinstance(cfg.get("moe_intermediate_size"), int):
+        problems.append(f"moe_intermediate_size missing or not an integer ({cfg.get('moe_intermediate_size')!r})")
     return problems
 
 

@@ -50,6 +50,19 @@ class FP8Config:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    aux_loss_coeff: Optional[float] = None
+    """Load-balancing auxiliary loss coefficient (Megatron's ``moe_aux_loss_coeff``); None
+    takes the family's ``router_aux_loss_coef`` from ``config.json``; 0 turns the loss off."""
+    z_loss_coeff: Optional[float] = None
+    """Router z-loss coefficient (Megatron's ``moe_z_loss_coeff``); None: no z-loss (neither
+    Qwen3-MoE nor Mixtral trains with one)."""
+    capacity_factor: Optional[float] = None
+    """Expert capacity factor (Megatron's ``moe_expert_capacity_factor``); None is dropless:
+    every token reaches its top-k experts, as in transformers and the rollout engines."""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     hf_path: Optional[str] = None
     """HuggingFace model directory (``config.json`` + safetensors) for the actor, the
@@ -70,6 +83,8 @@ class ModelConfig:
     ``auto`` uses Transformer Engine on GPU when it is installed and local otherwise."""
     fp8: FP8Config = field(default_factory=FP8Config)
     """FP8 training through Transformer Engine."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-experts training settings (Qwen3-MoE, Mixtral); ignored by dense models."""
     recompute_granularity: Optional[Literal["full", "selective"]] = None
     """Activation recomputation (Megatron's ``recompute_granularity``); None keeps activations."""
     recompute_num_layers: int = 1
@@ -99,6 +114,9 @@ class ParallelConfig:
     """Pipeline-parallel size (Megatron). Must divide the number of layers."""
     virtual_pipeline_model_parallel_size: Optional[int] = None
     """Interleaved (virtual) pipeline chunks per stage; needs pipeline size > 1."""
+    expert_model_parallel_size: int = 1
+    """Expert-parallel size (Megatron) of a mixture-of-experts model: must divide the number
+    of experts and the data-parallel size (world / (TP x PP)). Experts are also split over TP."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs TP > 1 and the Transformer Engine spec)."""
     use_distributed_optimizer: bool = False

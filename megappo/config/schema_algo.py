@@ -119,3 +119,8 @@ class AlgoConfig:
     """Passes over each rollout batch."""
     critic_warmup_steps: int = 0
     """Steps at the start that train only the critic."""
+    routing_replay: bool = False
+    """Mixture-of-experts actors: record each token's experts in the old-log-prob pass and use them
+    in the update's forward passes, so the ratio's two log-probs come from the same experts
+    (``megappo.models.routing``; needs ``train.packed_sequences=false``). Router metrics
+    (``moe/*``) are logged either way."""

@@ -48,7 +48,8 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
 _LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
     *((p, 1, True) for p in (
         "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size",
-        "parallel.virtual_pipeline_model_parallel_size", "rollout.num_return_sequences_in_group",
+        "parallel.virtual_pipeline_model_parallel_size", "parallel.expert_model_parallel_size",
+        "rollout.num_return_sequences_in_group",
         "rollout.response_length", "rollout.weight_sync_bucket_mb", "data.prompt_length",
         "data.max_eval_samples", "train.steps", "train.rollout_batch_size", "train.mini_batch_size",
         "train.max_tokens_per_microbatch", "algo.ppo_epochs", "algo.max_sampling_rounds",
@@ -173,6 +174,11 @@ def _check_parallel(cfg: Config, world_size: Optional[int]) -> None:
         for name, n in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
             if isinstance(n, int) and n % tp:
                 raise ConfigError(f"parallel.tensor_model_parallel_size={tp} does not divide {name}={n} {where}")
+        ep, experts = par.expert_model_parallel_size, hf.get("num_experts") or hf.get("num_local_experts")
+        if ep > 1 and not isinstance(experts, int):
+            raise ConfigError(f"parallel.expert_model_parallel_size={ep} needs a mixture-of-experts model; {where} is dense")
+        if isinstance(experts, int) and experts % ep:
+            raise ConfigError(f"parallel.expert_model_parallel_size={ep} does not divide the number of experts {experts} {where}")
         if isinstance(layers, int) and layers % (pp * (vpp or 1)):
             what_pp = f"pipeline_model_parallel_size={pp}" + (f" x virtual_pipeline_model_parallel_size={vpp}" if vpp else "")
             raise ConfigError(f"parallel.{what_pp} = {pp * (vpp or 1)} does not divide num_hidden_layers={layers} {where}")
@@ -182,6 +188,10 @@ def _check_parallel(cfg: Config, world_size: Optional[int]) -> None:
     dp = data_parallel_size(cfg, world_size)
     n = cfg.rollout.num_return_sequences_in_group
     layout = f"world size {world_size} / (TP {tp} x PP {pp})"
+    if dp % par.expert_model_parallel_size:
+        raise ConfigError(
+            f"parallel.expert_model_parallel_size={par.expert_model_parallel_size} does not divide the data-parallel size {dp} ({layout})"
+        )
     if cfg.train.rollout_batch_size % dp:  # the prompt loader gives every DP rank an equal share of prompts
         raise ConfigError(
             f"train.rollout_batch_size={cfg.train.rollout_batch_size} prompts do not split over data-parallel "

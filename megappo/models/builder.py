@@ -51,6 +51,15 @@ class BuildOptions:
     recompute_num_layers: int = 1
     sequence_parallel: bool = False
     value_head_init_std: float = 0.0
+    ep: int = 1
+    """Expert-parallel size (``parallel.expert_model_parallel_size``)."""
+    moe_aux_loss_coeff: float | None = None
+    """Load-balancing loss coefficient; None: the family's (``ModelSpec.router_aux_loss_coef``)."""
+    moe_z_loss_coeff: float | None = None
+    moe_capacity_factor: float | None = None
+    """None: dropless (every token reaches its experts)."""
+    routing_replay: bool = False
+    """MoE actor: replay the forward-only pass's experts in training passes (``models.routing``)."""
     megatron: Mapping[str, Any] = field(default_factory=dict)
     """Extra ``TransformerConfig`` fields (``model.megatron``), laid over megappo's defaults
     (``config.passthrough.TRANSFORMER_DEFAULTS``: no dropout, fusions off, CPU initialization);
@@ -137,7 +146,7 @@ def transformer_config(spec: ModelSpec, opts: BuildOptions):
     """The Megatron ``TransformerConfig`` for ``spec`` under ``opts``."""
     from megatron.core.transformer import TransformerConfig
 
-    spec.check_parallel(opts.tp, opts.pp, opts.vpp)
+    spec.check_parallel(opts.tp, opts.pp, opts.vpp, opts.ep)
     check_fp8(opts)
     if opts.sequence_parallel and opts.transformer_impl != "transformer_engine":
         raise ValueError("parallel.sequence_parallel needs model.transformer_impl=transformer_engine (the local spec's torch norms do not support it)")
@@ -181,7 +190,39 @@ def transformer_config(spec: ModelSpec, opts: BuildOptions):
         batch_p2p_comm=opts.vpp is None,
         **fp8_fields(opts),
         **recompute,
-        **{**TRANSFORMER.defaults, **_no_cuda_graph_scope(TransformerConfig), **extra},
+        **{**TRANSFORMER.defaults, **moe_fields(spec, opts), **_no_cuda_graph_scope(TransformerConfig), **extra},
+    )
+
+
+def moe_fields(spec: ModelSpec, opts: BuildOptions) -> dict:
+    """Megatron's MoE ``TransformerConfig`` fields for a mixture-of-experts spec (empty for dense).
+
+    Routing as transformers computes it: softmax over all experts, top-k, then (Mixtral;
+    Qwen3-MoE with ``norm_topk_prob``) renormalised over the k, which equals Megatron's
+    softmax over the top-k logits (``moe_router_pre_softmax=False``); Qwen3-MoE without
+    it keeps the full-softmax probabilities (``moe_router_pre_softmax=True``). Dropless
+    unless a capacity factor is set. The token dispatcher stays megappo's pass-through default,
+    all-to-all (the all-gather one rejects variable sequence lengths); other Megatron MoE
+    options (``moe_router_dtype``, ``moe_permute_fusion``, ...) come through ``model.megatron``. Experts: ``SequentialMLP`` on the local spec, TE's
+    grouped GEMM (``TEGroupedMLP``) on the Transformer Engine spec. Expert tensor
+    parallelism equals TP (Megatron's default), so experts split like dense MLPs."""
+    if not spec.is_moe:
+        return {}
+    aux = spec.router_aux_loss_coef if opts.moe_aux_loss_coeff is None else opts.moe_aux_loss_coeff
+    moe_layers = set(spec.moe_layers)
+    return dict(
+        num_moe_experts=spec.num_experts,
+        moe_ffn_hidden_size=spec.moe_ffn_hidden_size,
+        moe_router_topk=spec.moe_topk,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not spec.moe_norm_topk_prob,
+        moe_layer_freq=[1 if i in moe_layers else 0 for i in range(spec.num_layers)],
+        moe_router_load_balancing_type="aux_loss" if aux > 0 else "none",
+        moe_aux_loss_coeff=aux,
+        moe_z_loss_coeff=opts.moe_z_loss_coeff or None,
+        moe_expert_capacity_factor=opts.moe_capacity_factor,
+        moe_grouped_gemm=opts.transformer_impl == "transformer_engine",
+        expert_model_parallel_size=opts.ep,
     )
 
 
@@ -193,9 +234,16 @@ def _no_cuda_graph_scope(config_cls) -> dict:
     return {"cuda_graph_scope": []} if any(f.name == "cuda_graph_scope" for f in dataclasses.fields(config_cls)) else {}
 
 
-def layer_spec(spec: ModelSpec, opts: BuildOptions):
+def layer_spec(spec: ModelSpec, opts: BuildOptions, config=None, vp_stage: int | None = None):
+    """The layer spec: one for every layer of a dense model; for an MoE model the block
+    spec of this stage, routed or dense per layer (``moe_layer_freq`` from ``spec.moe_layers``)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    if spec.is_moe:
+        return gpt_layer_specs.get_gpt_decoder_block_spec(
+            config, use_transformer_engine=opts.transformer_impl == "transformer_engine",
+            normalization="RMSNorm", vp_stage=vp_stage,
+        )
     if opts.transformer_impl == "transformer_engine":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=spec.qk_norm)
     return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=spec.qk_norm, normalization="RMSNorm")
@@ -252,7 +300,7 @@ def build_model(spec: ModelSpec, role: Role, opts: BuildOptions, *, vp_stage: in
     tie = spec.tie_word_embeddings and role != "critic"
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(spec, opts),
+        transformer_layer_spec=layer_spec(spec, opts, config, vp_stage),
         vocab_size=spec.padded_vocab_size(opts.tp),
         max_sequence_length=spec.max_position_embeddings,
         pre_process=pre,

@@ -49,6 +49,11 @@ def build_options(cfg, layout: ParallelLayout) -> BuildOptions:
         recompute_num_layers=m.recompute_num_layers,
         sequence_parallel=p.sequence_parallel,
         value_head_init_std=m.value_head_init_std,
+        ep=p.expert_model_parallel_size,
+        moe_aux_loss_coeff=m.moe.aux_loss_coeff,
+        moe_z_loss_coeff=m.moe.z_loss_coeff,
+        moe_capacity_factor=m.moe.capacity_factor,
+        routing_replay=cfg.algo.routing_replay,
         megatron=dict(m.megatron),
     )
 
@@ -89,7 +94,12 @@ def build_policy(cfg, spec: ModelSpec, role: Role, layout: ParallelLayout) -> Me
     """The actor, critic or reference of this rank, as the config says (random weights:
     the caller loads the HF or Megatron checkpoint into ``policy.models``)."""
     opts = build_options(cfg, layout)
-    spec.check_parallel(opts.tp, opts.pp, opts.vpp)
+    spec.check_parallel(opts.tp, opts.pp, opts.vpp, opts.ep)
+    if opts.ep != layout.ep:
+        raise ValueError(
+            f"parallel.expert_model_parallel_size={opts.ep} but the process groups were initialized with EP={layout.ep} "
+            "(pass ep= to megappo.parallel.init_parallel)"
+        )
     return MegatronPolicy(
         spec,
         role,

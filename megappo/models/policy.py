@@ -35,6 +35,7 @@ it is a ``ValueError``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from torch import Tensor
 from megappo.models.batch import TokenBatch, microbatch_rows
 from megappo.models.builder import BuildOptions, Role, build_model_chunks
 from megappo.models.model_inputs import ModelInputs, check_packing, model_inputs, packing_mode, pad_multiple
+from megappo.models.routing import RoutingReplay
 from megappo.models.optimizer import (
     OptimizerSettings,
     build_optimizer,
@@ -86,6 +88,8 @@ class _Pass:
     ref: Optional["MegatronPolicy"] = None
     loss_fn: Optional[LossFn] = None
     scale: float = 1.0
+    routing: Optional[str] = None
+    """MoE routing replay: ``record`` (the actor's forward-only passes), ``replay`` (training)."""
 
 
 class MegatronPolicy:
@@ -153,6 +157,9 @@ class MegatronPolicy:
                 sync = [c.no_sync for c in chunks]
                 config.no_sync_func = sync[0] if len(sync) == 1 else sync
         self.chunks = chunks
+        self.routing = RoutingReplay(self._models, opts.routing_replay) if spec.is_moe and role == "actor" else None
+        if opts.routing_replay and self.routing is not None and self.packing != "padded":
+            raise ValueError("algo.routing_replay needs train.packed_sequences=false (replay follows right-padded rows)")
         # (PP, micro-batches per virtual-stage group) of the interleaved schedule, whose count rule
         # the micro-batch split must meet (batch.interleaved_schedule_accepts).
         self._interleave = None
@@ -203,7 +210,7 @@ class MegatronPolicy:
         on every rank of the model-parallel group."""
         if self.role == "critic":
             raise ValueError("forward_logprobs needs an actor or reference model, not the critic")
-        ctx = _Pass(T=batch.T, temperature=temperature, with_entropy=with_entropy, ref=self._check_ref(ref))
+        ctx = _Pass(T=batch.T, temperature=temperature, with_entropy=with_entropy, ref=self._check_ref(ref), routing="record")
         names = ["logprobs_BT"] + (["entropy_BT"] if with_entropy else []) + (["kl_BT"] if ref is not None else [])
         return self._forward(batch, ctx, names, min_microbatches)
 
@@ -221,7 +228,8 @@ class MegatronPolicy:
         if ctx.ref is not None:
             ctx.ref.onload()
         try:
-            store = self._schedule(mbs, ctx, forward_only=True)
+            with self._routing(ctx.routing):
+                store = self._schedule(mbs, ctx, forward_only=True)
         finally:
             self.offload()
             if ctx.ref is not None:
@@ -294,6 +302,7 @@ class MegatronPolicy:
             ref=self._check_ref(ref),
             loss_fn=loss_fn,
             scale=loss_scale_factor(len(mbs), self.layout.dp),
+            routing="replay",
         )
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
@@ -301,13 +310,15 @@ class MegatronPolicy:
         if ref is not None:
             ref.onload()
         try:
-            store = self._schedule(mbs, ctx, forward_only=False)
+            with self._routing(ctx.routing):
+                store = self._schedule(mbs, ctx, forward_only=False)
         finally:
             if ref is not None:
                 ref.offload()
         metrics = collectives.reduce_metrics(store) if self.layout.is_last_stage else None
         metrics = collectives.broadcast_object_from_last_stage(metrics)
         metrics["num_microbatches"] = len(mbs)
+        metrics.update(self.routing.metrics() if self.routing is not None else {})
         return metrics
 
     def optimizer_step(self) -> dict[str, float]:
@@ -334,6 +345,9 @@ class MegatronPolicy:
         if ref.spec.padded_vocab_size(ref.opts.tp) != self.spec.padded_vocab_size(self.opts.tp):
             raise ValueError("actor and reference vocabularies differ")
         return ref
+
+    def _routing(self, mode: Optional[str]):
+        return self.routing.pass_(mode) if self.routing is not None else contextlib.nullcontext()
 
     def _set_train(self, mode: bool) -> None:
         for c in self.chunks:
@@ -373,7 +387,12 @@ class MegatronPolicy:
     def _forward_step(self, ctx: _Pass, data_iterator, model):
         mbatch = next(data_iterator)
         args, kwargs = mbatch.inputs.forward_args()
+        lens_b = mbatch.batch.prompt_lens_B + mbatch.batch.response_lens_B
+        if self.routing is not None:
+            self.routing.before(model, args[0], lens_b)
         out = model(*args, **kwargs)
+        if self.routing is not None:
+            self.routing.after(model, args[0], lens_b)
         ref_logits = None
         if ctx.ref is not None:
             with torch.no_grad():

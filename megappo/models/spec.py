@@ -2,9 +2,11 @@
 
 One spec serves the Megatron model builder, the weight mapping and the rollout engine, so
 a checkpoint is validated once. Supported families: Llama, Qwen2 (QKV bias), Qwen3
-(QK-norm, explicit head_dim) and Mistral (optional sliding window). Mixture-of-experts
-families are rejected (``config.model_files.hf_config_problems``, shared with the dry run)
-until their weight mapping exists.
+(QK-norm, explicit head_dim), Mistral (optional sliding window), and the mixture-of-experts
+families Qwen3-MoE (Qwen3 attention, routed experts without a shared expert, optional dense
+layers by ``decoder_sparse_step`` / ``mlp_only_layers``) and Mixtral (Mistral attention,
+every layer routed). Other MoE variants are rejected naming the field
+(``config.model_files.hf_config_problems``, shared with the dry run).
 
 Both config dialects are read: transformers 4.x (``rope_theta``, ``rope_scaling``) and 5.x
 (``rope_parameters``).
@@ -55,6 +57,26 @@ class ModelSpec:
     initializer_range: float
     bos_token_id: int | None
     eos_token_id: int | list[int] | None
+    num_experts: int = 0
+    """Routed experts per MoE layer (0: a dense model)."""
+    moe_topk: int = 0
+    moe_ffn_hidden_size: int = 0
+    """Each expert's intermediate size."""
+    moe_norm_topk_prob: bool = True
+    """Top-k probabilities renormalised to sum 1 (Mixtral always; Qwen3-MoE's ``norm_topk_prob``)."""
+    moe_layers: tuple[int, ...] = ()
+    """0-based numbers of the layers whose MLP is the routed MoE block (the others are dense)."""
+    router_aux_loss_coef: float = 0.0
+    """The family's load-balancing loss coefficient (``router_aux_loss_coef``), the default of
+    ``model.moe.aux_loss_coeff``."""
+
+    def __post_init__(self):
+        # A spec read back from JSON (a checkpoint's metadata) has the layers as a list.
+        object.__setattr__(self, "moe_layers", tuple(self.moe_layers))
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     def padded_vocab_size(self, tp: int) -> int:
         """Vocabulary padded to a multiple of TP (Megatron shards the embedding rows).
@@ -95,7 +117,8 @@ class ModelSpec:
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         rope, rope_type = rope_parameters(cfg)
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        sliding = cfg.get("sliding_window") if family == "mistral" else None
+        sliding = cfg.get("sliding_window") if family in ("mistral", "mixtral") else None
+        moe = _moe_fields(cfg)
 
         return cls(
             family=family,
@@ -117,20 +140,27 @@ class ModelSpec:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             # Qwen2 always has QKV biases (and no o_proj bias); its config has no attention_bias key.
             qkv_bias=family == "qwen2",
-            qk_norm=family == "qwen3",
+            qk_norm=family in ("qwen3", "qwen3_moe"),
             sliding_window=sliding,
             initializer_range=float(cfg.get("initializer_range", 0.02)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
+            **moe,
         )
 
     @classmethod
     def from_hf_dir(cls, path: str | os.PathLike) -> "ModelSpec":
         return cls.from_hf_config(read_config_json(str(path)), source=os.path.join(path, "config.json"))
 
-    def check_parallel(self, tp: int, pp: int, vpp: int | None = None) -> None:
+    def check_parallel(self, tp: int, pp: int, vpp: int | None = None, ep: int = 1) -> None:
         """Raise ``ValueError`` naming the numbers when this model cannot be split so."""
         problems = []
+        if ep > 1 and not self.is_moe:
+            problems.append(f"expert_model_parallel_size {ep} needs a mixture-of-experts model ({self.family} is dense)")
+        elif self.is_moe and self.num_experts % ep:
+            problems.append(f"expert_model_parallel_size {ep} does not divide the number of experts {self.num_experts}")
+        if self.is_moe and tp > 1 and self.moe_ffn_hidden_size % tp:
+            problems.append(f"tensor_model_parallel_size {tp} does not divide the expert intermediate size {self.moe_ffn_hidden_size}")
         if self.num_attention_heads % tp:
             problems.append(f"tensor_model_parallel_size {tp} does not divide num_attention_heads {self.num_attention_heads}")
         if self.num_kv_heads % tp:
@@ -141,3 +171,24 @@ class ModelSpec:
             problems.append(f"{what} does not divide num_hidden_layers {self.num_layers}")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+def _moe_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The ``ModelSpec`` MoE fields of a Qwen3-MoE or Mixtral config (none for dense ones).
+
+    Qwen3-MoE: layer i is routed unless it is in ``mlp_only_layers`` or ``(i + 1)`` is not a
+    multiple of ``decoder_sparse_step`` (transformers' ``Qwen3MoeDecoderLayer``); its
+    experts have ``moe_intermediate_size``, its dense layers ``intermediate_size``.
+    Mixtral: every layer routed, experts of ``intermediate_size``, top-k renormalised."""
+    family, n = cfg["model_type"], cfg["num_hidden_layers"]
+    if family == "qwen3_moe":
+        step, dense = cfg.get("decoder_sparse_step", 1) or 1, set(cfg.get("mlp_only_layers") or ())
+        layers = tuple(i for i in range(n) if i not in dense and (i + 1) % step == 0)
+        return dict(num_experts=cfg.get("num_experts") or cfg["num_local_experts"], moe_topk=cfg["num_experts_per_tok"],
+                    moe_ffn_hidden_size=cfg["moe_intermediate_size"], moe_norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                    moe_layers=layers, router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.001)))
+    if family == "mixtral":
+        return dict(num_experts=cfg["num_local_experts"], moe_topk=cfg["num_experts_per_tok"],
+                    moe_ffn_hidden_size=cfg["intermediate_size"], moe_norm_topk_prob=True,
+                    moe_layers=tuple(range(n)), router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.02)))
+    return {}

@@ -36,6 +36,9 @@ SUPPORTED_MEGATRON = ("0.16.",)
 #                                    (state_dict_saver), and the shard-exchange buffers of fully parallel
 #                                    loading (exchange_utils, mapping's ShardedTensor.init_data("cuda"))
 #   pipeline_parallel.p2p_communication  torch.cuda.synchronize() around the shape exchange
+#   transformer.moe.token_dispatcher the all-to-all dispatcher's device-to-host side stream (torch.cuda.Stream,
+#                                    current_stream, stream(), record_event): one null stream on CPU
+#   transformer.moe.moe_utils        the aux-loss tracker's buffers (device="cuda")
 _CUDA_LITERAL_MODULES = (
     "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.pipeline_parallel.schedules",
@@ -52,6 +55,8 @@ _CUDA_LITERAL_MODULES = (
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.fully_parallel",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.transformer.moe.token_dispatcher",
+    "megatron.core.transformer.moe.moe_utils",
 )
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "ones_like", "empty_like")
 
@@ -93,6 +98,22 @@ class _CpuTorch(types.ModuleType):
         return getattr(torch, name)
 
 
+class _NullStream:
+    """The one "stream" of a CPU: work is already ordered, so waiting and events are no-ops."""
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, *a, **k) -> "_NullStream":
+        return self
+
+
+_NULL_STREAM = _NullStream()
+
+
 class _CpuCuda(types.ModuleType):
     """``torch.cuda`` as seen by the patched modules: synchronization is a no-op on CPU."""
 
@@ -103,6 +124,8 @@ class _CpuCuda(types.ModuleType):
         self.current_device = lambda: torch.device("cpu")
         self.stream = lambda *a, **k: contextlib.nullcontext()
         self.nvtx = types.SimpleNamespace(range_push=lambda *a, **k: None, range_pop=lambda *a, **k: None)
+        self.Stream = lambda *a, **k: _NULL_STREAM
+        self.current_stream = lambda *a, **k: _NULL_STREAM
 
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
@@ -205,6 +228,66 @@ def _patch_tensor_type_checks():
         cls.__init__ = _with_cuda_type_names(cls.__init__)
 
 
+_TE_MOE_NAMES = (
+    "fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss", "fused_permute", "fused_permute_with_probs",
+    "fused_sort_chunks_by_index", "fused_sort_chunks_by_index_with_probs", "fused_topk_with_score_function",
+    "fused_unpermute", "te_general_gemm",
+)
+
+
+def _patch_moe_without_te():
+    """``moe_utils`` imports its TE kernels in a ``try`` and, without TE, leaves the names
+    undefined; the router's gating GEMM then tests ``te_general_gemm is not None`` and
+    raises ``NameError``. Defining them as None selects the torch paths it already has."""
+    mu = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    if getattr(mu, "HAVE_TE", None) is not False:
+        return
+    for name in _TE_MOE_NAMES:
+        if not hasattr(mu, name):
+            setattr(mu, name, None)
+
+
+class _ListSplitsDistributed(types.ModuleType):
+    """``torch.distributed`` whose ``all_to_all_single`` takes split sizes as lists of ints."""
+
+    def __init__(self):
+        super().__init__("torch.distributed")
+
+    @staticmethod
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, **kwargs):
+        as_list = lambda s: None if s is None else [int(x) for x in s]  # noqa: E731
+        return torch.distributed.all_to_all_single(
+            output, input, output_split_sizes=as_list(output_split_sizes), input_split_sizes=as_list(input_split_sizes), **kwargs
+        )
+
+    def __getattr__(self, name):
+        return getattr(torch.distributed, name)
+
+
+class _MappingsTorch(types.ModuleType):
+    """The ``torch`` of ``tensor_parallel.mappings``: its distributed all-to-all is the one above."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.distributed = _ListSplitsDistributed()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _patch_expert_all_to_all():
+    """The all-to-all token dispatcher (expert parallelism) passes its split sizes as numpy
+    arrays, which gloo's ``all_to_all_single`` binding rejects (``incompatible function
+    arguments``); they become lists of ints. Gloo itself has every collective the MoE layer
+    uses on torch 2.13 (uneven all-to-all, all-gather and reduce-scatter into a tensor were
+    checked on two ranks); the CUDA-only parts are the dispatcher's side stream (a null
+    stream, ``_CpuCuda``) and the TE kernels (``_patch_moe_without_te``)."""
+    mappings = importlib.import_module("megatron.core.tensor_parallel.mappings")
+    if getattr(mappings, "torch", None) is not torch:
+        raise RuntimeError("megatron-core changed: tensor_parallel.mappings no longer imports torch as a module global")
+    mappings.torch = _MappingsTorch()
+
+
 def apply() -> None:
     """Apply every CPU patch once. Call before building models or optimizers."""
     global _applied
@@ -240,4 +323,6 @@ def apply() -> None:
     _patch_rng_tracker()
     _patch_causal_masks()
     _patch_tensor_type_checks()
+    _patch_moe_without_te()
+    _patch_expert_all_to_all()
     _applied = True

@@ -37,6 +37,10 @@ class ParallelLayout:
     dp_rank: int
     vpp: int | None
     device: torch.device
+    ep: int = 1
+    """Expert-parallel size: the experts of every MoE layer split over ``ep`` ranks of a
+    data-parallel group (expert tensor parallelism equals TP)."""
+    ep_rank: int = 0
 
     @property
     def is_first_stage(self) -> bool:
@@ -104,18 +108,21 @@ def init_parallel(
     device: str = "auto",
     backend: str = "auto",
     timeout_minutes: int = 30,
+    ep: int = 1,
 ) -> ParallelLayout:
     """Initialize torch.distributed and Megatron's model-parallel groups; idempotent.
 
     Applies the CPU patches for megatron-core when the device is the CPU. Raises
     ``ValueError`` when the world size is not a multiple of ``tp * pp``, and when the CPU
     is asked for while CUDA is visible (the patches cannot share a process with CUDA: set
-    ``CUDA_VISIBLE_DEVICES=``).
+    ``CUDA_VISIBLE_DEVICES=``). ``ep``: expert-parallel size (mixture-of-experts models);
+    it must divide the data-parallel size, since expert-parallel ranks are data-parallel
+    ranks for everything but the experts.
     """
     global _LAYOUT
     if _LAYOUT is not None:
-        if (_LAYOUT.tp, _LAYOUT.pp, _LAYOUT.vpp) != (tp, pp, vpp):
-            raise RuntimeError(f"parallel state already initialized as TP={_LAYOUT.tp} PP={_LAYOUT.pp}")
+        if (_LAYOUT.tp, _LAYOUT.pp, _LAYOUT.vpp, _LAYOUT.ep) != (tp, pp, vpp, ep):
+            raise RuntimeError(f"parallel state already initialized as TP={_LAYOUT.tp} PP={_LAYOUT.pp} EP={_LAYOUT.ep}")
         return _LAYOUT
 
     dev = resolve_device(device)
@@ -155,6 +162,7 @@ def init_parallel(
             f"world size {world} is not a multiple of tensor_model_parallel_size x "
             f"pipeline_model_parallel_size = {tp} x {pp}"
         )
+    check_expert_parallel(world, tp, pp, ep)
     if vpp is not None and pp == 1:
         raise ValueError("virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size > 1")
 
@@ -165,6 +173,7 @@ def init_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        expert_model_parallel_size=ep,
         distributed_timeout_minutes=timeout_minutes,
     )
     seed_rank(seed, mpu.get_pipeline_model_parallel_rank())
@@ -181,9 +190,25 @@ def init_parallel(
         dp_rank=mpu.get_data_parallel_rank(),
         vpp=vpp,
         device=dev,
+        ep=ep,
+        ep_rank=mpu.get_expert_model_parallel_rank(),
     )
     log.debug("parallel layout: %s", _LAYOUT)
     return _LAYOUT
+
+
+def check_expert_parallel(world: int, tp: int, pp: int, ep: int) -> None:
+    """``ValueError`` naming the sizes when expert parallelism cannot lay out: ``ep`` must
+    divide the data-parallel size (world / (TP x PP)); the number of experts is checked
+    against ``ep`` with the model (``ModelSpec.check_parallel``)."""
+    if ep < 1:
+        raise ValueError(f"expert_model_parallel_size must be >= 1, got {ep}")
+    dp = world // (tp * pp)
+    if dp % ep:
+        raise ValueError(
+            f"expert_model_parallel_size {ep} does not divide the data-parallel size {dp} "
+            f"(world size {world} / (tensor_model_parallel_size {tp} x pipeline_model_parallel_size {pp}))"
+        )
 
 
 def get_layout() -> ParallelLayout:

@@ -66,6 +66,7 @@ def compare_logprobs(
     ckpt: Optional[str] = None,
     tp: int = 1,
     pp: int = 1,
+    ep: int = 1,
     num_seqs: int = 4,
     seq_len: int = 32,
     seed: int = 0,
@@ -81,9 +82,9 @@ def compare_logprobs(
     import torch.distributed as dist
 
 
-    layout = init_parallel(tp, pp)
+    layout = init_parallel(tp, pp, ep=ep)
     spec = ModelSpec.from_hf_dir(hf_dir)
-    policy = MegatronPolicy(spec, "reference", BuildOptions(tp=tp, pp=pp))
+    policy = MegatronPolicy(spec, "reference", BuildOptions(tp=tp, pp=pp, ep=ep))
     if ckpt is not None:
 
         src = resolve_model_source(ckpt, hf_config_dir=hf_dir)
@@ -103,7 +104,7 @@ def compare_logprobs(
     batch = TokenBatch(ids_NS, torch.ones(N, dtype=torch.long), torch.full((N,), S - 1))
     mg_NT = policy.forward_logprobs(batch.to(layout.device), temperature=1.0)["logprobs_BT"].cpu()
 
-    layout_info = {"tp": tp, "pp": pp, "source": "megatron_checkpoint" if ckpt else "hf"}
+    layout_info = {"tp": tp, "pp": pp, **({"ep": ep} if ep > 1 else {}), "source": "megatron_checkpoint" if ckpt else "hf"}
     results = []
     if dist.get_rank() == 0:
         results.append(summarize("megatron_vs_hf", mg_NT, hf_logprobs_NT(hf_dir, ids_NS), batch.response_mask_BT, **layout_info))

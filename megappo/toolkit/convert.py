@@ -51,10 +51,10 @@ class ModelSource:
     tokenizer_dir: Optional[str]
 
 
-def _build_actor(spec, tp: int, pp: int, vpp: Optional[int], dtype: torch.dtype):
+def _build_actor(spec, tp: int, pp: int, vpp: Optional[int], dtype: torch.dtype, ep: int = 1):
 
-    layout = init_parallel(tp, pp, vpp)
-    chunks = build_model_chunks(spec, "actor", BuildOptions(tp=tp, pp=pp, vpp=vpp, dtype=dtype))
+    layout = init_parallel(tp, pp, vpp, ep=ep)
+    chunks = build_model_chunks(spec, "actor", BuildOptions(tp=tp, pp=pp, vpp=vpp, dtype=dtype, ep=ep))
     if layout.device.type == "cuda":
         chunks = [c.cuda(layout.device) for c in chunks]
     return chunks
@@ -68,9 +68,12 @@ def convert_hf_to_megatron(
     pp: int = 1,
     vpp: Optional[int] = None,
     dtype: Optional[torch.dtype] = torch.float32,
+    ep: int = 1,
 ) -> None:
     """Write the HF model ``hf_dir`` as a Megatron distributed checkpoint ``out_dir``
-    (with ``megappo_model.json``: spec, HF config, source directory). ``dtype=None``
+    (with ``megappo_model.json``: spec, HF config, source directory). ``ep``: expert-parallel
+    size of this run (mixture-of-experts models; each rank reads only its experts; the
+    checkpoint reshards to any layout on load). ``dtype=None``
     keeps the dtype ``config.json`` declares when it is bfloat16 or float32 (else float32)."""
 
     check_megatron_out(out_dir)
@@ -90,7 +93,8 @@ def convert_hf_to_megatron(
     if dtype is None:
         declared = config_dtype(hf_config)
         dtype = declared if declared in (torch.bfloat16, torch.float32) else torch.float32
-    chunks = _build_actor(spec, tp, pp, vpp, dtype)
+    spec.check_parallel(tp, pp, vpp, ep)
+    chunks = _build_actor(spec, tp, pp, vpp, dtype, ep)
     load_hf_into_model(chunks, hf_dir)
     save_megatron_model(chunks, out_dir, hf_config=hf_config, source_dir=os.path.abspath(hf_dir))
 

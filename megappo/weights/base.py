@@ -6,9 +6,11 @@ Each rule names one Megatron tensor, the HF tensors it is made of, how they are 
 (``identity``, ``qkv``, ``concat``) and along which dimension every HF input is split over
 tensor-parallel ranks. Everything else (TP shards, vocabulary padding, pipeline stages,
 virtual chunks, tied embeddings, the critic, the reward model, local vs Transformer Engine
-names) is handled here once, so a new family is a new table. A mixture-of-experts family would add rules whose
-names carry an ``{expert}`` field and a plan step that expands it (and splits experts over
-expert-parallel ranks); dense families never see it.
+names) is handled here once, so a new family is a new table. A mixture-of-experts family
+adds rules whose names carry an ``{expert}`` field (``moe.py``): ``plan`` expands them over
+this expert-parallel rank's experts (local index in the Megatron name, global index in the
+HF names) and applies a rule only to the layers of its kind (``layer_kind``: the routed
+layers of ``ModelSpec.moe_layers`` or the dense ones); dense families see every layer dense.
 
 Why fusing and sharding commute: every HF input of a fused tensor is split into contiguous
 chunks along ``tp_dim``, and rank r's Megatron shard is ``fuse(chunk_r(inputs))``:
@@ -39,6 +41,7 @@ HEADLESS_ROLES = ("critic", "reward")
 """Roles whose last layer is not the LM head: the critic's value head (not from HF) and the
 reward model's ``score`` head (``*ForSequenceClassification``). Neither ties embeddings."""
 Stage = Literal["first", "last", "layer"]
+LayerKind = Literal["any", "dense", "moe"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,8 @@ class TensorRule:
     ``export``: False for a copy that another rule already exports (the tied head).
     ``shapes``: each HF input's shape in symbols of the spec (``vocab``, ``hidden``, ``ffn``,
     ``q`` = heads x head_dim, ``kv`` = KV heads x head_dim, ``head_dim``, ``labels`` = 1,
-    the one output of a reward model's ``score`` head).
+    the one output of a reward model's ``score`` head, ``experts``, ``moe_ffn`` = one
+    expert's intermediate size). ``layer_kind``: only in dense or only in routed layers.
     """
 
     megatron: str
@@ -67,6 +71,7 @@ class TensorRule:
     when: Condition | None = None
     te_name: str | None = None
     export: bool = True
+    layer_kind: LayerKind = "any"
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,13 @@ class Placement:
     num_layers: int | None = None
     pre_process: bool = True
     post_process: bool = True
+    ep: int = 1
+    ep_rank: int = 0
+
+    def local_experts(self, spec: ModelSpec) -> range:
+        """Global numbers of the experts this expert-parallel rank holds (contiguous, as Megatron)."""
+        n = spec.num_experts // self.ep
+        return range(self.ep_rank * n, (self.ep_rank + 1) * n)
 
     def layers(self, spec: ModelSpec) -> range:
         n = spec.num_layers - self.first_layer if self.num_layers is None else self.num_layers
@@ -110,10 +122,12 @@ class Placement:
         pp_rank: int = 0,
         vpp: int | None = None,
         vp_stage: int | None = None,
+        ep: int = 1,
+        ep_rank: int = 0,
     ) -> "Placement":
         """Megatron's even split: chunk c of stage p holds layers ``[(c*pp + p) * n, ...)``
         with ``n = L / (pp * vpp)``."""
-        spec.check_parallel(tp, pp, vpp)
+        spec.check_parallel(tp, pp, vpp, ep)
         chunks, chunk = vpp or 1, vp_stage or 0
         n = spec.num_layers // (pp * chunks)
         return cls(
@@ -123,6 +137,8 @@ class Placement:
             num_layers=n,
             pre_process=pp_rank == 0 and chunk == 0,
             post_process=pp_rank == pp - 1 and chunk == chunks - 1,
+            ep=ep,
+            ep_rank=ep_rank,
         )
 
 
@@ -134,6 +150,8 @@ class Entry:
     hf: tuple[str, ...]
     rule: TensorRule
     layer: int | None
+    expert: int | None = None
+    """The global expert number of a per-expert tensor."""
 
 
 def _holds(rule: TensorRule, spec: ModelSpec, role: str, placement: Placement) -> bool:
@@ -172,12 +190,26 @@ def plan(
     te = transformer_impl == "transformer_engine"
     rules = [r for r in table.rules if _holds(r, spec, role, placement)]
     out = [Entry(_name(r, te), r.hf, r, None) for r in rules if r.stage == "first"]
+    moe_layers = set(spec.moe_layers)
     for local, layer in enumerate(placement.layers(spec)):
-        for r in (r for r in rules if r.stage == "layer"):
-            hf = tuple(n.format(layer=layer) for n in r.hf)
-            out.append(Entry(f"decoder.layers.{local}.{_name(r, te)}", hf, r, layer))
+        kind = "moe" if layer in moe_layers else "dense"
+        for r in (r for r in rules if r.stage == "layer" and r.layer_kind in ("any", kind)):
+            name = f"decoder.layers.{local}.{_name(r, te)}"
+            if "{expert}" not in name:
+                out.append(Entry(name, tuple(n.format(layer=layer) for n in r.hf), r, layer))
+                continue
+            for i, e in enumerate(placement.local_experts(spec)):
+                hf = tuple(n.format(layer=layer, expert=e) for n in r.hf)
+                out.append(Entry(name.format(expert=i), hf, r, layer, e))
     out += [Entry(_name(r, te), r.hf, r, None) for r in rules if r.stage == "last"]
     return out
+
+
+def with_expert(entry: Entry, expert: int) -> Entry:
+    """``entry`` (a per-expert tensor) for global expert ``expert`` (another EP rank's)."""
+    assert entry.expert is not None, entry.megatron
+    hf = tuple(n.format(layer=entry.layer, expert=expert) for n in entry.rule.hf)
+    return Entry(entry.megatron, hf, entry.rule, entry.layer, expert)
 
 
 def _name(rule: TensorRule, te: bool) -> str:
@@ -194,6 +226,8 @@ def hf_shapes(rule: TensorRule, spec: ModelSpec) -> list[tuple[int, ...]]:
         "kv": spec.num_kv_heads * spec.head_dim,
         "head_dim": spec.head_dim,
         "labels": 1,
+        "experts": spec.num_experts,
+        "moe_ffn": spec.moe_ffn_hidden_size,
     }
     return [tuple(sizes[d] for d in shape) for shape in rule.shapes]
 
@@ -341,10 +375,10 @@ def megatron_to_hf_state(
 
 def table_for(spec_or_family: ModelSpec | str) -> FamilyTable:
     """The mapping table of a family (``spec.family``)."""
-    from megappo.weights import llama, mistral, qwen2, qwen3  # deferred: the family tables import this module
+    from megappo.weights import llama, mistral, mixtral, qwen2, qwen3, qwen3_moe  # deferred: the family tables import this module
 
     family = spec_or_family if isinstance(spec_or_family, str) else spec_or_family.family
-    tables = {t.family: t for t in (llama.TABLE, qwen2.TABLE, qwen3.TABLE, mistral.TABLE)}
+    tables = {t.family: t for t in (llama.TABLE, qwen2.TABLE, qwen3.TABLE, mistral.TABLE, qwen3_moe.TABLE, mixtral.TABLE)}
     if family not in tables:
         raise ValueError(f"no weight mapping for model family {family!r} (supported: {', '.join(tables)})")
     return tables[family]

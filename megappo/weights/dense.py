@@ -42,6 +42,7 @@ DENSE_RULES = (
         (L + "post_attention_layernorm.weight",),
         ((H,),),
         te_name="mlp.linear_fc1.layer_norm_weight",
+        layer_kind="dense",
     ),
     TensorRule(
         "mlp.linear_fc1.weight",
@@ -49,8 +50,9 @@ DENSE_RULES = (
         ((F, H), (F, H)),
         fuse="concat",
         tp_dim=0,
+        layer_kind="dense",
     ),
-    TensorRule("mlp.linear_fc2.weight", (L + "mlp.down_proj.weight",), ((H, F),), tp_dim=1),
+    TensorRule("mlp.linear_fc2.weight", (L + "mlp.down_proj.weight",), ((H, F),), tp_dim=1, layer_kind="dense"),
     TensorRule("decoder.final_layernorm.weight", ("model.norm.weight",), ((H,),), stage="last"),
     TensorRule("output_layer.weight", ("lm_head.weight",), ((V, H),), stage="last", tp_dim=0, vocab=True, when="untied_head"),
     TensorRule(

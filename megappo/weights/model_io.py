@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 
 from megappo.models.spec import ModelSpec
-from megappo.weights.base import Entry, Placement, hf_from_shards, plan, shard_from_hf, table_for
+from megappo.weights.base import Entry, Placement, hf_from_shards, plan, shard_from_hf, table_for, with_expert
 from megappo.weights.validate import check_config, check_hf_tensors, spec_differences
 from megappo.weights.hf_io import HFCheckpoint
 
@@ -62,6 +62,8 @@ def placement_of(model) -> Placement:
         num_layers=len(numbers),
         pre_process=model.pre_process,
         post_process=model.post_process,
+        ep=mpu.get_expert_model_parallel_world_size(),
+        ep_rank=mpu.get_expert_model_parallel_rank(),
     )
 
 
@@ -163,10 +165,11 @@ def load_hf_into_model(models, hf_dir: str | os.PathLike, *, strict: bool = True
 @torch.no_grad()
 def iter_hf_tensors(models, *, dtype: torch.dtype | None = None, dst: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, full_tensor)`` for this pipeline stage's weights (every chunk,
-    global layer numbers, vocabulary unpadded), one tensor at a time.
+    global layer numbers, vocabulary unpadded), one tensor at a time; with expert
+    parallelism every expert of the stage, gathered one local expert index at a time.
 
-    Collective over the tensor-parallel group of this stage: every TP rank must iterate to
-    the end, in step. ``dst`` None: every TP rank receives the same tensors (all-gather).
+    Collective over the tensor-parallel group of this stage (and, with EP > 1, its
+    expert-parallel group): every such rank must iterate to the end, in step. ``dst`` None: every TP rank receives the same tensors (all-gather).
     ``dst`` a TP rank: only that rank receives them (gather); the others send their shards
     and yield nothing, so they neither build nor hold full tensors. The tensors are the
     same either way, bit for bit. A tied head is yielded once (as the embedding, by the
@@ -182,21 +185,41 @@ def iter_hf_tensors(models, *, dtype: torch.dtype | None = None, dst: int | None
     if dst is not None and not 0 <= dst < tp:
         raise ValueError(f"iter_hf_tensors: dst must be a tensor-parallel rank in [0, {tp}), got {dst}")
     receives = dst is None or mpu.get_tensor_model_parallel_rank() == dst
+    ep = mpu.get_expert_model_parallel_world_size()
     for model in model_chunks(models)[0]:
         spec, _, entries, params = _entries(model)
         for e in entries:
             if not e.rule.export:
                 continue
-            local = params[e.megatron].detach()
-            if tp > 1 and e.rule.tp_dim is not None:
-                shards = [torch.empty_like(local) for _ in range(tp)] if receives else None
-                if dst is None:
-                    dist.all_gather(shards, local.contiguous(), group=group)
-                else:
-                    dist.gather(local.contiguous(), shards, dst=dist.get_global_rank(group, dst), group=group)
+            local = params[e.megatron].detach().contiguous()
+            if e.expert is None or ep == 1:
+                peers = [(e, local)]
             else:
-                shards = [local]
-            if not receives:
-                continue
-            for name, tensor in hf_from_shards(e, spec, shards):
-                yield name, (tensor if dtype is None else tensor.to(dtype)).contiguous()
+                # Expert parallelism: local expert i of EP rank r is global expert r*n + i.
+                # One all-gather over the EP group per local expert streams experts without
+                # ever holding more than ``ep`` of them.
+                gathered = [torch.empty_like(local) for _ in range(ep)]
+                dist.all_gather(gathered, local, group=mpu.get_expert_model_parallel_group())
+                n = spec.num_experts // ep
+                first = e.expert - mpu.get_expert_model_parallel_rank() * n
+                peers = [(with_expert(e, r * n + first), t) for r, t in enumerate(gathered)]
+            for entry, tensor in peers:
+                shards = _gather_tp(tensor, entry, tp, group, dst, receives)
+                if not receives:
+                    continue
+                for name, full in hf_from_shards(entry, spec, shards):
+                    yield name, (full if dtype is None else full.to(dtype)).contiguous()
+
+
+def _gather_tp(local: torch.Tensor, e: Entry, tp: int, group, dst: int | None, receives: bool) -> list[torch.Tensor] | None:
+    """The TP shards of one tensor, in rank order, on the receiving rank(s) (None elsewhere)."""
+    import torch.distributed as dist
+
+    if tp == 1 or e.rule.tp_dim is None:
+        return [local]
+    shards = [torch.empty_like(local) for _ in range(tp)] if receives else None
+    if dst is None:
+        dist.all_gather(shards, local, group=group)
+    else:
+        dist.gather(local, shards, dst=dist.get_global_rank(group, dst), group=group)
+    return shards

@@ -73,6 +73,11 @@ _SPEC_FIELDS_THAT_SHAPE_WEIGHTS = (
     "rope_type",
     "rope_factor",
     "sliding_window",
+    "num_experts",
+    "moe_topk",
+    "moe_ffn_hidden_size",
+    "moe_norm_topk_prob",
+    "moe_layers",
 )
 
 

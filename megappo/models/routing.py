@@ -1,0 +1,174 @@
+"""Routing replay for mixture-of-experts policies (``algo.routing_replay``) and router metrics.
+
+Why: the PPO ratio pi_theta / pi_old compares two forward passes. In an MoE model a token
+near a routing tie can take different experts in the two passes (different micro-batch
+shapes change float rounding; later, the update itself moves the router), so the ratio's
+numerator and denominator come from different sub-networks and the first step's ratio is
+not 1. Replay (as in slime / verl's "R2", and Megatron's ``RouterReplay``) records each
+token's top-k experts in the actor's forward-only pass (the old log-probs) and makes the
+update's forward passes use those experts, with the router's current scores at them (the
+router still learns through its probabilities).
+
+How: every ``TopKRouter`` of the policy gets a ``_LayerRouting`` as its ``router_replay``
+(megatron-core 0.16's hook inside ``topk_routing_with_score_function``: it is asked for the
+top-k). Recorded experts are kept per sequence, keyed by the sequence's tokens, so the
+trainer may regroup rows into any mini- and micro-batches between the passes. The store is
+replaced by every recording pass. A row's padding is recorded too and replayed where the
+row comes back with padding as long (rows regrouped with other padding route it to experts
+0..k-1, which changes nothing of the real tokens but the float rounding of the experts'
+GEMMs, ~1e-6). Right-padded micro-batches only (``packed_sequences``
+concatenates rows, which this keying does not follow). A row without a recording routes
+freely and is counted in ``moe/replay_missing_rows``.
+
+Without replay (``RoutingReplay(replay=False)``) the routers are only observed. Metrics of the training passes (means over routed layers and micro-batches, padding tokens
+included): ``moe/routing_changed_frac`` (tokens whose free top-k differs from the replayed
+one), ``moe/router_entropy`` (nats, of the softmax over all experts), ``moe/expert_load_max_over_mean``
+(tokens per expert, max / mean, per layer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+class _LayerRouting:
+    """One router's replay state (the ``router_replay`` protocol of megatron-core 0.16)."""
+
+    def __init__(self, pre_softmax: bool, stats: dict):
+        self.pre_softmax = pre_softmax
+        self.mode: Optional[str] = None
+        self.recorded: Optional[Tensor] = None
+        self.target: Optional[Tensor] = None
+        self.stats = stats
+
+    def get_replay_topk(self, scores, topk, num_groups=None, group_topk=None, default_compute_topk=None):
+        probs, idx = default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)
+        if self.mode is None:
+            return probs, idx
+        with torch.no_grad():
+            self._observe(scores, idx)
+        if self.mode == "record":
+            self.recorded = idx.detach()
+            return probs, idx
+        if self.mode != "replay" or self.target is None:
+            return probs, idx
+        target = self.target.to(scores.device)
+        with torch.no_grad():
+            changed = (idx.sort(dim=-1).values != target.sort(dim=-1).values).any(dim=-1)
+            self._add("routing_changed_frac", changed.float().mean())
+        return scores.gather(1, target), target
+
+    def _observe(self, scores: Tensor, idx: Tensor) -> None:
+        p = scores.float() if self.pre_softmax else torch.softmax(scores.float(), dim=-1)
+        self._add("router_entropy", -(p * p.clamp_min(1e-30).log()).sum(-1).mean())
+        load = torch.bincount(idx.flatten(), minlength=scores.shape[-1]).float()
+        self._add("expert_load_max_over_mean", load.max() / load.mean().clamp_min(1e-30))
+
+    def _add(self, name: str, value: Tensor) -> None:
+        total, n = self.stats.get(name, (0.0, 0))
+        self.stats[name] = (total + float(value), n + 1)
+
+
+class RoutingReplay:
+    """The routers of one policy's model chunks, their recordings and metrics."""
+
+    def __init__(self, chunks: list, replay: bool = True):
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        self.replay = replay
+        self.stats: dict = {}
+        self.missing_rows = 0
+        self.routers: dict[int, list[_LayerRouting]] = {}
+        self.store: dict[bytes, list[Tensor]] = {}
+        offset = 0
+        self._offsets: dict[int, int] = {}
+        for chunk in chunks:
+            layers = []
+            for m in chunk.modules():
+                if isinstance(m, TopKRouter):
+                    m.router_replay = _LayerRouting(m.config.moe_router_pre_softmax, self.stats)
+                    layers.append(m.router_replay)
+            self.routers[id(chunk)] = layers
+            self._offsets[id(chunk)] = offset
+            offset += len(layers)
+
+    @contextlib.contextmanager
+    def pass_(self, mode: Optional[str]):
+        """Routers record (``record``, replacing the store), replay (``replay``) or route
+        freely (None) for the passes inside."""
+        if not self.replay and mode is not None:
+            mode = "observe" if mode == "replay" else None
+        if mode == "record":
+            self.store = {}
+        self._set(mode)
+        try:
+            yield
+        finally:
+            self._set(None)
+
+    def _set(self, mode: Optional[str]) -> None:
+        for layers in self.routers.values():
+            for r in layers:
+                r.mode, r.recorded, r.target = mode, None, None
+
+    def before(self, model, input_ids_bS: Tensor, seq_lens_b: Tensor) -> None:
+        """Replay pass: give this chunk's routers the recorded experts of the micro-batch."""
+        layers = self._layers(model)
+        if not layers or layers[0].mode != "replay":
+            return
+        keys = _keys(input_ids_bS, seq_lens_b)
+        if any(k not in self.store for k in keys):
+            self.missing_rows += sum(k not in self.store for k in keys)
+            for r in layers:
+                r.target = None
+            return
+        b, S = input_ids_bS.shape
+        first = self._offsets[_unwrap_id(model, self.routers)]
+        for i, r in enumerate(layers):
+            k = self.store[keys[0]][first + i].shape[-1]
+            target = torch.arange(k).expand(S, b, k).clone()
+            for j, key in enumerate(keys):
+                rec = self.store[key][first + i][:S]
+                target[: rec.shape[0], j] = rec
+            r.target = target.reshape(S * b, k)
+
+    def after(self, model, input_ids_bS: Tensor, seq_lens_b: Tensor) -> None:
+        """Recording pass: file this chunk's recorded experts under each row's tokens."""
+        layers = self._layers(model)
+        if not layers or layers[0].mode != "record":
+            return
+        b, S = input_ids_bS.shape
+        first = self._offsets[_unwrap_id(model, self.routers)]
+        for j, key in enumerate(_keys(input_ids_bS, seq_lens_b)):
+            row = self.store.setdefault(key, [None] * sum(len(v) for v in self.routers.values()))
+            for i, r in enumerate(layers):
+                # The whole padded row: a replay in the same grouping then routes padding
+                # as before too, so every expert's GEMM sees the same tokens, bit for bit.
+                row[first + i] = r.recorded.view(S, b, -1)[:, j].cpu()
+
+    def metrics(self) -> dict[str, float]:
+        """The ``moe/*`` metrics since the last call (then reset)."""
+        out = {f"moe/{k}": total / n for k, (total, n) in self.stats.items() if n}
+        if self.missing_rows:
+            out["moe/replay_missing_rows"] = float(self.missing_rows)
+        self.stats.clear()
+        self.missing_rows = 0
+        return out
+
+    def _layers(self, model) -> list:
+        return self.routers.get(_unwrap_id(model, self.routers), [])
+
+
+def _unwrap_id(model, known: dict) -> int:
+    while id(model) not in known and hasattr(model, "module"):
+        model = model.module
+    return id(model)
+
+
+def _keys(input_ids_bS: Tensor, seq_lens_b: Tensor) -> list[bytes]:
+    ids = input_ids_bS.cpu()
+    return [ids[j, : int(n)].numpy().tobytes() for j, n in enumerate(seq_lens_b.tolist())]

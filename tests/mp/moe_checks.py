@@ -1,0 +1,148 @@
+"""Mixture-of-experts checks under ``torchrun --nproc-per-node 2`` (gloo, CPU), run by
+``tests/test_moe_parallel.py``; every comparison goes to a JSON file as a max abs difference.
+
+Tiny Qwen3-MoE (4 experts, top-2, one dense layer by ``mlp_only_layers``) and Mixtral
+(4 experts, top-2) models are written by rank 0. Then, one layout after another on the
+same two processes:
+
+  ep1   TP=1 PP=1 EP=1 (each rank the whole model): log-probs against transformers; the
+        loss and gradients of a fixed batch (the reference for ep2).
+  ep2   EP=2: log-probs against transformers; each rank takes half the batch, so the
+        summed loss and the all-reduced non-expert gradients equal ep1's full-batch ones,
+        and each rank's experts (which see the tokens of both halves through the
+        all-to-all) equal ep1's gradients of those experts. HF -> Megatron -> HF through
+        ``load_hf_into_model`` and ``iter_hf_tensors`` (experts gathered over EP) is bit exact.
+  tp2   TP=2 and pp2 PP=2: log-probs against transformers.
+  convert  ``convert_hf_to_megatron(..., ep=2)`` writes a checkpoint for the test to export at world 1.
+
+The load-balancing loss is off in the gradient check (``moe_aux_loss_coeff=0``): it is a
+per-rank statistic, so halving the batch changes it by design.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from hf_fixtures import make_tiny_hf_model, read_hf_state  # noqa: E402
+
+from megappo.models import BuildOptions, MegatronPolicy, ModelSpec, TokenBatch  # noqa: E402
+from megappo.models.builder import build_model_chunks  # noqa: E402
+from megappo.parallel import destroy_parallel, init_parallel  # noqa: E402
+from megappo.toolkit.compare import fixed_sequences, hf_logprobs_NT  # noqa: E402
+from megappo.weights.base import plan, table_for  # noqa: E402
+from megappo.weights.model_io import iter_hf_tensors, load_hf_into_model, placement_of  # noqa: E402
+
+RESULTS: dict[str, float] = {}
+FAMILIES = {"qwen3_moe": dict(mlp_only_layers=[1], norm_topk_prob=True), "mixtral": {}}
+
+
+def record(name: str, value: float) -> None:
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    RESULTS[name] = float(t)
+
+
+def logprob_parity(tag: str, dirs: dict, ids_NS: torch.Tensor, hf_NT: dict, tp: int, pp: int, ep: int) -> None:
+    init_parallel(tp, pp, seed=3, device="cpu", ep=ep)
+    N, S = ids_NS.shape
+    batch = TokenBatch(ids_NS, torch.ones(N, dtype=torch.long), torch.full((N,), S - 1))
+    for fam, d in dirs.items():
+        policy = MegatronPolicy(ModelSpec.from_hf_dir(d), "reference", BuildOptions(tp=tp, pp=pp, ep=ep))
+        load_hf_into_model(policy.models, d)
+        mg_NT = policy.forward_logprobs(batch, temperature=1.0)["logprobs_BT"]
+        record(f"{tag}_{fam}_logprobs_vs_hf", (mg_NT - hf_NT[fam]).abs().max())
+    destroy_parallel(keep_process_group=True)
+
+
+def hf_grads(model, spec) -> dict[str, torch.Tensor]:
+    """This rank's gradients keyed by each tensor's first HF name (experts by global number)."""
+    params = dict(model.named_parameters())
+    return {e.hf[0]: params[e.megatron].grad.clone() for e in plan(table_for(spec), spec, placement_of(model))}
+
+
+def loss_and_grads(d: str, ids_NS: torch.Tensor, ep: int):
+    spec = ModelSpec.from_hf_dir(d)
+    (model,) = build_model_chunks(spec, "actor", BuildOptions(ep=ep, moe_aux_loss_coeff=0.0))
+    load_hf_into_model([model], d)
+    model.train()
+    pos = torch.arange(ids_NS.shape[1]).expand_as(ids_NS)
+    logits = model(ids_NS, pos, None)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids_NS[:, 1:].reshape(-1), reduction="sum")
+    loss.backward()
+    return loss.detach(), hf_grads(model, spec), spec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--hang-timeout", type=float, default=400)
+    args = ap.parse_args()
+    faulthandler.dump_traceback_later(args.hang_timeout, exit=True)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    dirs = {fam: os.path.join(args.workdir, fam) for fam in FAMILIES}
+    if rank == 0:
+        for fam, extra in FAMILIES.items():
+            make_tiny_hf_model(args.workdir, fam, name=fam, layers=2, vocab=101, **extra)
+    dist.barrier()
+    ids_NS = fixed_sequences(101, 4, 12, seed=0)
+    hf_NT = {fam: hf_logprobs_NT(d, ids_NS) for fam, d in dirs.items()}
+
+    logprob_parity("ep1", dirs, ids_NS, hf_NT, 1, 1, 1)
+    logprob_parity("ep2", dirs, ids_NS, hf_NT, 1, 1, 2)
+    logprob_parity("tp2", dirs, ids_NS, hf_NT, 2, 1, 1)
+    logprob_parity("pp2", dirs, ids_NS, hf_NT, 1, 2, 1)
+
+    for fam, d in dirs.items():
+        init_parallel(1, 1, seed=3, device="cpu", ep=1)
+        ref_loss, ref_grads, spec = loss_and_grads(d, ids_NS, 1)
+        destroy_parallel(keep_process_group=True)
+        init_parallel(1, 1, seed=3, device="cpu", ep=2)
+        half = ids_NS.chunk(2)[rank]
+        loss, grads, _ = loss_and_grads(d, half, 2)
+        dist.all_reduce(loss)
+        record(f"ep2_{fam}_loss", (loss - ref_loss).abs())
+        worst, experts_seen = 0.0, 0
+        for key, g in grads.items():
+            if ".experts." not in key:
+                dist.all_reduce(g)
+            else:
+                experts_seen += 1
+            worst = max(worst, float((g - ref_grads[key]).abs().max()))
+        record(f"ep2_{fam}_grads", worst)
+        RESULTS[f"ep2_{fam}_ref_grad_norm"] = float(torch.stack([g.norm() for g in ref_grads.values()]).norm())
+        RESULTS[f"ep2_{fam}_local_expert_tensors"] = experts_seen
+        # HF -> Megatron -> HF at EP=2, bit exact.
+        (model,) = build_model_chunks(spec, "actor", BuildOptions(ep=2))
+        load_hf_into_model([model], d)
+        hf_state = read_hf_state(d)
+        out = dict(iter_hf_tensors([model]))
+        exact = sorted(out) == sorted(hf_state) and all(torch.equal(out[k], hf_state[k]) for k in hf_state)
+        record(f"ep2_{fam}_roundtrip_not_exact", 0.0 if exact else 1.0)
+        RESULTS[f"ep2_{fam}_roundtrip_tensors"] = len(out)
+        destroy_parallel(keep_process_group=True)
+
+    from megappo.toolkit.convert import convert_hf_to_megatron
+
+    for fam, d in dirs.items():
+        convert_hf_to_megatron(d, os.path.join(args.workdir, f"{fam}-ckpt-ep2"), ep=2)
+        destroy_parallel(keep_process_group=True)
+
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(RESULTS, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
