@@ -63,6 +63,9 @@ def test_without_replay_the_flip_moves_the_ratio(results):
     assert r["max_abs_ratio_minus_1"] > 1e-2
     assert "moe/routing_changed_frac" not in r  # nothing replayed, nothing compared
     assert r["moe/expert_load_max_over_mean"] >= 1.0
+    # Mixtral's router_aux_loss_coef 0.02 is on by default: Megatron's unscaled load-balancing
+    # loss (E * sum_i f_i P_i; 1 at perfect balance, top-2 of 4 experts)
+    assert 0.5 < r["moe/load_balancing_loss"] < 4.0
 
 
 def test_replay_follows_rows_regrouped_between_the_passes(results):

@@ -318,7 +318,7 @@ class MegatronPolicy:
         metrics = collectives.reduce_metrics(store) if self.layout.is_last_stage else None
         metrics = collectives.broadcast_object_from_last_stage(metrics)
         metrics["num_microbatches"] = len(mbs)
-        metrics.update(self.routing.metrics() if self.routing is not None else {})
+        metrics.update(self.routing.metrics(len(mbs)) if self.routing is not None else {})
         return metrics
 
     def optimizer_step(self) -> dict[str, float]:

@@ -104,6 +104,10 @@ class RoutingReplay:
             mode = "observe" if mode == "replay" else None
         if mode == "record":
             self.store = {}
+        if mode in ("replay", "observe"):
+            from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+            clear_aux_losses_tracker()  # Megatron's per-layer sums of the router losses, this pass only
         self._set(mode)
         try:
             yield
@@ -150,9 +154,17 @@ class RoutingReplay:
                 # as before too, so every expert's GEMM sees the same tokens, bit for bit.
                 row[first + i] = r.recorded.view(S, b, -1)[:, j].cpu()
 
-    def metrics(self) -> dict[str, float]:
-        """The ``moe/*`` metrics since the last call (then reset)."""
+    def metrics(self, num_microbatches: int = 1) -> dict[str, float]:
+        """The ``moe/*`` metrics since the last call (then reset); with the router losses
+        Megatron tracked in the training pass (``moe/load_balancing_loss``, ``moe/z_loss``
+        when enabled: unscaled, mean over this rank's routed layers and micro-batches)."""
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
         out = {f"moe/{k}": total / n for k, (total, n) in self.stats.items() if n}
+        for name, entry in get_moe_layer_wise_logging_tracker().items():
+            values = entry["values"]
+            if bool((values != 0).any()):
+                out[f"moe/{name}"] = float(values[values != 0].mean()) / max(num_microbatches, 1)
         if self.missing_rows:
             out["moe/replay_missing_rows"] = float(self.missing_rows)
         self.stats.clear()

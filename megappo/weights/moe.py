@@ -13,7 +13,7 @@ fuses it into fc1 only in dense layers).
 
 from __future__ import annotations
 
-from megappo.weights.base import TensorRule
+from megappo.weights.base import TensorRule, table_for
 
 L = "model.layers.{layer}."
 H, E, F = "hidden", "experts", "moe_ffn"
@@ -44,3 +44,29 @@ def moe_rules(block: str, gate: str, up: str, down: str) -> tuple[TensorRule, ..
             te_name="mlp.experts.linear_fc2.weight{expert}",
         ),
     )
+
+
+def fused_expert_views(state: dict, spec) -> dict:
+    """The on-disk per-expert HF names of ``spec``'s routed layers, each a view into
+    transformers 5's fused in-memory expert tensors (``mlp.experts.gate_up_proj`` [E, 2F, H],
+    gate rows first; ``mlp.experts.down_proj`` [E, H, F]) or its router (``mlp.gate.weight``).
+
+    For an engine that holds a transformers model (the embedded engine): adding these to its
+    name -> tensor targets lets it take the per-expert tensors weight sync streams (the
+    names SGLang and the checkpoints use) with an in-place copy into the views. The names
+    come from the family's rules, the one place they are spelled."""
+    rules = {r.megatron: r for r in table_for(spec).rules if r.layer_kind == "moe"}
+    fc1 = rules["mlp.experts.local_experts.{expert}.linear_fc1.weight"]
+    fc2 = rules["mlp.experts.local_experts.{expert}.linear_fc2.weight"]
+    router = rules["mlp.router.weight"]
+    out = {}
+    for layer in spec.moe_layers:
+        prefix = f"model.layers.{layer}.mlp."
+        gate_up, down = state[prefix + "experts.gate_up_proj"], state[prefix + "experts.down_proj"]
+        half = gate_up.shape[1] // 2
+        for e in range(spec.num_experts):
+            gate, up = (n.format(layer=layer, expert=e) for n in fc1.hf)
+            out[gate], out[up] = gate_up[e, :half], gate_up[e, half:]
+            out[fc2.hf[0].format(layer=layer, expert=e)] = down[e]
+        out[router.hf[0].format(layer=layer)] = state[prefix + "gate.weight"]
+    return out
