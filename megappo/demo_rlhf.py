@@ -60,8 +60,8 @@ def train_reward_model(out: Path, paths: dict[str, str], *, epochs: int, lr: flo
         "-m", "megappo.train_rm", "--config", str(RM_RECIPE),
         f"model.hf_path={paths['model']}", f"reward_train.train_path={paths['rm_train']}",
         f"reward_train.eval_path={paths['rm_eval']}", f"reward_train.epochs={epochs}", f"train.run_dir={run_dir}",
-        f"train.seed={seed}", f"optim.lr={lr}", "optim.lr_decay_style=cosine", "reward_train.batch_size=64", "reward_train.eval_every=100", "checkpoint.save_every=0",
-        "logging.progress_bar=false",
+        f"train.seed={seed}", f"optim.lr={lr}", "optim.lr_decay_style=cosine", "reward_train.batch_size=64",
+        "reward_train.eval_every=100", "checkpoint.save_every=0", "logging.progress_bar=false",
     ]
     print("[demo_rlhf] " + " ".join(cmd), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
