@@ -71,6 +71,14 @@ def test_ep2_hf_megatron_hf_is_bit_exact(run, family):
     assert run[0][f"ep2_{family}_roundtrip_tensors"] == len(read_hf_state(run[1] / family))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ep2_weight_sync_streams_every_expert_in_small_buckets(run, family):
+    r = run[0]
+    assert r[f"ep2_{family}_sync_not_exact"] == 0.0
+    assert r[f"ep2_{family}_sync_peak_over_bound"] <= 1.0  # no bucket above max(16 KiB, largest tensor)
+    assert r[f"ep2_{family}_sync_buckets"] > 10
+
+
 def test_checkpoint_converted_at_ep2_exports_bit_exact_at_world_one(run):
     work = run[1]
     family = "mixtral"

@@ -11,7 +11,8 @@ same two processes:
         summed loss and the all-reduced non-expert gradients equal ep1's full-batch ones,
         and each rank's experts (which see the tokens of both halves through the
         all-to-all) equal ep1's gradients of those experts. HF -> Megatron -> HF through
-        ``load_hf_into_model`` and ``iter_hf_tensors`` (experts gathered over EP) is bit exact.
+        ``load_hf_into_model`` and ``iter_hf_tensors`` (experts gathered over EP) is bit exact;
+        ``sync_weights`` to a recording engine delivers every expert in 16 KiB buckets, bit exact.
   tp2   TP=2 and pp2 PP=2: log-probs against transformers.
   convert  ``convert_hf_to_megatron(..., ep=2)`` writes a checkpoint for the test to export at world 1.
 
@@ -36,6 +37,8 @@ from hf_fixtures import make_tiny_hf_model, read_hf_state  # noqa: E402
 from megappo.models import BuildOptions, MegatronPolicy, ModelSpec, TokenBatch  # noqa: E402
 from megappo.models.builder import build_model_chunks  # noqa: E402
 from megappo.parallel import destroy_parallel, init_parallel  # noqa: E402
+from megappo.parallel.state import get_layout  # noqa: E402
+from megappo.rollout.weight_sync import sync_weights  # noqa: E402
 from megappo.toolkit.compare import fixed_sequences, hf_logprobs_NT  # noqa: E402
 from megappo.weights.base import plan, table_for  # noqa: E402
 from megappo.weights.model_io import iter_hf_tensors, load_hf_into_model, placement_of  # noqa: E402
@@ -78,6 +81,24 @@ def loss_and_grads(d: str, ids_NS: torch.Tensor, ep: int):
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids_NS[:, 1:].reshape(-1), reduction="sum")
     loss.backward()
     return loss.detach(), hf_grads(model, spec), spec
+
+
+class _Recorder:
+    """A stand-in rollout engine that keeps what a weight sync delivers."""
+
+    name, receives_weights, spot_checked = "recorder", True, False
+
+    def __init__(self):
+        self.got: dict[str, torch.Tensor] = {}
+
+    def update_weights(self, buckets) -> None:
+        for bucket in buckets:
+            for name, tensor in bucket:
+                assert name not in self.got, f"{name} sent twice"
+                self.got[name] = tensor.clone()
+
+    def checksum_scope(self):
+        return None
 
 
 def main() -> None:
@@ -129,6 +150,16 @@ def main() -> None:
         exact = sorted(out) == sorted(hf_state) and all(torch.equal(out[k], hf_state[k]) for k in hf_state)
         record(f"ep2_{fam}_roundtrip_not_exact", 0.0 if exact else 1.0)
         RESULTS[f"ep2_{fam}_roundtrip_tensors"] = len(out)
+        # Online weight sync at EP=2: each replica's engine receives every expert, in
+        # 16 KiB buckets, bit exact.
+        engine = _Recorder()
+        stats = sync_weights([model], engine, get_layout(), bucket_mb=1 / 64)
+        got = engine.got
+        same = sorted(got) == sorted(hf_state) and all(torch.equal(got[k], hf_state[k]) for k in hf_state)
+        record(f"ep2_{fam}_sync_not_exact", 0.0 if same else 1.0)
+        largest = max(t.numel() * t.element_size() for t in hf_state.values())
+        record(f"ep2_{fam}_sync_peak_over_bound", stats.peak_bucket_bytes / max(2**14, largest))
+        RESULTS[f"ep2_{fam}_sync_buckets"] = stats.num_buckets
         destroy_parallel(keep_process_group=True)
 
     from megappo.toolkit.convert import convert_hf_to_megatron
