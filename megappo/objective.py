@@ -70,9 +70,11 @@ class Objective:
 
     # -- advantages -------------------------------------------------------------------
 
-    def compute_advantages(self, batch: RolloutBatch) -> dict[str, float]:
+    def compute_advantages(self, batch: RolloutBatch, *, trained_version: int = 0) -> dict[str, float]:
         """Shape the scores, estimate advantages (and critic returns), post-process them,
-        and set the loss mask (overlong filter). Fills ``batch`` in place; returns metrics."""
+        and set the loss mask (overlong filter; ``algo.mask_stale_tokens`` against
+        ``trained_version``, the policy version the step's update starts from). Fills
+        ``batch`` in place; returns metrics."""
         a = self.algo_cfg
         mask_BT = batch.mask_BT.to(torch.float32)
         # With reward_norm=running, shape_rewards merges this step's scores (after the
@@ -116,6 +118,9 @@ class Objective:
         )
         batch.returns_BT = returns_BT
         batch.loss_mask_BT = algo.overlong_filter(mask_BT, batch.truncated_B) if a.overlong_filter else mask_BT
+        if a.mask_stale_tokens is not None:
+            versions_BT = batch.policy_version_B[:, None].expand_as(batch.loss_mask_BT)
+            batch.loss_mask_BT = algo.stale_token_mask(batch.loss_mask_BT, versions_BT, trained_version, a.mask_stale_tokens)
         metrics = {"reward/shaped_mean": self._global_mean(scores_B)}
         adv_sums = self.reduce_sums(algo.moment_sums(batch.advantages_BT, mask_BT))
         adv_mean, adv_var = algo.moments_from_sums(adv_sums)
@@ -149,23 +154,18 @@ class Objective:
             logprobs_bT = outputs["logprobs_BT"]
             take = _rows_of(rows, like=logprobs_bT)
             mask_bT = take(mini.loss_mask_BT)
-            loss, metrics = algo.policy_loss(
-                logprobs_bT,
-                take(mini.old_logprobs_BT),
-                take(mini.advantages_BT),
-                mask_bT,
-                clip_low=self.clip_low,
-                clip_high=self.clip_high,
-                dual_clip_c=a.dual_clip_c if a.dual_clip_loss else None,
-                loss_agg_mode=a.loss_agg_mode,
-                num_tokens=den.num_tokens,
-                num_seqs=den.num_seqs,
-                norm_len=self.response_length,
-                rollout_logprobs=take(mini.rollout_logprobs_BT) if a.tis_clip is not None else None,
-                tis_clip=a.tis_clip,
-                entropy=outputs.get("entropy_BT"),
-                entropy_coef=a.entropy_coef,
-            )
+            common = dict(clip_low=self.clip_low, clip_high=self.clip_high, dual_clip_c=a.dual_clip_c if a.dual_clip_loss else None,
+                          loss_agg_mode=a.loss_agg_mode, num_tokens=den.num_tokens, num_seqs=den.num_seqs,
+                          norm_len=self.response_length, entropy=outputs.get("entropy_BT"), entropy_coef=a.entropy_coef)
+            if a.policy_loss == "decoupled":  # proximal = the trainer's recompute, behaviour = the engine's
+                loss, metrics = algo.decoupled_policy_loss(
+                    logprobs_bT, take(mini.old_logprobs_BT), take(mini.rollout_logprobs_BT), take(mini.advantages_BT), mask_bT,
+                    behav_weight_cap=a.behav_weight_cap, **common)
+            else:
+                loss, metrics = algo.policy_loss(
+                    logprobs_bT, take(mini.old_logprobs_BT), take(mini.advantages_BT), mask_bT,
+                    rollout_logprobs=take(mini.rollout_logprobs_BT) if a.tis_clip is not None else None, tis_clip=a.tis_clip,
+                    **common)
             if a.use_kl_loss:
                 if self.exact_kl_loss:
                     assert "kl_BT" in outputs, "kl_penalty=full: train_step needs ref=actor_loss_reference(...)"

@@ -54,7 +54,8 @@ class Trainer:
         for policy in self.policies.trained().values():
             check_loss_scaling(policy)  # our loss scaling is Megatron's, on this megatron-core (raises if not)
         self.step_num = self.resume()
-        self.sync_weights()
+        self.sync_weights(version=self.step_num)
+        self.run.stream.start(self.step_num)
 
     def _on_preempt(self, signum, frame):
         log.warning("received signal %d: will checkpoint at the end of this step and exit", signum)
@@ -78,13 +79,13 @@ class Trainer:
             log.warning("preempted during start-up; exiting with %d before step %d", PREEMPT_EXIT_CODE, self.step_num + 1)
             return PREEMPT_EXIT_CODE
         if cfg.train.eval_every and self.step_num == 0:
-            metrics_log.log(0, self.rollout.evaluate())
+            metrics_log.log(0, self.run.stream.evaluate())
         for step in self.rollout.progress(range(self.step_num + 1, cfg.train.steps + 1), "steps"):
             metrics = self.step(step)
             check_finite(step, metrics)  # before anything is saved: a NaN run never overwrites a good checkpoint
             last = step == cfg.train.steps
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or last):
-                metrics.update(self.rollout.evaluate())
+                metrics.update(self.run.stream.evaluate())
             metrics_log.log(step, metrics)
             preempted = _any_rank(self._preempted)
             if last or preempted or (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0):
@@ -104,8 +105,7 @@ class Trainer:
     def step(self, step: int) -> dict[str, float]:
         p, start, times = self.policies, time.perf_counter(), {}
         with Timer("time/rollout", times), (self.run.offload.offloaded() if self.run.offload else nullcontext()):
-            batch = self.rollout.sample(step, policy_version=step - 1)
-            self.rollout.release_memory()  # colocated SGLang gives the GPUs back for training
+            batch, stream_metrics = self.run.stream.take(step)  # sampled under version step - 1 - staleness
         if self.run.metrics.wants_samples(step):
             self.run.metrics.log_samples(step, batch.prompt_texts, batch.response_texts, batch.scores_B.tolist())
         rm_metrics = {}
@@ -116,7 +116,7 @@ class Trainer:
                                                              weight=rm.weight, rule_weight=rm.rule_weight)
         with Timer("time/logprobs", times):
             self.score_with_models(batch, step)
-        metrics = self.objective.compute_advantages(batch)
+        metrics = self.objective.compute_advantages(batch, trained_version=step - 1)
         with Timer("time/train", times):
             if p.critic is not None:
                 metrics |= self.update(p.critic, batch, self.objective.critic_loss_fn, "critic", step=step)
@@ -124,8 +124,10 @@ class Trainer:
                 ref = self.objective.actor_loss_reference(p.reference)  # exact KL loss: None otherwise
                 metrics |= self.update(p.actor, batch, self.objective.actor_loss_fn, "actor", step=step, ref=ref)
         with Timer("time/sync", times):
-            metrics |= self.sync_weights()
-        metrics |= rollout_metrics(batch, reduce=dp_all_reduce, dynamic_sampling=self.cfg.algo.dynamic_sampling)
+            metrics |= self.sync_weights(version=step)
+        metrics |= rollout_metrics(batch, reduce=dp_all_reduce, dynamic_sampling=self.cfg.algo.dynamic_sampling,
+                                   trained_version=step - 1)
+        metrics |= stream_metrics
         metrics |= rm_metrics
         metrics |= times
         metrics["time/step"] = seconds = time.perf_counter() - start
@@ -192,8 +194,9 @@ class Trainer:
         rows = t.mini_batch_size * n // self.run.layout.dp
         return [order[s : s + rows] for s in range(0, num_rows, rows)]
 
-    def sync_weights(self) -> dict[str, float]:
-        stats = self.rollout.sync_weights(self.policies.actor.models)
+    def sync_weights(self, *, version: int) -> dict[str, float]:
+        """The engine takes the actor's weights, policy ``version`` (the actor updates so far)."""
+        stats = self.run.stream.sync_weights(self.policies.actor.models, version=version)
         return {"sync/seconds": stats.seconds, "sync/gbps": stats.gbps}
 
     def save_hf(self, tag: str) -> None:

@@ -16,6 +16,7 @@ Modules:
   advantages  outcome advantages (group / batch mean and std levels, LitePPO), RLOO
   kl          per-token KL estimators, exact KL, fixed / adaptive KL coefficient
   losses      loss aggregation, PPO policy loss, clipped value loss, KL loss
+  decoupled   the decoupled PPO loss of asynchronous RL (AReaL), stale-token masks
   shaping     reward normalization, clipping, overlong penalty and filter, dynamic sampling's group filter
   registry    advantage estimators by name
 
@@ -56,6 +57,7 @@ from megappo.algo.kl import (
     kl_penalty,
     make_kl_controller,
 )
+from megappo.algo.decoupled import decoupled_policy_loss, stale_token_mask
 from megappo.algo.losses import (
     LOSS_AGG_MODES,
     aggregate_loss,
@@ -100,6 +102,8 @@ from megappo.algo.stats import (
 )
 
 __all__ = [
+    "decoupled_policy_loss",
+    "stale_token_mask",
     "BATCH_STD_OF",
     "KL_KINDS",
     "LOSS_AGG_MODES",

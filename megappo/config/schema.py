@@ -161,6 +161,16 @@ class RolloutConfig:
     naming the engine or the server."""
     eval_temperature: float = 0.0
     """Sampling temperature of evaluation (0 is greedy)."""
+    mode: Literal["sync", "one_step_off", "async"] = "sync"
+    """``sync``: each step generates its batch with the newest weights, then trains on it.
+    ``one_step_off``: the batch of step k + 1 is generated (in a background thread of the
+    engine rank) while step k trains, so every sample is exactly one version old.
+    ``async``: a producer keeps generating batches ahead into a bounded buffer, as far as
+    ``max_staleness`` allows; the trainer takes the oldest. See README "Asynchronous rollouts"."""
+    max_staleness: int = 1
+    """With ``mode: async``: the most policy versions a sample may lag behind the weights it
+    trains (AReaL's eta). Admission control: a batch is not started when it would arrive
+    staler than this. 0 reproduces ``sync``; ``one_step_off`` is 1."""
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,17 @@ class AlgoConfig:
     tis_clip: Optional[float] = None
     """Truncated importance sampling: weight each token's loss by min(pi_old/pi_rollout,
     tis_clip) to correct the trainer/engine mismatch; None disables."""
+    policy_loss: Literal["ppo", "decoupled"] = "ppo"
+    """``ppo``: the clipped ratio against the trainer's recomputed old log-probs (with
+    ``tis_clip`` optional). ``decoupled``: the decoupled PPO objective of asynchronous RL
+    (AReaL, arXiv 2505.24298): the ratio is clipped against the proximal policy (the trainer's
+    recompute) and each token is weighted by min(pi_prox / pi_behaviour, ``behav_weight_cap``),
+    pi_behaviour being the engine's log-probs of the version that sampled it."""
+    behav_weight_cap: float = 5.0
+    """With ``policy_loss: decoupled``: the truncation of the behaviour -> proximal importance weight (>= 1)."""
+    mask_stale_tokens: Optional[int] = None
+    """Drop from the policy loss (and its token counts) every token sampled more than this many
+    policy versions before the weights the step starts from; None keeps every token."""
     dynamic_sampling: bool = False
     """DAPO dynamic sampling: drop groups whose rewards are all equal and sample more prompts to fill the batch."""
     max_sampling_rounds: int = 4

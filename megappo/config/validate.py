@@ -234,6 +234,23 @@ def _check_algo(cfg: Config) -> None:
                 "algo.dynamic_sampling=true drops groups whose rewards are all equal, which is every group of "
                 "rollout.num_return_sequences_in_group=1"
             )
+    if algo.policy_loss == "decoupled" and algo.tis_clip is not None:
+        raise ConfigError(
+            "algo.policy_loss=decoupled and algo.tis_clip are exclusive: both weight tokens by pi_old / pi_rollout; "
+            "the decoupled loss truncates that weight at algo.behav_weight_cap"
+        )
+    if algo.behav_weight_cap < 1.0:
+        raise ConfigError(f"algo.behav_weight_cap={algo.behav_weight_cap} must be >= 1 (the weight of an on-policy token is 1)")
+    if algo.mask_stale_tokens is not None and algo.mask_stale_tokens < 0:
+        raise ConfigError(f"algo.mask_stale_tokens={algo.mask_stale_tokens} must be >= 0 (a lag in policy versions) or null")
+    if cfg.rollout.max_staleness < 0:
+        raise ConfigError(f"rollout.max_staleness={cfg.rollout.max_staleness} must be >= 0")
+    if cfg.rollout.mode != "sync" and algo.dynamic_sampling:
+        raise ConfigError(f"algo.dynamic_sampling=true needs rollout.mode=sync (got {cfg.rollout.mode!r}): its extra "
+                          "sampling rounds synchronize the replicas inside a step")
+    if cfg.rollout.mode != "sync" and cfg.train.offload:
+        raise ConfigError(f"train.offload=true needs rollout.mode=sync (got {cfg.rollout.mode!r}): generation "
+                          "overlaps training, so the trainer's state cannot leave the GPU while the engine runs")
     if algo.reward_shift and algo.reward_scale:
         raise ConfigError(
             "algo.reward_shift=true and algo.reward_scale=true are exclusive: shift only subtracts the mean, "
@@ -328,6 +345,8 @@ _IGNORED: tuple[tuple[str, Callable[[Config], bool], str], ...] = (
     ("algo.batch_std_of", lambda c: c.algo.adv_norm.std_level != "batch" or c.algo.adv_estimator != "grpo",
      "it applies to algo.adv_estimator=grpo with algo.adv_norm.std_level=batch"),
     ("algo.max_sampling_rounds", lambda c: not c.algo.dynamic_sampling, "algo.dynamic_sampling is false"),
+    ("algo.behav_weight_cap", lambda c: c.algo.policy_loss != "decoupled", "algo.policy_loss is not decoupled"),
+    ("rollout.max_staleness", lambda c: c.rollout.mode != "async", "rollout.mode is not async (sync: 0, one_step_off: 1)"),
     ("algo.overlong_penalty_factor", lambda c: c.algo.overlong_buffer_len is None, "algo.overlong_buffer_len is not set"),
     ("algo.value_clip", _no_critic, _CRITIC),
     ("algo.value_loss_coef", _no_critic, _CRITIC),

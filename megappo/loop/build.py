@@ -21,6 +21,7 @@ from megappo.data.dataset import PromptDataset, load_tokenizer
 from megappo.data.loader import PromptLoader
 from megappo.data.rewards import RewardFunction
 from megappo.loop.rollout_side import RolloutSide
+from megappo.loop.rollout_stream import RolloutStream
 from megappo.loop.state import TrainState, tokenizer_fingerprint
 from megappo.metrics import MetricsLogger, progress
 from megappo.models import MegatronPolicy, ModelSpec, build_options, build_policy
@@ -59,6 +60,8 @@ class Run:
     hf_config: dict
     policies: Policies
     rollout: RolloutSide
+    stream: RolloutStream
+    """The step's batches in ``rollout.mode`` (sync, or generated ahead by a producer thread)."""
     objective: Objective
     state: TrainState
     metrics: MetricsLogger
@@ -67,6 +70,7 @@ class Run:
     around rollout (``train.offload``); None when off."""
 
     def close(self) -> None:
+        self.stream.close()
         self.rollout.close()
         self.metrics.close()
 
@@ -92,11 +96,12 @@ def build_run(cfg: Config) -> Run:
                                                 max_tokens_per_microbatch=cfg.train.max_tokens_per_microbatch)
     objective = Objective(cfg, reduce_sums=dp_sum_reducer())
     rollout = build_rollout_side(cfg, layout, hf_config, tokenizer)
+    stream = RolloutStream(rollout, mode=cfg.rollout.mode, max_staleness=cfg.rollout.max_staleness)
     state = TrainState(
         checkpoints=CheckpointManager(cfg.checkpoint.dir or os.path.join(cfg.train.run_dir, "checkpoints"),
                                       keep_last=cfg.checkpoint.keep_last),
         policies=policies.trained(),
-        parts={"data": rollout.data, "objective": objective},
+        parts={"data": stream, "objective": objective},  # the stream's cursor: after the last batch trained
         spec=spec,
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         config_dict=config_to_dict(cfg),
@@ -108,7 +113,7 @@ def build_run(cfg: Config) -> Run:
         os.makedirs(cfg.train.run_dir, exist_ok=True)
         with open(os.path.join(cfg.train.run_dir, "config.yaml"), "w") as f:
             f.write(config_to_yaml(cfg))
-    return Run(cfg, layout, hf_config, policies, rollout, objective, state, metrics, offload)
+    return Run(cfg, layout, hf_config, policies, rollout, stream, objective, state, metrics, offload)
 
 
 def build_policies(cfg: Config, spec: ModelSpec, layout: ParallelLayout) -> Policies:

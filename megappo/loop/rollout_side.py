@@ -124,14 +124,7 @@ class RolloutSide:
                     target_groups = target_groups or len(prompts)
                     bar.total += len(prompts)
                     bar.refresh()
-                    # A function of (seed, step, round, replica) only: a resumed run samples as
-                    # the uninterrupted one would.
-                    seed = self.seed * 1_000_003 + (step * max_rounds + rounds) * 7919 + self.layout.dp_rank
-                    batch = generate_and_score(
-                        self.engine, prompts, self._params(seed=int(seed % (2**31 - 1))), self.reward_fn, self.tokenizer,
-                        first_group_id=(self.layout.dp_rank * max_rounds + rounds - 1) * len(prompts),
-                        policy_version=policy_version, on_progress=bar.update,
-                    )
+                    batch = self.generate_round(step, rounds, prompts, policy_version=policy_version, on_progress=bar.update)
                     stats = stats + batch.stats
                     if self.dynamic_sampling:
                         keep_B = algo.groups_with_signal(batch.scores_B, batch.group_ids_B)
@@ -155,6 +148,20 @@ class RolloutSide:
                 parts.append(part.first_rows(wanted))
                 wanted -= len(parts[-1])
         return RolloutBatch.concat(parts, stats=stats)
+
+    def generate_round(self, step: int, round_: int, prompts: Sequence[PromptItem], *, policy_version: int,
+                       on_progress: Optional[Callable[[int], object]] = None) -> RolloutBatch:
+        """On the holder: round ``round_`` (from 1) of step ``step``'s generation, scored. No
+        collective, so the asynchronous modes call it from their producer thread."""
+        # A function of (seed, step, round, replica) only: a resumed run samples as the
+        # uninterrupted one would, and so does every rollout mode.
+        max_rounds = self.max_sampling_rounds
+        seed = self.seed * 1_000_003 + (step * max_rounds + round_) * 7919 + self.layout.dp_rank
+        return generate_and_score(
+            self.engine, prompts, self._params(seed=int(seed % (2**31 - 1))), self.reward_fn, self.tokenizer,
+            first_group_id=(self.layout.dp_rank * max_rounds + round_ - 1) * len(prompts),
+            policy_version=policy_version, on_progress=on_progress,
+        )
 
     # -- evaluation -------------------------------------------------------------------------
 
