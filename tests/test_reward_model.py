@@ -143,6 +143,9 @@ def test_conversion_tool_sends_a_classifier_to_the_reward_checks(tmp_path, capsy
     err = capsys.readouterr().err
     assert "num_labels=2" in err and "lm_head" not in err, err
     assert not (tmp_path / "out").exists()
+    one = make_tiny_hf_reward_model(tmp_path, "llama", layers=2, name="one", tokenizer=False)
+    assert tool.main(["--hf-dir", str(one), "--out", str(tmp_path / "out"), "--ep", "2"]) == 2
+    assert "a reward model has no virtual pipeline stages and no experts" in capsys.readouterr().err
 
 
 def test_reward_tensor_problems_name_each_tensor(tmp_path):

@@ -78,8 +78,8 @@ def convert_hf_to_megatron(
 
     check_megatron_out(out_dir)
     if is_reward_model_dir(hf_dir):  # a *ForSequenceClassification: score head, role "reward"
-        if vpp is not None:
-            raise ValueError("--vpp: a reward model has no virtual pipeline stages")
+        if vpp is not None or ep != 1:
+            raise ValueError("--vpp / --ep: a reward model has no virtual pipeline stages and no experts (convert it at TP / PP)")
         if dtype is None:
             with open(os.path.join(hf_dir, "config.json")) as f:
                 declared = config_dtype(json.load(f))
