@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
-MOE_FAMILIES = ("qwen3_moe", "mixtral")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe")
 
 _ARCH = {
     "llama": "LlamaForCausalLM",
@@ -26,6 +26,7 @@ _ARCH = {
     "mistral": "MistralForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
 }
 
 
@@ -73,6 +74,9 @@ def tiny_hf_config(
         # Tiny MoE defaults: 4 experts, top-2, experts narrower than the dense MLP.
         cfg.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=ffn // 2, norm_topk_prob=True,
                    decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.001)
+    if family == "qwen2_moe":
+        cfg.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=ffn // 2, norm_topk_prob=False,
+                   shared_expert_intermediate_size=ffn, decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True)
     if family == "mixtral":
         cfg.update(num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02, router_jitter_noise=0.0)
     cfg.update(extra)

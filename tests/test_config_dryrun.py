@@ -72,7 +72,7 @@ def test_a_good_setup_passes(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
 # ---------------------------------------------------------------------- the model's files
 
 GPT2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 101}
-QWEN2_MOE = {**tiny_hf_config("qwen2"), "model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"], "num_experts": 8}
+MOE_UNSUPPORTED = {**tiny_hf_config("qwen2"), "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"], "n_routed_experts": 8}
 MIXTRAL = {**tiny_hf_config("mistral"), "model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "num_local_experts": 8}
 
 
@@ -82,8 +82,8 @@ MIXTRAL = {**tiny_hf_config("mistral"), "model_type": "mixtral", "architectures"
         ("{not json", "config.json: malformed JSON at line 1"),
         ("[1, 2]", "config.json: expected a JSON object, got list"),
         (GPT2, "unsupported model_type 'gpt2' (architectures ['GPT2LMHeadModel']); megappo supports llama"),
-        (QWEN2_MOE, "unsupported model_type 'qwen2_moe'"),
-        (MIXTRAL, "unsupported model_type 'mixtral' (architectures ['MixtralForCausalLM']) (a mixture-of-experts model"),
+        (MOE_UNSUPPORTED, "unsupported model_type 'deepseek_v3'"),
+        (MIXTRAL, "num_experts_per_tok missing or not a positive integer (None)"),  # Mixtral is supported; its MoE fields are checked
         ({**tiny_hf_config("llama"), "num_local_experts": 4}, "mixture-of-experts settings {'num_local_experts': 4}"),
         ({**tiny_hf_config("llama"), "hidden_act": "gelu"}, "hidden_act 'gelu' (only silu / SwiGLU is supported)"),
         ({**tiny_hf_config("llama"), "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn'"),

@@ -53,10 +53,17 @@ def test_unsupported_moe_variants_name_the_field(family, extra, field):
         spec_of(family, **extra)
 
 
-def test_qwen2_moe_is_rejected_as_an_unsupported_family():
+def test_qwen2_moe_reads_its_gated_shared_expert_and_needs_it():
+    s = spec_of("qwen2_moe")
+    assert (s.moe_shared_expert_ffn, s.qkv_bias, s.moe_norm_topk_prob) == (96, True, False)
+    f = moe_fields(s, BuildOptions())
+    assert f["moe_shared_expert_intermediate_size"] == 96 and f["moe_shared_expert_gate"] is True
+    assert f["moe_router_pre_softmax"] is True  # norm_topk_prob=false: the full softmax's top-k
+    with pytest.raises(ValueError, match="shared_expert_intermediate_size missing or 0"):
+        spec_of("qwen2_moe", shared_expert_intermediate_size=0)
     cfg = tiny_hf_config("qwen3_moe")
-    cfg["model_type"] = "qwen2_moe"
-    with pytest.raises(ValueError, match="qwen2_moe.*mixture-of-experts"):
+    cfg["model_type"] = "deepseek_v3"
+    with pytest.raises(ValueError, match="deepseek_v3.*mixture-of-experts"):
         ModelSpec.from_hf_config(cfg)
 
 
@@ -107,14 +114,14 @@ def _random_hf_state(spec: ModelSpec) -> dict:
     return {n: torch.randn(shape, generator=g) for n, shape in expected_hf_shapes(table_for(spec), spec).items()}
 
 
-@pytest.mark.parametrize("family", ("qwen3_moe", "mixtral"))
+@pytest.mark.parametrize("family", ("qwen3_moe", "mixtral", "qwen2_moe"))
 def test_hf_to_megatron_to_hf_is_bit_exact_over_tp2_ep2_shards(family):
     spec = spec_of(family, mlp_only_layers=[3]) if family == "qwen3_moe" else spec_of(family)
     hf = _random_hf_state(spec)
     back = {}
     for ep_rank in (0, 1):
         shards = [hf_to_megatron_state(hf, spec, Placement(tp=2, tp_rank=r, ep=2, ep_rank=ep_rank)) for r in (0, 1)]
-        assert all(s.shape[0] == spec.moe_ffn_hidden_size for k, s in shards[0].items() if k.endswith("linear_fc1.weight") and "experts" in k)
+        assert all(s.shape[0] == spec.moe_ffn_hidden_size for k, s in shards[0].items() if k.endswith("linear_fc1.weight") and "local_experts" in k)
         back.update(megatron_to_hf_state(shards, spec, Placement(tp=2, ep=2, ep_rank=ep_rank)))
     assert sorted(back) == sorted(hf)
     assert all(torch.equal(back[k], hf[k]) for k in hf)
@@ -130,7 +137,7 @@ def test_expert_parallel_sizes_that_do_not_divide_are_named():
     check_expert_parallel(world=4, tp=2, pp=1, ep=2)
 
 
-@pytest.mark.parametrize("family", ("qwen3_moe", "mixtral"))
+@pytest.mark.parametrize("family", ("qwen3_moe", "mixtral", "qwen2_moe"))
 def test_per_expert_tensors_load_into_transformers_fused_experts(tmp_path, family):
     """What the embedded engine needs: the streamed per-expert tensors written through
     ``fused_expert_views`` give exactly the model ``from_pretrained`` builds."""
@@ -152,7 +159,7 @@ def test_per_expert_tensors_load_into_transformers_fused_experts(tmp_path, famil
     assert all(torch.equal(t, ref[n]) for n, t in model.state_dict().items())
 
 
-@pytest.mark.parametrize("family, module", (("qwen3_moe", "qwen3_moe.py"), ("mixtral", "mixtral.py")))
+@pytest.mark.parametrize("family, module", (("qwen3_moe", "qwen3_moe.py"), ("mixtral", "mixtral.py"), ("qwen2_moe", "qwen2_moe.py")))
 def test_streamed_expert_names_are_the_ones_sglang_loads(family, module):
     """SGLang cannot serve MoE models on this CPU (its fused-MoE kernels are CUDA/Triton), so
     the contract is checked on its source: the checkpoint names its ``load_weights`` maps
@@ -170,9 +177,8 @@ def test_streamed_expert_names_are_the_ones_sglang_loads(family, module):
     gate, down, up = m.groups()
     spec = spec_of(family)
     names = {n for e in plan(table_for(spec), spec, Placement()) if e.expert == 3 and e.layer == 0 for n in e.hf}
-    assert names == {f"model.layers.0.{'mlp' if family == 'qwen3_moe' else 'block_sparse_moe'}.experts.3.{w}.weight"
-                     for w in (gate, up, down)}
-    block = "mlp" if family == "qwen3_moe" else "block_sparse_moe"
+    block = "block_sparse_moe" if family == "mixtral" else "mlp"
+    assert names == {f"model.layers.0.{block}.experts.3.{w}.weight" for w in (gate, up, down)}
     assert re.search(rf'add_prefix\("{block}"|self\.{block} =', src) and re.search(r'self\.gate = ', src)
     router = [e.hf[0] for e in plan(table_for(spec), spec, Placement()) if e.rule.megatron == "mlp.router.weight" and e.layer == 0]
     assert router == [f"model.layers.0.{block}.gate.weight"]

@@ -24,7 +24,7 @@ from hf_fixtures import read_hf_state
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-FAMILIES = ("qwen3_moe", "mixtral")
+FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe")
 TOL = 1e-4  # the bound for fp32 parity with transformers
 
 
@@ -62,7 +62,7 @@ def test_ep2_loss_and_gradients_match_one_rank(run, family):
     assert r[f"ep2_{family}_grads"] < 1e-5
     assert r[f"ep2_{family}_ref_grad_norm"] > 1.0  # the gradients compared are not ~0
     # Each rank holds 2 of the 4 experts of every routed layer (qwen3_moe: layer 0 only).
-    assert r[f"ep2_{family}_local_expert_tensors"] == {"qwen3_moe": 4, "mixtral": 8}[family]
+    assert r[f"ep2_{family}_local_expert_tensors"] == {"qwen3_moe": 4, "mixtral": 8, "qwen2_moe": 8}[family]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

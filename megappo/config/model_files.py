@@ -12,8 +12,8 @@ import json
 import os
 from typing import Any, Optional
 
-SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral")
-MOE_FAMILIES = ("qwen3_moe", "mixtral")
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral", "qwen2_moe")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # config.json keys that announce a mixture-of-experts model inside a dense family's name.
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
@@ -73,7 +73,7 @@ def hf_config_problems(cfg: dict[str, Any]) -> list[str]:
         problems.append(f"mixture-of-experts settings {experts} in a dense {family} config (MoE families: {', '.join(MOE_FAMILIES)})")
     if cfg.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {cfg['hidden_act']!r} (only silu / SwiGLU is supported)")
-    if cfg.get("attention_bias") and family != "qwen2":
+    if cfg.get("attention_bias") and family not in ("qwen2", "qwen2_moe"):
         problems.append(f"attention_bias=true ({family} then also has an o_proj bias, which Megatron's attention cannot hold)")
     if cfg.get("mlp_bias"):
         problems.append("mlp_bias=true (MLP biases are not supported)")
@@ -94,7 +94,7 @@ def moe_config_problems(cfg: dict[str, Any]) -> list[str]:
     naming its field: a shared expert (Qwen2-MoE style), router jitter, or a missing expert count."""
     family, problems = cfg["model_type"], []
     # transformers 5 writes Qwen3-MoE's num_experts as num_local_experts (its attribute map).
-    n_key = "num_experts" if family == "qwen3_moe" and "num_experts" in cfg else "num_local_experts"
+    n_key = "num_experts" if family != "mixtral" and "num_experts" in cfg else "num_local_experts"
     for key in (n_key, "num_experts_per_tok"):
         if not isinstance(cfg.get(key), int) or cfg[key] < 1:
             problems.append(f"{key} missing or not a positive integer ({cfg.get(key)!r})")
@@ -104,11 +104,13 @@ def moe_config_problems(cfg: dict[str, Any]) -> list[str]:
     if not problems and cfg["num_experts_per_tok"] == 1 and normalised:
         problems.append("num_experts_per_tok=1 with a renormalised top-k (Mixtral, or norm_topk_prob=true) weights every "
                         "token's expert by 1, which Megatron's router cannot express (it needs pre-softmax scores at top-1)")
-    if cfg.get("shared_expert_intermediate_size"):
+    if family == "qwen2_moe" and not cfg.get("shared_expert_intermediate_size"):
+        problems.append("shared_expert_intermediate_size missing or 0 (a Qwen2-MoE without its shared expert is not supported)")
+    elif family != "qwen2_moe" and cfg.get("shared_expert_intermediate_size"):
         problems.append("shared_expert_intermediate_size (a shared expert) is not supported for " + family)
     if cfg.get("router_jitter_noise"):
         problems.append(f"router_jitter_noise={cfg['router_jitter_noise']} (router input jitter) is not supported")
-    if family == "qwen3_moe" and not isinstance(cfg.get("moe_intermediate_size"), int):
+    if family in ("qwen3_moe", "qwen2_moe") and not isinstance(cfg.get("moe_intermediate_size"), int):
         problems.append(f"moe_intermediate_size missing or not an integer ({cfg.get('moe_intermediate_size')!r})")
     return problems
 

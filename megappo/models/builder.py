@@ -223,6 +223,9 @@ def moe_fields(spec: ModelSpec, opts: BuildOptions) -> dict:
         moe_expert_capacity_factor=opts.moe_capacity_factor,
         moe_grouped_gemm=opts.transformer_impl == "transformer_engine",
         expert_model_parallel_size=opts.ep,
+        # Qwen2-MoE's shared expert: sigmoid(x . gate) * SwiGLU(x), as Megatron's gated SharedExpertMLP.
+        moe_shared_expert_intermediate_size=spec.moe_shared_expert_ffn or None,
+        moe_shared_expert_gate=spec.moe_shared_expert_ffn > 0,
     )
 
 

@@ -4,8 +4,9 @@ One spec serves the Megatron model builder, the weight mapping and the rollout e
 a checkpoint is validated once. Supported families: Llama, Qwen2 (QKV bias), Qwen3
 (QK-norm, explicit head_dim), Mistral (optional sliding window), and the mixture-of-experts
 families Qwen3-MoE (Qwen3 attention, routed experts without a shared expert, optional dense
-layers by ``decoder_sparse_step`` / ``mlp_only_layers``) and Mixtral (Mistral attention,
-every layer routed). Other MoE variants are rejected naming the field
+layers by ``decoder_sparse_step`` / ``mlp_only_layers``), Qwen2-MoE (Qwen2 attention with
+QKV bias, the same routing plus a sigmoid-gated shared expert) and Mixtral (Mistral
+attention, every layer routed). Other MoE variants are rejected naming the field
 (``config.model_files.hf_config_problems``, shared with the dry run).
 
 Both config dialects are read: transformers 4.x (``rope_theta``, ``rope_scaling``) and 5.x
@@ -67,6 +68,8 @@ class ModelSpec:
     moe_layers: tuple[int, ...] = ()
     """0-based numbers of the layers whose MLP is the routed MoE block (the others are dense)."""
     router_aux_loss_coef: float = 0.0
+    moe_shared_expert_ffn: int = 0
+    """Intermediate size of the gated shared expert (Qwen2-MoE); 0: none."""
     """The family's load-balancing loss coefficient (``router_aux_loss_coef``), the default of
     ``model.moe.aux_loss_coeff``."""
 
@@ -139,7 +142,7 @@ class ModelSpec:
             rope_original_max_position=rope.get("original_max_position_embeddings"),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             # Qwen2 always has QKV biases (and no o_proj bias); its config has no attention_bias key.
-            qkv_bias=family == "qwen2",
+            qkv_bias=family == "qwen2" or (family == "qwen2_moe" and bool(cfg.get("qkv_bias", True))),
             qk_norm=family in ("qwen3", "qwen3_moe"),
             sliding_window=sliding,
             initializer_range=float(cfg.get("initializer_range", 0.02)),
@@ -179,14 +182,17 @@ def _moe_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     Qwen3-MoE: layer i is routed unless it is in ``mlp_only_layers`` or ``(i + 1)`` is not a
     multiple of ``decoder_sparse_step`` (transformers' ``Qwen3MoeDecoderLayer``); its
     experts have ``moe_intermediate_size``, its dense layers ``intermediate_size``.
-    Mixtral: every layer routed, experts of ``intermediate_size``, top-k renormalised."""
+    Mixtral: every layer routed, experts of ``intermediate_size``, top-k renormalised.
+    Qwen2-MoE: Qwen3-MoE's layout plus a shared expert (``shared_expert_intermediate_size``)
+    scaled by a sigmoid gate."""
     family, n = cfg["model_type"], cfg["num_hidden_layers"]
-    if family == "qwen3_moe":
+    if family in ("qwen3_moe", "qwen2_moe"):
         step, dense = cfg.get("decoder_sparse_step", 1) or 1, set(cfg.get("mlp_only_layers") or ())
         layers = tuple(i for i in range(n) if i not in dense and (i + 1) % step == 0)
         return dict(num_experts=cfg.get("num_experts") or cfg["num_local_experts"], moe_topk=cfg["num_experts_per_tok"],
                     moe_ffn_hidden_size=cfg["moe_intermediate_size"], moe_norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
-                    moe_layers=layers, router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.001)))
+                    moe_layers=layers, router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.001)),
+                    moe_shared_expert_ffn=int(cfg.get("shared_expert_intermediate_size") or 0) if family == "qwen2_moe" else 0)
     if family == "mixtral":
         return dict(num_experts=cfg["num_local_experts"], moe_topk=cfg["num_experts_per_tok"],
                     moe_ffn_hidden_size=cfg["intermediate_size"], moe_norm_topk_prob=True,

@@ -228,6 +228,7 @@ def hf_shapes(rule: TensorRule, spec: ModelSpec) -> list[tuple[int, ...]]:
         "labels": 1,
         "experts": spec.num_experts,
         "moe_ffn": spec.moe_ffn_hidden_size,
+        "shared_ffn": spec.moe_shared_expert_ffn,
     }
     return [tuple(sizes[d] for d in shape) for shape in rule.shapes]
 
@@ -375,10 +376,10 @@ def megatron_to_hf_state(
 
 def table_for(spec_or_family: ModelSpec | str) -> FamilyTable:
     """The mapping table of a family (``spec.family``)."""
-    from megappo.weights import llama, mistral, mixtral, qwen2, qwen3, qwen3_moe  # deferred: the family tables import this module
+    from megappo.weights import llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe  # deferred: the family tables import this module
 
     family = spec_or_family if isinstance(spec_or_family, str) else spec_or_family.family
-    tables = {t.family: t for t in (llama.TABLE, qwen2.TABLE, qwen3.TABLE, mistral.TABLE, qwen3_moe.TABLE, mixtral.TABLE)}
+    tables = {t.family: t for t in (llama.TABLE, qwen2.TABLE, qwen3.TABLE, mistral.TABLE, qwen3_moe.TABLE, mixtral.TABLE, qwen2_moe.TABLE)}
     if family not in tables:
         raise ValueError(f"no weight mapping for model family {family!r} (supported: {', '.join(tables)})")
     return tables[family]

@@ -46,6 +46,25 @@ def moe_rules(block: str, gate: str, up: str, down: str) -> tuple[TensorRule, ..
     )
 
 
+def shared_expert_rules() -> tuple[TensorRule, ...]:
+    """Qwen2-MoE's shared expert (``mlp.shared_expert.*``, a SwiGLU split over TP like a dense
+    MLP) and its sigmoid gate (``mlp.shared_expert_gate``, [1, hidden], replicated) as
+    Megatron's ``SharedExpertMLP`` holds them."""
+    S = "shared_ffn"
+    return (
+        TensorRule(
+            "mlp.shared_experts.linear_fc1.weight",
+            (L + "mlp.shared_expert.gate_proj.weight", L + "mlp.shared_expert.up_proj.weight"),
+            ((S, H), (S, H)),
+            fuse="concat",
+            tp_dim=0,
+            layer_kind="moe",
+        ),
+        TensorRule("mlp.shared_experts.linear_fc2.weight", (L + "mlp.shared_expert.down_proj.weight",), ((H, S),), tp_dim=1, layer_kind="moe"),
+        TensorRule("mlp.shared_experts.gate_weight", (L + "mlp.shared_expert_gate.weight",), (("labels", H),), layer_kind="moe"),
+    )
+
+
 def fused_expert_views(state: dict, spec) -> dict:
     """The on-disk per-expert HF names of ``spec``'s routed layers, each a view into
     transformers 5's fused in-memory expert tensors (``mlp.experts.gate_up_proj`` [E, 2F, H],

@@ -78,6 +78,7 @@ _SPEC_FIELDS_THAT_SHAPE_WEIGHTS = (
     "moe_ffn_hidden_size",
     "moe_norm_topk_prob",
     "moe_layers",
+    "moe_shared_expert_ffn",
 )
 
 

@@ -44,7 +44,7 @@ from megappo.weights.base import plan, table_for  # noqa: E402
 from megappo.weights.model_io import iter_hf_tensors, load_hf_into_model, placement_of  # noqa: E402
 
 RESULTS: dict[str, float] = {}
-FAMILIES = {"qwen3_moe": dict(mlp_only_layers=[1], norm_topk_prob=True), "mixtral": {}}
+FAMILIES = {"qwen3_moe": dict(mlp_only_layers=[1], norm_topk_prob=True), "mixtral": {}, "qwen2_moe": {}}
 
 
 def record(name: str, value: float) -> None:
