@@ -9,6 +9,11 @@ before and after and writes ``<out>/metrics.jsonl``, TensorBoard logs and ``<out
 
     python -m megappo.demo [--out runs/demo] [--steps N] [--prepare-only]
     python -m megappo.demo --recipe recipes/toy_grpo_cpu.yaml --out runs/demo_grpo   # or toy_ppo_cpu
+    python -m megappo.demo --engine sglang --out runs/demo_sglang   # SGLang on CPU: make sglang-env first
+
+``--engine sglang`` trains with the real SGLang engine (``rollout.engine=sglang``) on the
+CPU; the trainer then runs under the CPU SGLang environment's python (.venv-sglang), which
+``make sglang-env`` (or ``make test``) builds.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import time
 from pathlib import Path
 
 from megappo.metrics import plot_metrics
+from megappo.parallel.sglang_cpu import environment_python
 from megappo.toolkit.char_tokenizer import build_char_tokenizer
 from megappo.toolkit.toy import make_toy_dataset, toy_problems, toy_sft_pairs
 
@@ -104,9 +110,26 @@ def prepare(out: Path, *, seed: int, sft_steps: int) -> dict[str, str]:
     return {"model": str(model_dir), "train": str(train_path), "eval": str(eval_path)}
 
 
-def train(paths: dict[str, str], run_dir: Path, *, steps: int | None, extra: list[str], recipe: Path = RECIPE) -> int:
+def trainer_python(engine: str) -> str:
+    """The python that trains: this one, or for ``sglang`` on CPU the one with SGLang."""
+    import importlib.util
+
+    if engine != "sglang" or importlib.util.find_spec("sglang") is not None:
+        return sys.executable
+    python = environment_python()
+    if python is None:
+        raise ValueError(
+            "--engine sglang: SGLang is not installed in this Python and the CPU SGLang environment "
+            "(.venv-sglang) is not built: run `make sglang-env` (about 2 minutes, 3 GB) first"
+        )
+    return str(python)
+
+
+def train(
+    paths: dict[str, str], run_dir: Path, *, steps: int | None, extra: list[str], recipe: Path = RECIPE, python: str = sys.executable
+) -> int:
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "megappo.train", "--config", str(recipe),
         f"model.hf_path={paths['model']}", f"data.train_path={paths['train']}", f"data.eval_path={paths['eval']}",
         f"train.run_dir={run_dir}",
@@ -145,7 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sft-steps", type=int, default=100, help="supervised warm-up steps")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--prepare-only", action="store_true", help="build tokenizer, data and warmed-up model, then stop")
+    ap.add_argument("--engine", choices=("embedded", "sglang"), default="embedded", help="rollout engine (sglang: make sglang-env)")
     args, extra = ap.parse_known_args(argv)
+    try:
+        python = trainer_python(args.engine)
+    except ValueError as e:
+        print(f"[demo] error: {e}", file=sys.stderr)
+        return 2
+    if args.engine == "sglang":
+        extra = ["rollout.engine=sglang", *extra]
     out = Path(args.out)
     t0 = time.time()
     if (out / "checkpoints").exists() and not args.prepare_only:
@@ -158,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.recipe.is_file():
         print(f"[demo] error: recipe {args.recipe} not found", file=sys.stderr)
         return 2
-    code = train(paths, out, steps=args.steps, extra=extra, recipe=args.recipe)
+    code = train(paths, out, steps=args.steps, extra=extra, recipe=args.recipe, python=python)
     if code != 0:
         print(f"[demo] training failed with exit status {code}", file=sys.stderr)
         return code

@@ -48,6 +48,10 @@ def main(argv=None) -> int:
     ap.add_argument("--engine", default="embedded", help="rollout engine to check after a weight sync; 'none' skips it")
     ap.add_argument("--gen-tokens", type=int, default=8, help="tokens the engine decodes greedily per sequence")
     args = ap.parse_args(argv)
+    if args.engine == "sglang" and argv is None:  # after `make test`, SGLang on CPU lives in .venv-sglang
+        from megappo.parallel.sglang_cpu import run_in_sglang_environment
+
+        run_in_sglang_environment(__file__, sys.argv[1:])
 
     from megappo.toolkit.compare import compare_logprobs
 

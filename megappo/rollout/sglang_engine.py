@@ -70,7 +70,7 @@ from megappo.rollout.engine import (
     Sample,
     SamplingParams,
 )
-from megappo.rollout.sglang_ports import engine_ports, local_slot
+from megappo.rollout.sglang_ports import engine_ports, local_slot, own_rendezvous
 from megappo.rollout.sglang_protocol import (
     check_result,
     check_server_args,
@@ -209,7 +209,8 @@ class SGLangEngine(RolloutEngine):
         self._aborts = 0  # abort_requests / pause("abort") calls so far (parse_samples' aborted)
         _fresh_event_loop_if_taken()
         try:
-            self._engine = sglang.Engine(**args)  # main thread: SGLang installs signal handlers here
+            with own_rendezvous():  # under torchrun SGLang's TP rendezvous would wait forever (sglang_ports)
+                self._engine = sglang.Engine(**args)  # main thread: SGLang installs signal handlers here
         except Exception as e:
             raise RolloutEngineError(f"{self.name}: failed to start: {type(e).__name__}: {e}") from e
         self._watch_children()

@@ -28,7 +28,7 @@ import urllib.request
 from typing import Optional, Sequence
 
 from megappo.parallel import sglang_cpu
-from megappo.rollout.sglang_ports import engine_ports
+from megappo.rollout.sglang_ports import AGENT_STORE_ENV, engine_ports
 
 
 def _flag_value(args: Sequence[str], flag: str) -> Optional[str]:
@@ -61,6 +61,7 @@ def server_command(
     if not _has_flag(extra, "--skip-tokenizer-init"):
         argv.append("--skip-tokenizer-init")
     run_env = dict(os.environ if env is None else env)
+    run_env.pop(AGENT_STORE_ENV, None)  # a server started from a torchrun worker hosts its own TP store
     if on_cpu:
         defaults = sglang_cpu.cpu_server_flags() + ["--sleep-on-idle"]
         i = 0

@@ -23,6 +23,7 @@ rendezvous port (torchrun's default is 29500). Our rule:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -98,3 +99,24 @@ def engine_ports(slot: int, user_args: dict[str, Any], *, host: str = "127.0.0.1
         else:
             chosen["dist_init_addr"] = f"{host}:{draw_port(slot, taken)}"
     return chosen
+
+
+AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"
+"""torchrun sets it to ``True`` in its workers: torch then makes every ``tcp://`` rendezvous a
+*client* of torchrun's agent store (``torch.distributed.rendezvous._create_c10d_store``), so a
+group that hosts its own store at ``tcp://address:port`` (SGLang's TP group on ``nccl_port``,
+our weight-update group) waits for a store nobody starts, until its timeout (30 minutes by
+default: ``compare_logprobs --engine sglang`` under torchrun hung there). SGLang's processes
+and those groups must not see it."""
+
+
+@contextlib.contextmanager
+def own_rendezvous():
+    """Within: ``AGENT_STORE_ENV`` is unset in this process (and so in the processes it
+    starts), restored after."""
+    saved = os.environ.pop(AGENT_STORE_ENV, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[AGENT_STORE_ENV] = saved

@@ -69,6 +69,7 @@ from megappo.rollout.engine import (
     SamplingParams,
     checksums_match,
 )
+from megappo.rollout.sglang_ports import own_rendezvous
 from megappo.rollout.sglang_protocol import (
     GROUP_NAME,
     choose_spots,
@@ -96,7 +97,8 @@ def join_update_group(
     from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    store, rank, world_size = next(rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout))
+    with own_rendezvous():  # under torchrun rank 0 would not host the store (sglang_ports.AGENT_STORE_ENV)
+        store, rank, world_size = next(rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
     pg, _ = _new_process_group_helper(
         world_size, rank, [], Backend(backend), PrefixStore(group_name, store), group_name=group_name, timeout=timeout

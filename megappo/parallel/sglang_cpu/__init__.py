@@ -35,6 +35,9 @@ CPU_SERVER_ARGS: dict[str, Any] = {
     "sampling_backend": "pytorch",  # FlashInfer's sampling kernels are CUDA-only
     "disable_cuda_graph": True,
     "max_total_tokens": 16384,  # KV-cache slots; SGLang would otherwise size it from host RAM
+    # The trainer computes in float32 on CPU; SGLang's "auto" reads only torch_dtype, which
+    # transformers 5 writes as "dtype", and falls back to bfloat16 (1e-3 log-prob gaps).
+    "dtype": "float32",
 }
 
 
@@ -100,3 +103,25 @@ def sglang_runs_on_cpu(user_args: dict[str, Any]) -> bool:
     import torch
 
     return not torch.cuda.is_available()
+
+
+def environment_python() -> Path | None:
+    """The CPU SGLang environment's python (``make sglang-env``): ``MEGAPPO_SGLANG_PYTHON``,
+    else ``.venv-sglang`` of this checkout; None when neither exists."""
+    given = os.environ.get("MEGAPPO_SGLANG_PYTHON")
+    path = Path(given) if given else Path(__file__).resolve().parents[3] / ".venv-sglang" / "bin" / "python"
+    return path if path.exists() else None
+
+
+def run_in_sglang_environment(script: str, argv: list[str]) -> None:
+    """For a tool asked to run SGLang on CPU: when this Python has no SGLang and the CPU SGLang
+    environment exists, replace this process by ``script argv`` under that environment's
+    python (same process id and environment, so torchrun's workers stay its workers); else
+    return (SGLang's import error then says how to install it)."""
+    if importlib.util.find_spec("sglang") is not None:
+        return
+    python = environment_python()
+    if python is None or Path(sys.prefix).resolve() == python.parent.parent.resolve():
+        return
+    print(f"(SGLang is not installed in {sys.executable}; running under {python}, the CPU SGLang environment)", file=sys.stderr, flush=True)
+    os.execv(str(python), [str(python), script, *argv])
