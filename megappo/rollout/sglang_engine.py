@@ -102,7 +102,7 @@ def engine_server_args(
             # On CPU SGLang's own TP=2 needs SGLANG_CPU_OMP_THREADS_BIND (one NUMA node here):
             # a CPU engine is TP 1 whatever the trainer's TP (rollout.sglang.tp_size overrides).
             "tp_size": 1 if on_cpu else tp_size,
-            "base_gpu_id": gpu_id,
+            "base_gpu_id": 0 if on_cpu else gpu_id,  # on CPU SGLang binds NUMA node <gpu id> (one here)
             "load_format": "dummy",
             "skip_tokenizer_init": True,
             "enable_memory_saver": not on_cpu,  # torch_memory_saver hooks CUDA allocations only
