@@ -80,7 +80,7 @@ def build_run(cfg: Config) -> Run:
     p = cfg.parallel
     layout = init_parallel(
         p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size,
-        seed=cfg.train.seed, device=p.device, backend=p.backend,
+        seed=cfg.train.seed, device=p.device, backend=p.backend, ep=p.expert_model_parallel_size,
     )
     if cfg.model.hf_path is None:
         raise ValueError("model.hf_path must name a HuggingFace model directory")
