@@ -2,8 +2,9 @@
 
 Shape legend: B = responses, T = response tokens (right padded). `scores_B` is one scalar
 reward per response (before any advantage estimation); `lengths_B` the response lengths
-in tokens; `truncated_B` a bool per response, True when generation stopped at the length
-limit without an end-of-sequence token (the rollout layer's finish_reason == "length").
+in tokens; `truncated_B` a bool per response, True when generation stopped without an
+end-of-sequence token: at the length limit (the rollout layer's finish_reason "length") or
+cut off by an abort ("abort", a partial rollout).
 
 Order inside `shape_rewards`: overlong penalty (added to the raw score), then
 normalization, then clipping, so `reward_clip` bounds what the estimator sees.

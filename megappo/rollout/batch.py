@@ -65,7 +65,8 @@ class RolloutBatch:
     correct_B: Tensor
     """bool: the reward function judged the response correct."""
     truncated_B: Tensor
-    """bool: the response hit the length limit (no stop token)."""
+    """bool: the response ended without a stop token: it hit the length limit (finish reason
+    ``length``) or was cut off by an abort (``abort``, a partial rollout)."""
     group_ids_B: Tensor
     """int64: responses to the same prompt share an id (unique over data-parallel ranks)."""
     policy_version_B: Tensor
@@ -113,7 +114,7 @@ class RolloutBatch:
                 prompts.append(list(prompt))
                 responses.append(list(sample.token_ids))
                 logprobs.append(list(sample.logprobs))
-                truncated.append(sample.finish_reason == "length")
+                truncated.append(sample.finish_reason in ("length", "abort"))  # no stop token either way
                 groups.append(first_group_id + i)
         per_prompt = [len(g) for g in samples]
         texts = [t for t, k in zip(prompt_texts, per_prompt) for _ in range(k)]
