@@ -324,3 +324,36 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     _child(parser.parse_args().out)
+
+
+def test_checking_rollout_sglang_leaves_sglang_unimported_for_the_cpu_switch(tmp_path: Path) -> None:
+    """In the CPU SGLang environment (real SGLang): loading and checking a config with a
+    non-empty ``rollout.sglang`` must not import SGLang into the trainer's process, because
+    on CPU the engine has to set SGLang's switch before the first import
+    (``megappo.parallel.sglang_cpu.apply`` refuses afterwards). An unknown key is still an error."""
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from sglang_env import SKIP_REASON, sglang_env, sglang_python
+
+    python = sglang_python()
+    if python is None:
+        pytest.skip(SKIP_REASON)
+    script = textwrap.dedent("""
+        import sys
+        from megappo.config import ConfigError
+        from megappo.config.passthrough import check_sglang_args
+        assert check_sglang_args({"max_running_requests": 8, "mem_fraction_static": 0.5}) == []
+        try:
+            check_sglang_args({"max_running_request": 8})
+        except ConfigError as error:
+            print("ERROR", error)
+        assert "sglang" not in sys.modules, "checking rollout.sglang imported SGLang"
+        from megappo.parallel import sglang_cpu
+        sglang_cpu.apply()
+        import sglang.srt.utils
+        print("CPU", sglang.srt.utils.is_cpu())
+    """)
+    env = {k: v for k, v in sglang_env().items() if k != "SGLANG_USE_CPU_ENGINE"}
+    proc = subprocess.run([str(python), "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "ERROR unknown key 'max_running_request' in rollout.sglang" in proc.stdout and "'max_running_requests'" in proc.stdout
+    assert "CPU True" in proc.stdout

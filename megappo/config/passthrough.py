@@ -14,9 +14,9 @@ with a did-you-mean, as our own keys are; a value of a plain type is type-checke
 megappo sets itself is an error naming the key that controls it, so there is one place to
 set everything. Megatron is imported only when one of its dicts is non-empty, so a dry run
 of a recipe without them stays free of torch. SGLang's ``ServerArgs`` fields (a dataclass in
-older SGLang, a msgspec Struct from 0.5.21) are read from the installed SGLang, imported only
-when ``rollout.sglang`` is set for an SGLang engine; without SGLang the keys are reported as
-not checked.
+older SGLang, a msgspec Struct from 0.5.21) are read from the installed SGLang, imported in a
+child process only when ``rollout.sglang`` is set for an SGLang engine; without SGLang the keys
+are reported as not checked.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ import dataclasses
 import difflib
 import importlib
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 import types
 import typing
 from functools import lru_cache
@@ -252,7 +256,7 @@ def check_megatron_passthrough(cfg: Any) -> list[str]:
 
 # ---------------------------------------------------------------------- SGLang ServerArgs
 
-def upstream_field_names(cls: type) -> Optional[frozenset[str]]:
+def upstream_field_names(cls: Any) -> Optional[frozenset[str]]:
     """The field names of a config class: a dataclass (SGLang up to 0.5.20) or a msgspec
     Struct (0.5.21 assembles ``ServerArgs`` from namespaces with ``msgspec.defstruct``)."""
     if dataclasses.is_dataclass(cls):
@@ -264,26 +268,48 @@ def upstream_field_names(cls: type) -> Optional[frozenset[str]]:
     return frozenset(n for n in names if not n.startswith("_"))  # private bookkeeping is no option
 
 
+# Run by ``server_args_fields`` in a child process: SGLang's ServerArgs field names, or the import error.
+_FIELDS_SCRIPT = """
+import json
+from megappo.config.passthrough import upstream_field_names
+try:
+    import sglang.srt.server_args as module
+except Exception as error:
+    print("MEGAPPO_FIELDS " + json.dumps({"error": f"{type(error).__name__}: {error}"}))
+else:
+    names = upstream_field_names(getattr(module, "ServerArgs", None))
+    print("MEGAPPO_FIELDS " + json.dumps({"names": None if names is None else sorted(names), "file": module.__file__}))
+"""
+
+
 def server_args_fields() -> tuple[Optional[frozenset[str]], str]:
     """(SGLang's ``ServerArgs`` field names or None, where they come from or why not).
 
-    SGLang is imported only when it is installed (found without importing it first); its
-    import costs seconds and pulls torch, which only a config that sets ``rollout.sglang``
-    for an SGLang engine pays."""
+    SGLang is imported in a child process (this Python, this ``sys.path``), never here: the
+    trainer's first import of SGLang must be the engine's, which on CPU sets SGLang's switch
+    before it (``megappo.parallel.sglang_cpu``; SGLang reads it at import), and the import
+    costs seconds and pulls torch, which only a config that sets ``rollout.sglang`` for an
+    SGLang engine pays."""
     try:
         found = importlib.util.find_spec("sglang") is not None
     except (ImportError, ValueError):
         found = False
     if not found:
         return None, "SGLang is not installed here"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     try:
-        module = importlib.import_module("sglang.srt.server_args")
-    except Exception as error:  # an installed SGLang that cannot import here (a CPU node, a missing extra)
-        return None, f"importing sglang.srt.server_args failed ({type(error).__name__}: {error})"
-    names = upstream_field_names(getattr(module, "ServerArgs", None))
-    if names is None:
+        proc = subprocess.run([sys.executable, "-c", _FIELDS_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return None, "importing sglang.srt.server_args in a child process took over 300 s"
+    answer = next((line[len("MEGAPPO_FIELDS "):] for line in proc.stdout.splitlines() if line.startswith("MEGAPPO_FIELDS ")), None)
+    if answer is None:
+        return None, f"importing sglang.srt.server_args in a child process failed (exit status {proc.returncode}: {proc.stderr.strip()[-300:]})"
+    result = json.loads(answer)
+    if "error" in result:
+        return None, f"importing sglang.srt.server_args failed ({result['error']})"
+    if result["names"] is None:
         return None, "sglang.srt.server_args.ServerArgs is neither a dataclass nor a msgspec Struct"
-    return names, f"sglang.srt.server_args from {module.__file__}"
+    return frozenset(result["names"]), f"sglang.srt.server_args from {result['file']}"
 
 
 def check_sglang_args(values: Mapping[str, Any], fields: Optional[frozenset[str]] = None, where: str = "") -> list[str]:
