@@ -2,13 +2,17 @@
 
 The trainer runs under torchrun (2 processes, gloo) in the CPU SGLang environment
 (.venv-sglang, ``make sglang-env``; tests/sglang_env.py), one colocated SGLang engine per
-data-parallel replica on the replica's first rank (SGLang's own TP is 1 on CPU). GRPO at
-TP=2 (SGLang's flattened-bucket sync of a gathered TP-sharded model, the reference model,
-the exact-vocabulary KL loss) and PPO at PP=2 (gathered over pipeline stages, the critic).
+data-parallel replica on the replica's first rank (SGLang's own TP is 1 on CPU). GRPO and PPO
+each at TP=2 (SGLang's flattened-bucket sync of a gathered TP-sharded model) and at PP=2
+(gathered over pipeline stages); GRPO with the reference model and the exact-vocabulary KL
+loss, PPO with the critic. At TP=2 or PP=2 with 2 processes there is one data-parallel
+replica, so one engine per case.
 Each asserts on the run's ``metrics.jsonl``: on step 1 the PPO ratio is exactly 1 and the
 KL to the reference exactly 0, and at every step the log-probs SGLang reported for the
 sampled tokens are within 1e-5 (float32) of the trainer's for the same tokens. One engine
-start per case (20-80 s each here), two steps each.
+start per case (20-80 s each here; each case is its own torchrun job with its own layout, so
+engines cannot be shared across cases), two steps each (the second checks the engine after a
+sync of trained weights); the two added cases sample 8 prompts instead of 16.
 """
 
 from __future__ import annotations
@@ -24,12 +28,16 @@ from test_e2e import RECIPE, _free_port
 PY = sglang_python()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(PY is None, reason=SKIP_REASON)]
 
-# rollout.sglang stays empty: a non-empty one is checked against ServerArgs by importing SGLang before its
-# CPU switch is set (megappo.config.passthrough), which sglang_cpu.apply then refuses. On CPU dtype is float32.
+# On CPU SGLang computes in float32. A non-empty rollout.sglang (checked against SGLang's ServerArgs in a
+# child process, so SGLang's CPU switch can still be set before the trainer imports it) in two of the cases.
 ENGINE = ["rollout.engine=sglang", "rollout.server_timeout_s=300"]
+PASSED_THROUGH = ["rollout.sglang.max_running_requests=64"]
+TP2, PP2 = ["parallel.tensor_model_parallel_size=2"], ["parallel.pipeline_model_parallel_size=2"]
 CASES = [
-    ("grpo", ["parallel.tensor_model_parallel_size=2", "algo.kl_penalty=full"]),
-    ("ppo", ["parallel.pipeline_model_parallel_size=2", "rollout.num_return_sequences_in_group=2"]),
+    ("grpo", "tp2", [*TP2, "algo.kl_penalty=full"]),
+    ("ppo", "pp2", [*PP2, "rollout.num_return_sequences_in_group=2"]),
+    ("grpo", "pp2", [*PP2, "train.rollout_batch_size=8", *PASSED_THROUGH]),
+    ("ppo", "tp2", [*TP2, "rollout.num_return_sequences_in_group=2", "train.rollout_batch_size=8", *PASSED_THROUGH]),
 ]
 
 
@@ -55,7 +63,7 @@ def _train(toy, run_dir: Path, overrides: list[str]) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("preset,layout", CASES, ids=[p for p, _ in CASES])
+@pytest.mark.parametrize("preset,layout", [(p, o) for p, _, o in CASES], ids=[f"{p}-{n}" for p, n, _ in CASES])
 def test_sglang_engine_trains_on_policy(toy, tmp_path, preset, layout):
     on_policy = ["train.mini_batch_size=null", "algo.ppo_epochs=1", "train.eval_every=0"]
     rows = _train(toy, tmp_path, [f"algo.preset={preset}", "train.steps=2", "train.rollout_batch_size=16", *on_policy, *layout])
