@@ -6,6 +6,7 @@ is checked by test_rollout_sglang_contract.py."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import sys
 import types
@@ -26,6 +27,7 @@ class RecordingEngine:
 
     def __init__(self, **kwargs):
         self.kwargs, self.calls, self.fail_update = kwargs, [], False
+        self.loop = asyncio.new_event_loop()  # as sglang.Engine's; our engine runs it on its own thread
         RecordingEngine.instances.append(self)
 
     def _rec(self, name, **kw):

@@ -5,7 +5,8 @@ for a tiny Llama and runs every check of the ``RolloutEngine`` interface and
 docs/CONTRACTS.md on it (sampling n / temperature / top-p / top-k / stop ids, log-probs of
 ``log_softmax(logits / T)`` against transformers on the same weights, flattened-bucket
 updates in the weight-update session, a failed sync that leaves the engine refusing to
-generate, release / resume, the weights checksum read back, health, a hung engine timing out,
+generate, release / resume, the weights checksum read back, health, pause / continue / abort
+with a weight sync while a generate is paused, a hung engine timing out,
 shutdown), then one engine each for Qwen2, Qwen3 and Mistral (sync, log-probs, checksum read
 back) and a wrong-shaped update that crashes SGLang's scheduler (a named error, not a killed
 trainer). Each check is one test; the process runs once for the module (about 2-4 minutes

@@ -37,11 +37,14 @@ SGLang keeps fused, sharded parameters that are not HF-named, so only a few tens
 rows are read, with ``get_weights_by_name`` (Llama-like models only). Progress:
 ``Engine.generate`` returns all prompts at once, so ``on_progress`` is told at the end.
 
-Pause / continue / abort: SGLang's ``Engine`` has no methods for them; they are SGLang's
-tokenizer-manager calls (what its HTTP server's routes call), run on the engine's event
-loop, which a ``generate`` in flight holds. While a ``generate`` holds it, any other call
-(a weight update included) is refused with a ``RolloutEngineError`` saying so: with the
-colocated engine, pause in ``abort`` mode (or let the call return) before a weight update.
+Concurrent calls: SGLang's ``Engine`` runs each call with ``loop.run_until_complete`` on one
+asyncio loop, so a ``generate`` in flight would hold it. We run that loop forever on its own
+thread instead (``_LoopThread``): every call submits its coroutine there, so calls from several
+threads overlap as requests do in SGLang's HTTP server (one loop serving them all). Pause /
+continue / abort are SGLang's tokenizer-manager calls (what the server's routes call; the
+``Engine`` has no methods for them). A weight update while a ``generate`` is paused works as
+with the server: SGLang skips its update lock while paused, and in ``retract`` mode every
+later token is computed with the new weights.
 """
 
 from __future__ import annotations
@@ -150,10 +153,28 @@ def _in_daemon_thread(fn, *args, **kwargs) -> Future:
     return future
 
 
+class _LoopThread:
+    """Stands in for ``Engine.loop``: runs SGLang's loop forever on a daemon thread, and
+    ``run_until_complete(awaitable)`` (all that ``Engine``'s methods call on it) submits the
+    awaitable there and waits for it, from any thread (module docstring)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        threading.Thread(target=loop.run_forever, daemon=True, name="sglang-engine-loop").start()
+
+    def run_until_complete(self, awaitable):
+        async def wait():
+            return await awaitable
+
+        return asyncio.run_coroutine_threadsafe(wait(), self.loop).result()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
 def _fresh_event_loop_if_taken() -> None:
-    """``sglang.Engine`` runs its calls on this thread's asyncio loop. After an engine hung
-    (or died) that loop may still be running on the abandoned worker thread, so a new engine
-    gets a new loop."""
+    """``sglang.Engine`` takes this thread's asyncio loop. An earlier engine's loop still runs
+    on its ``_LoopThread`` (never stopped after a hang), so a new engine gets a new loop."""
     try:
         loop = asyncio.get_event_loop_policy().get_event_loop()
     except RuntimeError:
@@ -205,7 +226,6 @@ class SGLangEngine(RolloutEngine):
         self._stuck: str | None = None
         self._spots: dict[str, tuple[int, ...]] | None = None
         self._died: str | None = None
-        self._loop_lock = threading.Lock()  # held by the call running SGLang's event loop
         self._aborts = 0  # abort_requests / pause("abort") calls so far (parse_samples' aborted)
         _fresh_event_loop_if_taken()
         try:
@@ -213,6 +233,7 @@ class SGLangEngine(RolloutEngine):
                 self._engine = sglang.Engine(**args)  # main thread: SGLang installs signal handlers here
         except Exception as e:
             raise RolloutEngineError(f"{self.name}: failed to start: {type(e).__name__}: {e}") from e
+        self._engine.loop = _LoopThread(self._engine.loop)
         self._watch_children()
 
     def _watch_children(self) -> None:
@@ -238,25 +259,11 @@ class SGLangEngine(RolloutEngine):
 
     def _call(self, what: str, method: Any, *args, **kwargs) -> Any:
         """``Engine.<method>(*args, **kwargs)`` (or ``method(...)`` when callable) on a worker
-        thread that holds the engine's event loop, bounded by ``timeout_s``; SGLang's failures
-        (exceptions, ``(False, message)`` answers) become ``RolloutEngineError``. A call while
-        another holds the loop (a ``generate`` running or paused) is refused: SGLang's
-        ``Engine`` runs one call at a time on its loop."""
+        thread, bounded by ``timeout_s``; SGLang's failures (exceptions, ``(False, message)``
+        answers) become ``RolloutEngineError``. Calls may overlap (``_LoopThread``)."""
         self._check_usable(what)
         fn = getattr(self._engine, method) if isinstance(method, str) else method
-        if not self._loop_lock.acquire(blocking=False):
-            raise RolloutEngineError(
-                f"{self.name}: {what} while a generate call holds the engine (running or paused); "
-                "continue_generation or abort_requests and let it return first"
-            )
-
-        def holding_loop():
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._loop_lock.release()
-
-        return self._wait(what, _in_daemon_thread(holding_loop))
+        return self._wait(what, _in_daemon_thread(fn, *args, **kwargs))
 
     def _wait(self, what: str, future: Future) -> Any:
         deadline = time.monotonic() + self.timeout_s
@@ -297,29 +304,8 @@ class SGLangEngine(RolloutEngine):
     # ------------------------------------------------- partial-rollout controls
 
     def _control(self, what: str, make_coro) -> None:
-        """Run a coroutine of SGLang's tokenizer manager on the engine's event loop: queued
-        onto it while a ``generate`` runs it (the only way to reach a paused call), else run
-        here with the loop held like any call."""
-        self._check_usable(what)
-        loop = self._engine.loop
-        future = asyncio.run_coroutine_threadsafe(make_coro(), loop)
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            try:
-                return check_result(future.result(timeout=0.2), what, self.name)
-            except FutureTimeout:
-                pass
-            if self._loop_lock.acquire(blocking=False):  # nobody runs the loop: run it until ours is done
-                self._loop_lock.release()
-                try:
-                    self._call(what, lambda: loop.run_until_complete(asyncio.wrap_future(future, loop=loop)))
-                except RolloutEngineError:
-                    if self._stuck is not None:
-                        raise  # otherwise a generate took the loop meanwhile; it runs ours
-                else:
-                    return None
-            if time.monotonic() >= deadline:
-                raise RolloutEngineError(f"{self.name}: {what} did not return within {self.timeout_s:g} s (rollout.server_timeout_s)")
+        """Run a coroutine of SGLang's tokenizer manager on the engine's loop, bounded like any call."""
+        self._call(what, lambda: self._engine.loop.run_until_complete(make_coro()))
 
     def pause_generation(self, mode: PauseMode = "retract") -> None:
         """``RolloutEngine.pause_generation`` through SGLang's tokenizer manager (SGLang's
@@ -439,3 +425,4 @@ class SGLangEngine(RolloutEngine):
                 raise RolloutEngineError(f"{self.name}: shutdown did not return within {self.timeout_s:g} s") from e
         else:
             engine.shutdown()
+        engine.loop.stop()

@@ -245,22 +245,35 @@ def llama_checks(work: Path) -> None:
 
         many = [[1, 3 + i, 50 + i] for i in range(16)]
         long = SamplingParams(n=4, max_new_tokens=200, temperature=1.0)  # prompt + 200 < 256 positions
-        # pause (retract) while a call runs: it waits (other calls are refused meanwhile), then finishes
+        # pause (retract) while a call runs: it waits; a weight sync meanwhile (back to the first
+        # weights) goes through. Each sample's tokens up to the pause follow the weights it started
+        # with (new_model), and every later one the synced weights (model): a clean split
         t, box = in_thread(lambda: engine.generate(many, long))
-        time.sleep(1.0)
+        time.sleep(0.5)
         engine.pause_generation()
-        time.sleep(2.0)
+        time.sleep(1.0)
         assert t.is_alive(), box
-        try:
-            engine.health()
-            raise AssertionError("a call went through while a paused generate held the engine")
-        except RolloutEngineError as e:
-            assert "holds the engine" in str(e), e
+        engine.health()  # other calls run while a paused generate is in flight
+        stream_to_engine(sorted(state.items()), engine, bucket_mb=1)
+        assert t.is_alive(), box
         engine.continue_generation()
         t.join(300)
         assert not t.is_alive() and "value" in box
         assert all(s.finish_reason in ("stop", "length") for g in box["value"] for s in g)
-        assert max_diff(new_model, box["value"][:4], many[:4], 1.0) <= 1e-4
+        split_worst, after_pause = 0.0, 0
+        for p, g in zip(many, box["value"]):
+            for s in g:
+                got = torch.tensor(s.logprobs, dtype=torch.float64)
+                d_old = (hf_logprobs(new_model, p, s.token_ids, 1.0) - got).abs()
+                d_new = (hf_logprobs(model, p, s.token_ids, 1.0) - got).abs()
+                cut = next((i for i, d in enumerate(d_old.tolist()) if d > 1e-4), len(got))
+                after_pause += len(got) - cut
+                split_worst = max(split_worst, float(d_new[cut:].max()) if cut < len(got) else 0.0)
+        assert after_pause > 0, "every sample ended before the pause"
+        assert split_worst <= 1e-4, split_worst
+        out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6))
+        assert max_diff(model, out, PROMPTS, 1.0) <= 1e-4
+        stream_to_engine(sorted(new_state.items()), engine, bucket_mb=1)  # the later checks expect new_model
         # a call sent while paused waits, then runs
         engine.pause_generation("in_place")
         t, box = in_thread(lambda: engine.generate(PROMPTS, SamplingParams(max_new_tokens=6)))
@@ -286,7 +299,7 @@ def llama_checks(work: Path) -> None:
         worst = max_diff(new_model, [g for _, g in aborted[:8]], [p for p, _ in aborted[:8]], 1.0)
         assert worst <= 1e-4, worst
         engine.health()
-        return {"aborted": reasons.count("abort"), "of": len(reasons), "abort_logprob_diff": worst}
+        return {"aborted": reasons.count("abort"), "of": len(reasons), "abort_logprob_diff": worst, "sync_while_paused_diff": split_worst, "tokens_after_pause": after_pause}
 
     @check("hung_engine_times_out")
     def _():
