@@ -11,8 +11,8 @@ on the node (``megappo.rollout.sglang_ports``: servers in different slots never 
 port, and none takes the trainer's ``MASTER_PORT``; ``--slot`` defaults to
 ``SLURM_LOCALID`` or 0); a flag given by the user always wins. Without a CUDA device
 (``--device cpu`` or none visible) SGLang's CPU path (``megappo.parallel.sglang_cpu``: for
-tests and debugging) plus ``--sleep-on-idle`` (an idle scheduler otherwise busy-polls a
-core; two servers on two cores were 10-20x slower without it).
+tests and debugging; its ``--sleep-on-idle`` matters here: an idle scheduler otherwise
+busy-polls a core, and two servers on two cores were 10-20x slower without it).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def server_command(
     run_env = dict(os.environ if env is None else env)
     run_env.pop(AGENT_STORE_ENV, None)  # a server started from a torchrun worker hosts its own TP store
     if on_cpu:
-        defaults = sglang_cpu.cpu_server_flags() + ["--sleep-on-idle"]
+        defaults = sglang_cpu.cpu_server_flags()
         i = 0
         while i < len(defaults):  # add each CPU default the user did not set
             flag = defaults[i]

@@ -38,6 +38,9 @@ CPU_SERVER_ARGS: dict[str, Any] = {
     # The trainer computes in float32 on CPU; SGLang's "auto" reads only torch_dtype, which
     # transformers 5 writes as "dtype", and falls back to bfloat16 (1e-3 log-prob gaps).
     "dtype": "float32",
+    # An idle scheduler otherwise busy-polls a core: on 2 cores two engines (or servers) took both
+    # from the trainer, and generation throughput fell 10-20x (measured with two servers).
+    "sleep_on_idle": True,
 }
 
 
