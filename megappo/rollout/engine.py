@@ -119,10 +119,16 @@ class Sample:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: FinishReason = "length"
+    token_versions: list[int] = field(default_factory=list)
+    """The policy version each token was sampled under, for a response that a weight
+    update interrupted and the new weights continued (``megappo.rollout.partial``); empty:
+    every token is of the version of the call that returned it (engines leave it empty)."""
 
     def __post_init__(self):
         assert len(self.token_ids) == len(self.logprobs), (len(self.token_ids), len(self.logprobs))
         assert self.finish_reason in ("stop", "length", "abort"), self.finish_reason
+        assert not self.token_versions or len(self.token_versions) == len(self.token_ids), (
+            len(self.token_versions), len(self.token_ids))
 
 
 class RolloutEngine(abc.ABC):
