@@ -4,7 +4,8 @@ The policy is the demo's warmed-up tiny model (``megappo.demo.prepare``); the re
 that model's trunk as a ``LlamaForSequenceClassification`` with a random one-label ``score``
 head, built in the test (same tokenizer, so the rollouts' token ids pass through). Two launches:
 
-- PPO (critic and GAE) at TP=2 with the reward model as the only reward: step 1's PPO ratio is
+- PPO (critic and GAE) at TP=2 with the reward model as the only reward, at the actor's layout
+  and at its own TP=1 (``reward.model.tensor_model_parallel_size``): step 1's PPO ratio is
   exactly 1, every metric is finite, ``reward/mean`` is the model's mean, and that mean equals
   transformers' ``AutoModelForSequenceClassification`` on the step's logged responses
   (an independent scorer of the same text; to 1e-4 unless the policy sampled a special token
@@ -77,10 +78,13 @@ def _transformers_mean_score(rm_dir: str, samples: list[dict]) -> float:
     return sum(scores) / len(scores)
 
 
-def test_ppo_with_the_reward_model_as_the_only_reward_tp2(toy_rm, tmp_path):
+@pytest.mark.parametrize("rm_layout", [[], ["reward.model.tensor_model_parallel_size=1"]], ids=["rm-actor-layout", "rm-tp1"])
+def test_ppo_with_the_reward_model_as_the_only_reward_tp2(toy_rm, tmp_path, rm_layout):
+    """``rm-tp1``: the reward model at its own layout, a full replica on each rank (DP 2 under the
+    actor's TP=2): the batch is dealt to both replicas and their scores handed back."""
     rows = _train(toy_rm, tmp_path, [
         "algo.preset=ppo", "parallel.tensor_model_parallel_size=2", f"reward.model.hf_path={toy_rm['rm']}",
-        "reward.model.rule_weight=0.0", *SMALL,
+        "reward.model.rule_weight=0.0", *rm_layout, *SMALL,
     ])
     assert [r["step"] for r in rows] == [1, 2]
     _finite(rows)

@@ -283,9 +283,10 @@ def test_gsm8k_rm_recipe_is_ppo_with_only_the_reward_model_on_one_8_gpu_node():
     assert rm.hf_path.startswith("/path/to/") and (rm.weight, rm.rule_weight, rm.on_cpu) == (1.0, 0.0, True)
 
 
-def test_reward_model_layout_is_the_actors_and_a_misfit_names_the_fields(tmp_path):
-    """The reward model has no TP x PP of its own: one whose heads or layers the actor's
-    layout does not divide is a config error naming the parallel field and reward.model.hf_path."""
+def test_reward_model_layout_defaults_to_the_actors_and_a_misfit_names_the_fields(tmp_path):
+    """The reward model's TP x PP (reward.model.tensor_model_parallel_size /
+    pipeline_model_parallel_size) defaults to the actor's; a layout that does not divide its
+    heads or layers, or the world size, is a config error naming the fields that set it."""
     from megappo.config import ConfigError, load_config
 
     rm = tmp_path / "rm"
@@ -293,11 +294,23 @@ def test_reward_model_layout_is_the_actors_and_a_misfit_names_the_fields(tmp_pat
     (rm / "config.json").write_text(json.dumps({"architectures": ["LlamaForSequenceClassification"], "num_labels": 1,
                                                  "num_attention_heads": 6, "num_key_value_heads": 3, "num_hidden_layers": 3}))
     base = ["algo.preset=grpo", "parallel.device=cpu", "rollout.engine=embedded", f"reward.model.hf_path={rm}"]
-    with pytest.raises(ConfigError, match=r"parallel.tensor_model_parallel_size=2 does not divide num_key_value_heads=3 of reward.model.hf_path=.*actor's TP x PP"):
+    with pytest.raises(ConfigError, match=r"parallel.tensor_model_parallel_size=2 does not divide num_key_value_heads=3 of reward.model.hf_path=.*defaults to the actor's"):
         load_config(None, [*base, "parallel.tensor_model_parallel_size=2"])
     with pytest.raises(ConfigError, match=r"parallel.pipeline_model_parallel_size=2 does not divide num_hidden_layers=3 of reward.model.hf_path="):
         load_config(None, [*base, "parallel.pipeline_model_parallel_size=2"])
     assert load_config(None, [*base, "parallel.tensor_model_parallel_size=3"]).reward.model.hf_path == str(rm)
+    # Its own layout: the actor's TP=2 would not divide the KV heads, the reward model's TP=3 does.
+    own = load_config(None, [*base, "parallel.tensor_model_parallel_size=3", "reward.model.tensor_model_parallel_size=1",
+                             "reward.model.pipeline_model_parallel_size=3"], world_size=3)
+    assert (own.reward.model.tensor_model_parallel_size, own.reward.model.pipeline_model_parallel_size) == (1, 3)
+    with pytest.raises(ConfigError, match=r"reward.model.tensor_model_parallel_size=2 does not divide num_key_value_heads=3 of reward.model.hf_path=\S+$"):
+        load_config(None, [*base, "reward.model.tensor_model_parallel_size=2"])
+    with pytest.raises(ConfigError, match=r"reward.model.pipeline_model_parallel_size=2 does not divide num_hidden_layers=3"):
+        load_config(None, [*base, "parallel.tensor_model_parallel_size=3", "reward.model.pipeline_model_parallel_size=2"])
+    with pytest.raises(ConfigError, match=r"reward.model.tensor_model_parallel_size x reward.model.pipeline_model_parallel_size = 3 x 1 = 3 does not divide the world size 4"):
+        load_config(None, [*base, "reward.model.tensor_model_parallel_size=3"], world_size=4)
+    with pytest.raises(ConfigError, match=r"reward.model.pipeline_model_parallel_size must be >= 1, got 0"):
+        load_config(None, [*base, "reward.model.pipeline_model_parallel_size=0"])
 
 
 @pytest.mark.slow

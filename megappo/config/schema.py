@@ -203,8 +203,14 @@ class RewardModelConfig:
 
     hf_path: Optional[str] = None
     """HF ``*ForSequenceClassification`` directory (Llama, Qwen2, Qwen3, Mistral; one label,
-    ``score`` without bias), loaded into Megatron with the actor's TP x PP, frozen; None: no
+    ``score`` without bias), loaded into Megatron with its own TP x PP (below), frozen; None: no
     reward model. It scores prompt + response at the last token (EOS when the response finished)."""
+    tensor_model_parallel_size: Optional[int] = None
+    """The reward model's TP size; None: the actor's (``parallel.tensor_model_parallel_size``).
+    TP x PP must divide the world size; each replica scores its share of every data-parallel
+    shard's rows."""
+    pipeline_model_parallel_size: Optional[int] = None
+    """The reward model's PP size (no virtual stages); None: the actor's."""
     weight: float = 1.0
     """Weight of the model's score in the reward: ``rule_weight * reward.fn + weight * model``."""
     rule_weight: float = 0.0

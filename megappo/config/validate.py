@@ -138,20 +138,31 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"rollout.top_k must be -1 (disabled) or >= 1, got {cfg.rollout.top_k}")
 
 
-def _check_reward_model_layout(path: Optional[str], tp: int, pp: int) -> None:
-    """The reward model (``reward.model.hf_path``) runs with the actor's TP x PP: Megatron's
-    model-parallel groups are one per process, so it has no layout of its own."""
-    hf = read_hf_config(path)
+def _check_reward_model_layout(rm, tp: int, pp: int, world_size: Optional[int]) -> None:
+    """The reward model's own TP x PP (``reward.model.tensor_model_parallel_size`` /
+    ``pipeline_model_parallel_size``, default the actor's) must divide its heads, KV heads and
+    layers, and TP x PP the world size."""
+    names = ("reward.model.tensor_model_parallel_size", "reward.model.pipeline_model_parallel_size")
+    for name, value in zip(names, (rm.tensor_model_parallel_size, rm.pipeline_model_parallel_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    own = rm.tensor_model_parallel_size is not None or rm.pipeline_model_parallel_size is not None
+    rm_tp, rm_pp = rm.tensor_model_parallel_size or tp, rm.pipeline_model_parallel_size or pp
+    tp_name, pp_name = names if own else ("parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size")
+    if world_size is not None and world_size % (rm_tp * rm_pp):
+        raise ConfigError(f"{names[0]} x {names[1]} = {rm_tp} x {rm_pp} = {rm_tp * rm_pp} does not divide "
+                          f"the world size {world_size}")
+    hf = read_hf_config(rm.hf_path)
     if hf is None:
         return
-    why = f"of reward.model.hf_path={path} (the reward model runs with the actor's TP x PP; it has no layout of its own)"
+    why = f"of reward.model.hf_path={rm.hf_path}" + ("" if own else " (the reward model's layout defaults to the actor's)")
     heads = hf.get("num_attention_heads")
     for name, n in (("num_attention_heads", heads), ("num_key_value_heads", hf.get("num_key_value_heads") or heads)):
-        if isinstance(n, int) and n % tp:
-            raise ConfigError(f"parallel.tensor_model_parallel_size={tp} does not divide {name}={n} {why}")
+        if isinstance(n, int) and n % rm_tp:
+            raise ConfigError(f"{tp_name}={rm_tp} does not divide {name}={n} {why}")
     layers = hf.get("num_hidden_layers")
-    if isinstance(layers, int) and layers % pp:
-        raise ConfigError(f"parallel.pipeline_model_parallel_size={pp} does not divide num_hidden_layers={layers} {why}")
+    if isinstance(layers, int) and layers % rm_pp:
+        raise ConfigError(f"{pp_name}={rm_pp} does not divide num_hidden_layers={layers} {why}")
 
 
 def _check_parallel(cfg: Config, world_size: Optional[int]) -> None:
@@ -182,7 +193,7 @@ def _check_parallel(cfg: Config, world_size: Optional[int]) -> None:
         if isinstance(layers, int) and layers % (pp * (vpp or 1)):
             what_pp = f"pipeline_model_parallel_size={pp}" + (f" x virtual_pipeline_model_parallel_size={vpp}" if vpp else "")
             raise ConfigError(f"parallel.{what_pp} = {pp * (vpp or 1)} does not divide num_hidden_layers={layers} {where}")
-    _check_reward_model_layout(cfg.reward.model.hf_path, tp, pp)
+    _check_reward_model_layout(cfg.reward.model, tp, pp, world_size)
     if world_size is None:
         return
     dp = data_parallel_size(cfg, world_size)

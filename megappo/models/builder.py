@@ -2,7 +2,8 @@
 GPT model of one pipeline stage, and the critic's value head.
 
 Model construction never touches process groups (STYLE point 6): it reads the TP/PP
-sizes and ranks from Megatron's ``parallel_state`` after ``megappo.parallel.init_parallel``.
+sizes and ranks from Megatron's ``parallel_state`` after ``megappo.parallel.init_parallel``,
+or, for a model with its own layout, from the ``ModelGroups`` the parallel layer made for it.
 
 Layer specs: ``local`` (plain torch; the only one that runs on CPU) or
 ``transformer_engine`` (fused TE modules; needed for FP8). The two name their norm weights
@@ -286,11 +287,13 @@ class ValueHead(torch.nn.Module):
         return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, {}, sharded_offsets)
 
 
-def build_model(spec: ModelSpec, role: Role, opts: BuildOptions, *, vp_stage: int | None = None):
+def build_model(spec: ModelSpec, role: Role, opts: BuildOptions, *, vp_stage: int | None = None, groups=None):
     """One pipeline stage (or one virtual chunk, ``vp_stage``) of a Megatron GPT model.
 
     ``role`` actor / reference: the LM head over the (TP-padded) vocabulary;
     ``critic``: the value head instead. The reference is built frozen (no grads).
+    ``groups``: a ``megappo.parallel.model_groups.ModelGroups`` of the model's own layout
+    (no virtual stages); None: Megatron's global ``parallel_state`` (the actor's layout).
     """
     from megatron.core import parallel_state as mpu
     from megatron.core.models.gpt import GPTModel
@@ -298,8 +301,13 @@ def build_model(spec: ModelSpec, role: Role, opts: BuildOptions, *, vp_stage: in
     if role not in ("actor", "critic", "reference"):
         raise ValueError(f"role must be actor, critic or reference; got {role!r}")
     config = transformer_config(spec, opts)
-    pre = mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-    post = mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if groups is not None and not groups.shares_actor_layout:
+        assert vp_stage is None and (groups.tp, groups.pp) == (opts.tp, opts.pp), (groups, opts.tp, opts.pp)
+        pre, post, pg_collection = groups.is_first_stage, groups.is_last_stage, groups.pg_collection
+    else:
+        pre = mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post = mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        pg_collection = None
     tie = spec.tie_word_embeddings and role != "critic"
     model = GPTModel(
         config=config,
@@ -313,6 +321,7 @@ def build_model(spec: ModelSpec, role: Role, opts: BuildOptions, *, vp_stage: in
         position_embedding_type="rope",
         rotary_base=int(spec.rope_theta) if float(spec.rope_theta).is_integer() else spec.rope_theta,
         vp_stage=vp_stage,
+        pg_collection=pg_collection,
     )
     # Megatron's RoPE knows only Llama-3 scaling with fixed factors; set the exact
     # frequencies transformers uses for this config instead.
@@ -326,11 +335,14 @@ def build_model(spec: ModelSpec, role: Role, opts: BuildOptions, *, vp_stage: in
     model.megappo_spec = spec
     model.megappo_role = role
     model.megappo_transformer_impl = opts.transformer_impl
+    if pg_collection is not None:
+        model.megappo_groups = groups  # its TP rank for the weight mapping (``weights.model_io.placement_of``)
     return model
 
 
-def build_model_chunks(spec: ModelSpec, role: Role, opts: BuildOptions) -> list:
-    """All model chunks of this rank: one, or ``vpp`` with interleaved pipelining."""
+def build_model_chunks(spec: ModelSpec, role: Role, opts: BuildOptions, *, groups=None) -> list:
+    """All model chunks of this rank: one, or ``vpp`` with interleaved pipelining.
+    ``groups``: as for ``build_model``."""
     if opts.vpp is None:
-        return [build_model(spec, role, opts)]
+        return [build_model(spec, role, opts, groups=groups)]
     return [build_model(spec, role, opts, vp_stage=i) for i in range(opts.vpp)]

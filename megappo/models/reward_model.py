@@ -44,6 +44,7 @@ from megappo.models.optimizer import (
 )
 from megappo.models.spec import ModelSpec
 from megappo.parallel import collectives
+from megappo.parallel.model_groups import ModelGroups, deal_rows, model_groups, return_results
 from megappo.parallel.state import get_layout
 
 log = logging.getLogger("megappo")
@@ -62,11 +63,13 @@ class ScoreHead(ValueHead):
         self.bias = None  # unregisters the value head's bias parameter
 
 
-def build_reward_chunks(spec: ModelSpec, opts: BuildOptions, *, head_init_std: float = 0.0) -> list:
+def build_reward_chunks(spec: ModelSpec, opts: BuildOptions, *, head_init_std: float = 0.0,
+                        groups: Optional[ModelGroups] = None) -> list:
     """This rank's reward-model chunks (random weights; ``head_init_std``: N(0, std) score
     head, 0 gives zeros). Load an HF reward model with
-    ``megappo.weights.reward.load_hf_into_reward_model``."""
-    chunks = build_model_chunks(spec, "critic", opts)
+    ``megappo.weights.reward.load_hf_into_reward_model``. ``groups``: its own layout
+    (``megappo.parallel.model_groups``); None: the actor's."""
+    chunks = build_model_chunks(spec, "critic", opts, groups=groups)
     for chunk in chunks:
         if chunk.post_process:
             chunk.output_layer = ScoreHead(spec.hidden_size, head_init_std, opts.dtype, opts.sequence_parallel)
@@ -139,6 +142,9 @@ class RewardModel:
 
     ``max_tokens_per_microbatch``: padded tokens of a micro-batch, as for the policies.
     ``offload_to_cpu`` (frozen only): weights on the CPU between uses (as the reference).
+    ``opts.tp`` x ``opts.pp``: its layout; one other than the actor's (frozen only) gets its own
+    process groups (``megappo.parallel.model_groups``), and ``score`` deals the rows of every
+    data-parallel shard to its replicas and hands the scores back.
     """
 
     def __init__(
@@ -156,11 +162,6 @@ class RewardModel:
         from megatron.core.utils import get_model_config
 
         self.layout = get_layout()
-        if (opts.tp, opts.pp, opts.vpp) != (self.layout.tp, self.layout.pp, self.layout.vpp):
-            raise ValueError(
-                f"reward model TP={opts.tp} PP={opts.pp} VPP={opts.vpp} differ from the initialized layout "
-                f"TP={self.layout.tp} PP={self.layout.pp} VPP={self.layout.vpp}"
-            )
         if opts.vpp is not None:
             raise ValueError("the reward model does not support virtual pipeline stages")
         if max_tokens_per_microbatch < 1:
@@ -168,11 +169,17 @@ class RewardModel:
         self.trainable = optim is not None
         if offload_to_cpu and self.trainable:
             raise ValueError("offload_to_cpu is only for a frozen reward model")
+        if self.trainable and (opts.tp, opts.pp) != (self.layout.tp, self.layout.pp):
+            raise ValueError(
+                f"a trainable reward model runs at the initialized layout TP={self.layout.tp} PP={self.layout.pp}; "
+                f"got TP={opts.tp} PP={opts.pp}"
+            )
+        self.groups = model_groups(opts.tp, opts.pp)
         self.spec, self.opts = spec, opts
         self.max_tokens_per_microbatch = max_tokens_per_microbatch
         self.device = self.layout.device
         self._offload = offload_to_cpu and self.device.type == "cuda"
-        chunks = build_reward_chunks(spec, opts, head_init_std=head_init_std)
+        chunks = build_reward_chunks(spec, opts, head_init_std=head_init_std, groups=self.groups)
         if self.device.type == "cuda":
             chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
         self._models = list(chunks)
@@ -212,28 +219,43 @@ class RewardModel:
 
     @torch.no_grad()
     def score(self, batch: SequenceBatch) -> Tensor:
-        """float32 [B] scores on every rank of the model-parallel group. A non-finite
-        score is a ``ValueError`` naming the rows (never passed on as a reward)."""
+        """float32 [B] scores of this rank's rows, on every rank that passed the same rows (the
+        ranks of one actor data-parallel shard). At the actor's layout each shard's model-parallel
+        group scores its own rows; at another layout the rows of all shards are dealt to the
+        reward model's replicas and the scores handed back (collective over all ranks). A
+        non-finite score is a ``ValueError`` naming the rows (never passed on as a reward)."""
         if batch.B == 0:
             raise ValueError("empty batch: nothing to score")
-        groups = microbatch_rows(batch.lens_B.cpu(), self.max_tokens_per_microbatch, min_microbatches=self.layout.pp)
-        mbs = [(rows, batch.select(rows)) for rows in groups]
         self._set_train(False)
         self.onload()
         try:
-            store = self._schedule(mbs, self._forward_step_score, forward_only=True)
+            if self.groups.shares_actor_layout:
+                scores = self._score_here(batch)
+                full = {"scores_B": scores} if scores is not None else None
+                scores_B = collectives.broadcast_from_last_stage(full, {"scores_B": (batch.B,)}, device=self.device)["scores_B"]
+            else:
+                ids_BS, lens_B = batch.input_ids_BS.cpu(), batch.lens_B.cpu()
+                part, share = deal_rows([ids_BS[i, : int(lens_B[i])].tolist() for i in range(batch.B)], self.groups)
+                scores = self._score_here(SequenceBatch.from_lists(part)) if part else None
+                scores_B = return_results(scores, share, self.groups).to(self.device)
         finally:
             self.offload()
             self._set_train(True)
-        full = None
-        if self.layout.is_last_stage:
-            full = {"scores_B": torch.zeros(batch.B, device=self.device)}
-            for out in store:
-                full["scores_B"][out["rows"].to(self.device)] = out["scores_b"].float()
-        scores_B = collectives.broadcast_from_last_stage(full, {"scores_B": (batch.B,)}, device=self.device)["scores_B"]
         bad = (~torch.isfinite(scores_B)).nonzero().flatten().tolist()
         if bad:
             raise ValueError(f"reward model produced non-finite scores for rows {bad[:10]} of {batch.B}")
+        return scores_B
+
+    def _score_here(self, batch: SequenceBatch) -> Optional[Tensor]:
+        """Forward ``batch`` through this replica of the reward model (collective over its
+        model-parallel group); float32 [B] scores on its last stage, None elsewhere."""
+        groups = microbatch_rows(batch.lens_B.cpu(), self.max_tokens_per_microbatch, min_microbatches=self.groups.pp)
+        store = self._schedule([(rows, batch.select(rows)) for rows in groups], self._forward_step_score, forward_only=True)
+        if not self.groups.is_last_stage:
+            return None
+        scores_B = torch.zeros(batch.B, device=self.device)
+        for out in store:
+            scores_B[out["rows"].to(self.device)] = out["scores_b"].float()
         return scores_B
 
     def _forward_step_score(self, data_iterator, model):
@@ -306,8 +328,13 @@ class RewardModel:
 
     def _schedule(self, mbs: list, step, *, forward_only: bool) -> list:
         from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
-        return get_forward_backward_func()(
+        pgs = {}
+        if not self.groups.shares_actor_layout:  # the reward model's own pipeline, not parallel_state's
+            pgs = dict(pg_collection=self.groups.pg_collection,
+                       p2p_communicator=P2PCommunicator(pp_group=self.groups.pg_collection.pp, config=self._models[0].config))
+        return get_forward_backward_func(pp_size=self.groups.pp, vp_size=None)(
             forward_step_func=step,
             data_iterator=iter(mbs),
             model=self.chunks,
@@ -315,6 +342,7 @@ class RewardModel:
             seq_length=max(mb.input_ids_BS.shape[1] for _, mb in mbs),
             micro_batch_size=max(mb.B for _, mb in mbs),
             forward_only=forward_only,
+            **pgs,
         )
 
 

@@ -4,8 +4,12 @@ frozen Megatron reward model, and combine the score with the rule reward by weig
 Shape legend: B = responses of this data-parallel rank, S = prompt + response positions.
 
 Where it runs: on every rank, after the rollout batch reached all ranks of the replica
-(the reward model is a Megatron model: TP and PP ranks must run it together), with the
-actor's layout, micro-batched by the same token budget as the other forward passes.
+(the reward model is a Megatron model: TP and PP ranks must run it together), micro-batched by
+the same token budget as the other forward passes. Its layout is
+``reward.model.tensor_model_parallel_size`` x ``pipeline_model_parallel_size`` (default: the
+actor's). At the actor's layout each data-parallel shard scores its own rows; at another one the
+rows of all shards are dealt to the reward model's replicas and the scores handed back
+(``megappo.parallel.model_groups``).
 
 What it sees: prompt + response tokens, the response ending with EOS when it finished
 (the engine's stop token) and without one when truncated, the way ``megappo.train_rm``
@@ -27,6 +31,7 @@ no tokenizer is an error before the model is built.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -94,7 +99,9 @@ class LoopRewardModel:
 
     def __init__(self, model_cfg, layout, policy_tokenizer, *, max_tokens_per_microbatch: int, opts=None):
         """``opts``: the ``BuildOptions`` of the run's models (``models.factory.build_options``:
-        dtype, layer spec); default fp32 local at the layout's TP x PP."""
+        dtype, layer spec); default fp32 local at the layout's TP x PP. The reward model's own
+        ``tensor_model_parallel_size`` / ``pipeline_model_parallel_size`` (None: the actor's)
+        replace its TP x PP."""
 
         if model_cfg.hf_path is None:
             raise ValueError("reward.model.hf_path is not set")
@@ -105,6 +112,10 @@ class LoopRewardModel:
         pad = self.rm_tokenizer.pad_token_id if self.rm_tokenizer is not None else policy_tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else 0
         opts = opts or BuildOptions(tp=layout.tp, pp=layout.pp)
+        tp = model_cfg.tensor_model_parallel_size or layout.tp
+        pp = model_cfg.pipeline_model_parallel_size or layout.pp
+        if (tp, pp) != (layout.tp, layout.pp):  # its own process groups: no virtual stages, no expert parallelism
+            opts = dataclasses.replace(opts, tp=tp, pp=pp, vpp=None, ep=1, sequence_parallel=opts.sequence_parallel and tp > 1)
         self.model = RewardModel(spec, opts, max_tokens_per_microbatch=max_tokens_per_microbatch, offload_to_cpu=model_cfg.on_cpu)
         load_hf_into_reward_model(self.model.models, model_cfg.hf_path)
         self.model.offload()

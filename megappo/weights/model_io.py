@@ -47,23 +47,25 @@ def model_chunks(models) -> tuple[list, object]:
 
 
 def placement_of(model) -> Placement:
-    """Where this chunk sits: TP rank from Megatron's parallel state, layers from the
-    chunk's own (global, 1-based) layer numbers."""
+    """Where this chunk sits: TP rank from Megatron's parallel state (or from the model's
+    own layout, ``megappo_groups``: a dense model without expert parallelism), layers from
+    the chunk's own (global, 1-based) layer numbers."""
     from megatron.core import parallel_state as mpu
 
     layers = model.decoder.layers
     numbers = [layer.layer_number - 1 for layer in layers]
     first = numbers[0] if numbers else 0
     assert numbers == list(range(first, first + len(numbers))), f"non-consecutive layers {numbers}"
+    own = getattr(model, "megappo_groups", None)
     return Placement(
-        tp=mpu.get_tensor_model_parallel_world_size(),
-        tp_rank=mpu.get_tensor_model_parallel_rank(),
+        tp=own.tp if own else mpu.get_tensor_model_parallel_world_size(),
+        tp_rank=own.tp_rank if own else mpu.get_tensor_model_parallel_rank(),
         first_layer=first,
         num_layers=len(numbers),
         pre_process=model.pre_process,
         post_process=model.post_process,
-        ep=mpu.get_expert_model_parallel_world_size(),
-        ep_rank=mpu.get_expert_model_parallel_rank(),
+        ep=1 if own else mpu.get_expert_model_parallel_world_size(),
+        ep_rank=0 if own else mpu.get_expert_model_parallel_rank(),
     )
 
 
