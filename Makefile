@@ -2,6 +2,7 @@
 #              environments below, run pytest
 # make sglang-env : only the SGLang environments (idempotent, stamp files)
 # make demo  : the end-to-end demo (python -m megappo.demo)
+# make demo-rlhf : the RLHF demo (python -m megappo.demo_rlhf: reward model, then PPO with it)
 # make docs  : regenerate docs/config.md from the schema
 # make lint  : byte-compile everything and check docs/config.md is in sync
 #
@@ -33,7 +34,7 @@ TORCH_INDEX ?=
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: test install sglang-env demo docs lint clean
+.PHONY: test install sglang-env demo demo-rlhf docs lint clean
 
 test: $(STAMP) $(SGLANG_STAMP) $(SGLANG_VENV_STAMP)
 	@MEGAPPO_SGLANG_PATH=$(CURDIR)/$(SGLANG_TARGET) MEGAPPO_SGLANG_PYTHON=$(CURDIR)/$(SGLANG_PY) \
@@ -69,6 +70,9 @@ $(SGLANG_VENV_STAMP): tests/sglang-cpu-requirements.txt setup.py constraints.txt
 
 demo: $(STAMP)
 	$(PY) -m megappo.demo $(DEMO_ARGS)
+
+demo-rlhf: $(STAMP)
+	$(PY) -m megappo.demo_rlhf $(DEMO_ARGS)
 
 docs: $(STAMP)
 	$(PY) -m megappo.config --markdown > docs/config.md

@@ -14,14 +14,15 @@ a learned reward in place of the exact-match rule:
 4. the reward model's ranking checked before RL: on what fraction of problems it scores the sum
    above every candidate answer and every response the policy sampled (the policy will climb to
    the reward model's argmax, so pair accuracy is not enough);
-5. RL with that reward model as the only reward (``recipes/toy_ppo_rm_cpu.yaml``), the held-out
-   exact-match accuracy measured by the rule but never trained on.
+5. RL with that reward model as the only reward, the held-out exact-match accuracy measured by
+   the rule but never trained on: PPO with a critic and GAE (``recipes/toy_ppo_rm_cpu.yaml``, the
+   default), or ``--recipe recipes/toy_liteppo_rm_cpu.yaml`` (LitePPO, no critic).
 
 Why ranking on the *training* problems is what matters: RL only ever asks the reward model about
 the training prompts; generalizing to the held-out problems is the policy's job, as in the rule
 demo. A reward model that puts the sum first on the training problems is a faithful reward there.
 
-    python -m megappo.demo_rlhf [--out runs/demo_rlhf] [--steps N] [--rm-epochs N] [--skip-rl]
+    python -m megappo.demo_rlhf [--recipe RECIPE] [--out runs/demo_rlhf] [--steps N] [--rm-epochs N] [--skip-rl]
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ def check_ranking(rm_dir: Path, paths: dict[str, str], sampled: dict[str, list[s
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m megappo.demo_rlhf", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo_rlhf", help="run directory (default runs/demo_rlhf)")
+    ap.add_argument("--recipe", type=Path, default=RL_RECIPE,
+                    help=f"the RL recipe (default {RL_RECIPE.relative_to(ROOT)}: PPO with a critic; "
+                         "recipes/toy_liteppo_rm_cpu.yaml: LitePPO)")
     ap.add_argument("--steps", type=int, default=None, help="RL steps (default: the recipe's)")
     ap.add_argument("--sft-steps", type=int, default=100, help="supervised warm-up steps of the policy")
     ap.add_argument("--rm-epochs", type=int, default=10, help="passes of the reward-model trainer over its pairs")
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_rl:
         return 0
     rl_dir = out / "rl"
-    code = train(paths, rl_dir, steps=args.steps, extra=[f"reward.model.hf_path={rm_dir}", *extra], recipe=RL_RECIPE)
+    code = train(paths, rl_dir, steps=args.steps, extra=[f"reward.model.hf_path={rm_dir}", *extra], recipe=args.recipe)
     if code != 0:
         print(f"[demo_rlhf] RL failed with exit status {code}", file=sys.stderr)
         return code
