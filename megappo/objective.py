@@ -119,8 +119,7 @@ class Objective:
         batch.returns_BT = returns_BT
         batch.loss_mask_BT = algo.overlong_filter(mask_BT, batch.truncated_B) if a.overlong_filter else mask_BT
         if a.mask_stale_tokens is not None:
-            versions_BT = batch.policy_version_B[:, None].expand_as(batch.loss_mask_BT)
-            batch.loss_mask_BT = algo.stale_token_mask(batch.loss_mask_BT, versions_BT, trained_version, a.mask_stale_tokens)
+            batch.loss_mask_BT = algo.stale_token_mask(batch.loss_mask_BT, batch.versions_BT(), trained_version, a.mask_stale_tokens)
         metrics = {"reward/shaped_mean": self._global_mean(scores_B)}
         adv_sums = self.reduce_sums(algo.moment_sums(batch.advantages_BT, mask_BT))
         adv_mean, adv_var = algo.moments_from_sums(adv_sums)

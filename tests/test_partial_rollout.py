@@ -131,3 +131,50 @@ def test_a_continuation_is_cut_to_the_tokens_left():
     again = Sample([7], [-0.7], "abort")
     assert _extend(prefix, again, 4, budget=5).finish_reason == "abort"  # interrupted again: resubmitted later
     assert _extend(prefix, again, 4, budget=1).finish_reason == "length"
+
+
+def _batch(samples_per_prompt, policy_version):
+    from megappo.rollout.batch import RolloutBatch, RolloutStats
+
+    B = sum(len(g) for g in samples_per_prompt)
+    return RolloutBatch.from_samples(
+        [[9, 9]] * len(samples_per_prompt), samples_per_prompt, scores=[0.0] * B, correct=[False] * B,
+        prompt_texts=["p"] * len(samples_per_prompt), response_texts=[""] * B, first_group_id=0,
+        policy_version=policy_version, stats=RolloutStats())
+
+
+def test_token_versions_reach_the_batch_metrics_and_the_stale_token_mask():
+    """Per-token versions through ``RolloutBatch`` (from samples, selection, concatenation
+    with a batch without them), against a loop over tokens: the staleness metrics and
+    ``algo.stale_token_mask``."""
+    from megappo import algo
+    from megappo.loop.rollout_metrics import rollout_metrics
+    from megappo.rollout.batch import RolloutBatch, RolloutStats
+
+    partial = _batch([[Sample([1, 2, 3], [-1.0] * 3, "length", [4, 4, 5]), Sample([1], [-1.0], "stop", [5])]], 4)
+    plain = _batch([[Sample([7, 7, 7, 7], [-1.0] * 4, "length")]], 3)
+    assert partial.policy_version_B.tolist() == [4, 5]  # a response's version: its oldest token's
+    assert partial.token_versions_BT.tolist() == [[4, 4, 5], [5, 5, 5]]  # padding: the row's version
+    both = RolloutBatch.concat([partial, plain], stats=RolloutStats())
+    assert both.versions_BT().tolist() == [[4, 4, 5, 4], [5, 5, 5, 5], [3, 3, 3, 3]]
+    assert both.select(torch.tensor([2, 0])).versions_BT().tolist() == [[3, 3, 3, 3], [4, 4, 5, 4]]
+
+    trained = 5
+    tokens = [(v, m) for row_v, row_m in zip(both.versions_BT().tolist(), both.mask_BT.tolist()) for v, m in zip(row_v, row_m)]
+    off = sum(1 for v, m in tokens if m and v < trained) / sum(m for _, m in tokens)
+    both.old_logprobs_BT = both.rollout_logprobs_BT.clone()  # the trainer's recompute (not what this test checks)
+    metrics = rollout_metrics(both, reduce=lambda x, op: x, dynamic_sampling=False, trained_version=trained)
+    assert metrics["rollout/off_policy_token_frac"] == pytest.approx(off) and off == 6 / 8
+    assert metrics["rollout/partial_frac"] == pytest.approx(1 / 3)
+    assert metrics["rollout/staleness_max"] == 2 and metrics["rollout/staleness_mean"] == pytest.approx((1 + 0 + 2) / 3)
+    kept = algo.stale_token_mask(both.mask_BT, both.versions_BT(), trained, max_lag=0).tolist()
+    assert kept == [[0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_partial_rollout_needs_an_asynchronous_mode():
+    from megappo.config import ConfigError, load_config
+
+    base = ["rollout.num_return_sequences_in_group=2", "rollout.partial_rollout=true"]
+    with pytest.raises(ConfigError, match="rollout.partial_rollout=true needs rollout.mode"):
+        load_config(None, [*base, "rollout.mode=sync"])
+    assert load_config(None, [*base, "rollout.mode=async"]).rollout.partial_rollout

@@ -171,6 +171,12 @@ class RolloutConfig:
     """With ``mode: async``: the most policy versions a sample may lag behind the weights it
     trains (AReaL's eta). Admission control: a batch is not started when it would arrive
     staler than this. 0 reproduces ``sync``; ``one_step_off`` is 1."""
+    partial_rollout: bool = False
+    """With ``mode: one_step_off`` or ``async``: a weight sync interrupts the batch being
+    generated instead of waiting for it; each response goes on from its tokens so far under
+    the new weights, and every token records the version that sampled it (the staleness
+    metrics, ``algo.mask_stale_tokens`` and the decoupled loss work per token). README
+    "Asynchronous rollouts"."""
 
 
 @dataclass(frozen=True)

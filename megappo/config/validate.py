@@ -259,6 +259,9 @@ def _check_algo(cfg: Config) -> None:
     if cfg.rollout.mode != "sync" and algo.dynamic_sampling:
         raise ConfigError(f"algo.dynamic_sampling=true needs rollout.mode=sync (got {cfg.rollout.mode!r}): its extra "
                           "sampling rounds synchronize the replicas inside a step")
+    if cfg.rollout.partial_rollout and cfg.rollout.mode == "sync":
+        raise ConfigError("rollout.partial_rollout=true needs rollout.mode=one_step_off or async (got 'sync': nothing is "
+                          "generated while the weights change)")
     if cfg.rollout.mode != "sync" and cfg.train.offload:
         raise ConfigError(f"train.offload=true needs rollout.mode=sync (got {cfg.rollout.mode!r}): generation "
                           "overlaps training, so the trainer's state cannot leave the GPU while the engine runs")

@@ -96,7 +96,8 @@ def build_run(cfg: Config) -> Run:
                                                 max_tokens_per_microbatch=cfg.train.max_tokens_per_microbatch)
     objective = Objective(cfg, reduce_sums=dp_sum_reducer())
     rollout = build_rollout_side(cfg, layout, hf_config, tokenizer)
-    stream = RolloutStream(rollout, mode=cfg.rollout.mode, max_staleness=cfg.rollout.max_staleness)
+    stream = RolloutStream(rollout, mode=cfg.rollout.mode, max_staleness=cfg.rollout.max_staleness,
+                           partial_rollout=cfg.rollout.partial_rollout)
     state = TrainState(
         checkpoints=CheckpointManager(cfg.checkpoint.dir or os.path.join(cfg.train.run_dir, "checkpoints"),
                                       keep_last=cfg.checkpoint.keep_last),

@@ -28,8 +28,10 @@ def rollout_metrics(batch: RolloutBatch, *, reduce: Reduce, dynamic_sampling: bo
     the critic's explained variance (1 - Var(R - V) / Var(R), Bessel-corrected, NaN when
     the returns do not vary); maxima are maxima over ranks. Staleness: ``trained_version``
     (the policy version the step's update starts from) minus each response's
-    ``policy_version_B``, per response (``rollout/staleness_mean``, ``_max``) and as the
-    fraction of response tokens sampled by an older version (``rollout/off_policy_token_frac``);
+    ``policy_version_B`` (a response's oldest token), per response (``rollout/staleness_mean``,
+    ``_max``); per token (``versions_BT``: partial rollouts give a response's tokens several
+    versions) the fraction sampled by an older version (``rollout/off_policy_token_frac``) and
+    the fraction of responses whose tokens span a weight update (``rollout/partial_frac``);
     without ``trained_version`` the staleness of the newest response's version (0 for it)."""
     f64 = torch.float64
     lens_B = batch.tokens.response_lens_B.to(f64)
@@ -37,13 +39,18 @@ def rollout_metrics(batch: RolloutBatch, *, reduce: Reduce, dynamic_sampling: bo
     if trained_version is None:
         trained_version = int(versions_B.max()) if len(versions_B) else 0
     stale_B = (trained_version - versions_B).to(f64)
+    mask_BT = batch.mask_BT.to(f64)
+    versions_BT = batch.versions_BT()[:, : mask_BT.shape[1]]
+    off_policy_tokens = float((mask_BT * (versions_BT < trained_version)).sum())
+    newest_B = torch.where(mask_BT > 0, versions_BT, versions_B[:, None]).max(dim=1).values if len(versions_B) else versions_B
+    spanning = float((newest_B > versions_B).sum())
     mm_sums, mm_max = mismatch_sums(batch.old_logprobs_BT, batch.rollout_logprobs_BT, batch.mask_BT.float())
     parts = {
         "scores": moment_sums(batch.scores_B),
         "lens": moment_sums(lens_B),
         "counts": torch.tensor([batch.correct_B.sum().item(), batch.truncated_B.sum().item(), batch.stats.reward_errors, batch.stats.reward_timeouts], dtype=f64),
         "mismatch": mm_sums,
-        "staleness": torch.tensor([float(stale_B.sum()), float((lens_B * (stale_B > 0)).sum()), float(lens_B.sum())], dtype=f64),
+        "staleness": torch.tensor([float(stale_B.sum()), off_policy_tokens, float(lens_B.sum()), spanning], dtype=f64),
     }
     critic = batch.values_BT is not None and batch.returns_BT is not None
     if critic:
@@ -72,6 +79,7 @@ def rollout_metrics(batch: RolloutBatch, *, reduce: Reduce, dynamic_sampling: bo
         "rollout/staleness_mean": float(sums["staleness"][0] / num),
         "rollout/staleness_max": float(maxima[2]),
         "rollout/off_policy_token_frac": float(sums["staleness"][1] / max(float(sums["staleness"][2]), 1.0)),
+        "rollout/partial_frac": float(sums["staleness"][3] / num),
     }
     if dynamic_sampling:
         out["rollout/sampling_rounds"] = float(batch.stats.sampling_rounds)

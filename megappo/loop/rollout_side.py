@@ -36,6 +36,8 @@ log = logging.getLogger("megappo")
 
 Progress = Callable[..., Any]
 """``progress(total_or_iterable, desc, leave=...)``: a tqdm-like bar (``megappo.metrics.progress``)."""
+Generate = Callable[[Sequence[Sequence[int]], SamplingParams], list]
+"""``generate(prompt_ids, params)``: the samples of each prompt (``RolloutEngine.generate``'s result)."""
 
 
 def generate_and_score(
@@ -48,11 +50,18 @@ def generate_and_score(
     first_group_id: int,
     policy_version: int,
     on_progress: Optional[Callable[[int], object]] = None,
+    generate: Optional[Generate] = None,
 ) -> RolloutBatch:
     """On an engine rank: ``params.n`` responses per prompt, decoded and scored.
-    ``first_group_id`` makes group ids unique over data-parallel ranks and rounds."""
+    ``first_group_id`` makes group ids unique over data-parallel ranks and rounds.
+    ``generate``: how to generate (partial rollouts); None: ``engine.generate``."""
     ids = [p.prompt_ids for p in prompts]
-    samples = engine.generate(ids, params) if on_progress is None else engine.generate(ids, params, on_progress=on_progress)
+    if generate is not None:
+        samples = generate(ids, params)
+    elif on_progress is None:
+        samples = engine.generate(ids, params)
+    else:
+        samples = engine.generate(ids, params, on_progress=on_progress)
     texts = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for group in samples for s in group]
     answers = [p.answer for p, group in zip(prompts, samples) for _ in group]
     prompt_texts = [p.text for p, group in zip(prompts, samples) for _ in group]
@@ -150,9 +159,11 @@ class RolloutSide:
         return RolloutBatch.concat(parts, stats=stats)
 
     def generate_round(self, step: int, round_: int, prompts: Sequence[PromptItem], *, policy_version: int,
-                       on_progress: Optional[Callable[[int], object]] = None) -> RolloutBatch:
+                       on_progress: Optional[Callable[[int], object]] = None,
+                       generate: Optional[Generate] = None) -> RolloutBatch:
         """On the holder: round ``round_`` (from 1) of step ``step``'s generation, scored. No
-        collective, so the asynchronous modes call it from their producer thread."""
+        collective, so the asynchronous modes call it from their producer thread (with
+        ``generate``, partial rollouts)."""
         # A function of (seed, step, round, replica) only: a resumed run samples as the
         # uninterrupted one would, and so does every rollout mode.
         max_rounds = self.max_sampling_rounds
@@ -160,7 +171,7 @@ class RolloutSide:
         return generate_and_score(
             self.engine, prompts, self._params(seed=int(seed % (2**31 - 1))), self.reward_fn, self.tokenizer,
             first_group_id=(self.layout.dp_rank * max_rounds + round_ - 1) * len(prompts),
-            policy_version=policy_version, on_progress=on_progress,
+            policy_version=policy_version, on_progress=on_progress, generate=generate,
         )
 
     # -- evaluation -------------------------------------------------------------------------

@@ -20,8 +20,12 @@ producer runs no collective (generation and scoring only); every collective (the
 broadcast of the batch, the failure flags, the weight sync) stays on the main thread.
 
 The engine is used by one thread at a time: a weight sync or an evaluation waits for the
-batch in flight to finish (``time/sync_wait``); partial rollouts (interrupting it) are not
-implemented here. The prompt cursor saved with a checkpoint is the one after the last
+batch in flight to finish (``time/sync_wait``). With ``rollout.partial_rollout`` a weight
+sync does not wait for it: it aborts the engine's requests (again every 50 ms while the
+producer still holds the engine, which closes the gap between the producer's check and its
+engine call), loads the weights, and the producer continues every aborted response from its
+tokens so far under the new weights (``megappo.rollout.partial``); each token keeps the
+version that sampled it (``RolloutBatch.token_versions_BT``). The prompt cursor saved with a checkpoint is the one after the last
 batch the trainer *took* (``state_dict``): batches generated ahead and not yet trained are
 regenerated after a resume from the same prompts, so none is skipped or trained twice.
 """
@@ -39,6 +43,7 @@ from megappo.parallel.collectives import dp_all_reduce
 from megappo.rollout import SyncStats
 from megappo.rollout.batch import RolloutBatch, RolloutStats
 from megappo.rollout.group import holds_engine, raise_if_any_replica_failed, run_on_holder
+from megappo.rollout.partial import generate_across_updates
 
 from megappo.loop.rollout_side import RolloutSide
 
@@ -53,8 +58,9 @@ def staleness_bound(mode: str, max_staleness: int) -> Optional[int]:
 class RolloutStream:
     """This replica's batches in step order; see the module docstring."""
 
-    def __init__(self, side: RolloutSide, *, mode: str, max_staleness: int):
+    def __init__(self, side: RolloutSide, *, mode: str, max_staleness: int, partial_rollout: bool = False):
         self.side, self.mode = side, mode
+        self.partial_rollout = partial_rollout and mode != "sync"
         self.eta = staleness_bound(mode, max_staleness)
         self._cursor = side.data.state_dict()
         """The prompt cursor after the last batch the trainer took (what a checkpoint saves)."""
@@ -93,7 +99,10 @@ class RolloutStream:
         t0 = time.perf_counter()
         with self._cond:
             self._sync_pending = True
-            self._cond.wait_for(lambda: not self._busy)
+            while self._busy:
+                if self.partial_rollout and self.side.engine is not None:
+                    self.side.engine.abort_requests()
+                self._cond.wait(timeout=0.05 if self.partial_rollout else None)
         self._sync_wait = time.perf_counter() - t0
         try:
             stats = self.side.sync_weights(actor_models)
@@ -158,6 +167,22 @@ class RolloutStream:
         """The next batch would train at most eta versions after the engine's weights."""
         return (self._next_step - 1 - self._engine_version) <= self.eta
 
+    def _partial_generate(self, version: int):
+        def generate(prompt_ids, params):
+            return generate_across_updates(self.side.engine, prompt_ids, params, version=version,
+                                           await_update=self._await_update)
+        return generate
+
+    def _await_update(self) -> int:
+        """In the producer, after a weight sync aborted its requests: hand the engine over,
+        wait for the sync to end, take the engine back; the engine's new version."""
+        with self._cond:
+            self._busy = False
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._stop or not self._sync_pending)
+            self._busy = True
+            return self._engine_version
+
     def _produce(self) -> None:
         while True:
             with self._cond:
@@ -170,7 +195,8 @@ class RolloutStream:
             try:
                 prompts = self.side.data.next_batch()
                 cursor = self.side.data.state_dict()
-                part = self.side.generate_round(step, 1, prompts, policy_version=version)
+                partial = {"generate": self._partial_generate(version)} if self.partial_rollout else {}
+                part = self.side.generate_round(step, 1, prompts, policy_version=version, **partial)
                 batch = RolloutBatch.concat([part], stats=RolloutStats(sampling_rounds=0) + part.stats)
             except Exception as e:  # noqa: BLE001 - raised on every rank by the trainer's take()
                 error = e

@@ -11,7 +11,8 @@ it is a picklable dataclass of CPU tensors, no string-keyed payload).
 
 ``policy_version_B``: the policy version each response was sampled under, i.e. the number
 of actor updates the engine's weights had seen (the synchronous loop samples step k with
-version k - 1, so its staleness is always 0; off-policy modes record their lag here).
+version k - 1, so its staleness is always 0; off-policy modes record their lag here); with
+partial rollouts the oldest version among its tokens, and ``token_versions_BT`` each token's.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class RolloutStats:
         )
 
 
-_PER_ROW = ("rollout_logprobs_BT", "scores_B", "correct_B", "truncated_B", "group_ids_B", "policy_version_B",
+_PER_ROW = ("rollout_logprobs_BT", "scores_B", "correct_B", "truncated_B", "group_ids_B", "policy_version_B", "token_versions_BT",
             "old_logprobs_BT", "ref_logprobs_BT", "values_BT", "advantages_BT", "returns_BT", "loss_mask_BT")
 
 
@@ -71,6 +72,9 @@ class RolloutBatch:
     """int64: responses to the same prompt share an id (unique over data-parallel ranks)."""
     policy_version_B: Tensor
     """int64: the policy version each response was sampled under (see the module doc)."""
+    token_versions_BT: Optional[Tensor] = None
+    """int64: the policy version each response token was sampled under (partial rollouts;
+    padding holds the row's ``policy_version_B``); None: every token has its row's version."""
     prompt_texts: list[str] = field(default_factory=list)
     """The rendered prompt of each response."""
     response_texts: list[str] = field(default_factory=list)
@@ -88,6 +92,12 @@ class RolloutBatch:
     def mask_BT(self) -> Tensor:
         """float32: 1 on response tokens."""
         return self.tokens.response_mask_BT
+
+    def versions_BT(self) -> Tensor:
+        """int64: each response token's policy version (``token_versions_BT`` or the row's)."""
+        if self.token_versions_BT is not None:
+            return self.token_versions_BT
+        return self.policy_version_B[:, None].expand(len(self), self.rollout_logprobs_BT.shape[1])
 
     def __len__(self) -> int:
         return self.scores_B.shape[0]
@@ -108,12 +118,13 @@ class RolloutBatch:
     ) -> "RolloutBatch":
         """Responses in prompt order (``samples[i]`` are prompt ``i``'s); ``scores``,
         ``correct`` and ``response_texts`` per response, ``prompt_texts`` per prompt."""
-        prompts, responses, logprobs, truncated, groups = [], [], [], [], []
+        prompts, responses, logprobs, truncated, groups, versions = [], [], [], [], [], []
         for i, (prompt, group) in enumerate(zip(prompt_ids, samples)):
             for sample in group:
                 prompts.append(list(prompt))
                 responses.append(list(sample.token_ids))
                 logprobs.append(list(sample.logprobs))
+                versions.append(list(sample.token_versions) or [policy_version] * len(sample.token_ids))
                 truncated.append(sample.finish_reason in ("length", "abort"))  # no stop token either way
                 groups.append(first_group_id + i)
         per_prompt = [len(g) for g in samples]
@@ -121,18 +132,26 @@ class RolloutBatch:
         B = len(responses)
         assert len(scores) == len(correct) == len(response_texts) == B, (len(scores), len(correct), len(response_texts), B)
         seqs = [p + r for p, r in zip(prompts, responses)]
+        T = max(1, max((len(r) for r in responses), default=1))
+        row_version_B = torch.tensor([min(v, default=policy_version) for v in versions], dtype=torch.long)
+        token_versions_BT = None
+        if any(s.token_versions for group in samples for s in group):
+            token_versions_BT = row_version_B[:, None].repeat(1, T)
+            for b, v in enumerate(versions):
+                token_versions_BT[b, : len(v)] = torch.tensor(v, dtype=torch.long)
         return cls(
             tokens=TokenBatch(
                 input_ids_BS=_pad_right(seqs, max((len(s) for s in seqs), default=1), 0, torch.long),
                 prompt_lens_B=torch.tensor([len(p) for p in prompts], dtype=torch.long),
                 response_lens_B=torch.tensor([len(r) for r in responses], dtype=torch.long),
             ),
-            rollout_logprobs_BT=_pad_right(logprobs, max(1, max((len(r) for r in responses), default=1)), 0.0, torch.float32),
+            rollout_logprobs_BT=_pad_right(logprobs, T, 0.0, torch.float32),
             scores_B=torch.tensor(list(scores), dtype=torch.float32),
             correct_B=torch.tensor([bool(c) for c in correct], dtype=torch.bool),
             truncated_B=torch.tensor(truncated, dtype=torch.bool),
             group_ids_B=torch.tensor(groups, dtype=torch.long),
-            policy_version_B=torch.full((B,), policy_version, dtype=torch.long),
+            policy_version_B=row_version_B.reshape(B),
+            token_versions_BT=token_versions_BT,
             prompt_texts=texts,
             response_texts=list(response_texts),
             stats=stats,
@@ -169,6 +188,8 @@ class RolloutBatch:
             truncated_B=torch.cat([p.truncated_B for p in parts]),
             group_ids_B=torch.cat([p.group_ids_B for p in parts]),
             policy_version_B=torch.cat([p.policy_version_B for p in parts]),
+            token_versions_BT=(torch.cat([_fit_versions(p, T) for p in parts])
+                               if any(p.token_versions_BT is not None for p in parts) else None),
             prompt_texts=[t for p in parts for t in p.prompt_texts],
             response_texts=[t for p in parts for t in p.response_texts],
             stats=stats,
@@ -184,6 +205,13 @@ def _pad_right(rows: Sequence[Sequence], width: int, value, dtype) -> Tensor:
         if row:
             out[i, : len(row)] = torch.tensor(list(row), dtype=dtype)
     return out
+
+
+def _fit_versions(part: "RolloutBatch", width: int) -> Tensor:
+    """``part``'s per-token versions, cut or padded (with each row's version) to ``width``."""
+    versions_BT = part.versions_BT()
+    pad_BT = part.policy_version_B[:, None].expand(len(part), max(0, width - versions_BT.shape[1]))
+    return torch.cat([versions_BT[:, :width], pad_BT], dim=1)
 
 
 def _fit(x: Tensor, width: int) -> Tensor:
