@@ -182,3 +182,57 @@ def test_streamed_expert_names_are_the_ones_sglang_loads(family, module):
     assert re.search(rf'add_prefix\("{block}"|self\.{block} =', src) and re.search(r'self\.gate = ', src)
     router = [e.hf[0] for e in plan(table_for(spec), spec, Placement()) if e.rule.megatron == "mlp.router.weight" and e.layer == 0]
     assert router == [f"model.layers.0.{block}.gate.weight"]
+
+
+def _teacher_forced(model, prompt, response) -> torch.Tensor:
+    ids = torch.tensor([list(prompt) + list(response)])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+    return lp[torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1), torch.tensor(response)]
+
+
+@pytest.mark.parametrize("family", ("qwen3_moe", "mixtral", "qwen2_moe"))
+def test_embedded_engine_takes_streamed_per_expert_weights(tmp_path, family):
+    """The embedded engine holds a transformers 5 model (experts fused in memory) and takes
+    the per-expert names weight sync streams: after the checkpoint's tensors arrive in 16 KiB
+    buckets its model is ``from_pretrained``'s bit for bit, its checksum is that of what was
+    sent, and its sampled tokens' log-probs are transformers' teacher-forced ones. A sync
+    lacking one expert's projection is incomplete (each expert of a fused tensor counts), and
+    the fused in-memory names are not weight-sync names."""
+    import re
+
+    from transformers import AutoModelForCausalLM
+
+    from hf_fixtures import make_tiny_hf_model, read_config, read_hf_state
+    from megappo.rollout import RolloutEngineError, SamplingParams, checksum_of, checksums_match
+    from megappo.rollout.embedded import EmbeddedEngine
+    from megappo.rollout.weight_sync import stream_to_engine
+
+    d = make_tiny_hf_model(tmp_path, family, layers=2, **({"mlp_only_layers": [1]} if family == "qwen3_moe" else {}))
+    sent = read_hf_state(d)
+    engine = EmbeddedEngine(read_config(d), eos_token_ids=[])
+    stats = stream_to_engine(sorted(sent.items()), engine, bucket_mb=1 / 64, checksum=True)
+    assert stats.num_buckets > 10
+    reference = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    ref = reference.state_dict()
+    held = engine.model.state_dict()
+    assert sorted(held) == sorted(ref) and all(torch.equal(t, ref[n]) for n, t in held.items())
+    assert checksums_match(engine.weights_checksum(), checksum_of(sent.items()))
+    assert checksums_match(engine.weights_checksum(), stats.checksum)
+
+    prompts = [[5, 6, 7, 8, 9], [12, 13], [40, 41, 42]]
+    out = engine.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=3))
+    worst = max(float((_teacher_forced(reference, p, s.token_ids) - torch.tensor(s.logprobs)).abs().max())
+                for p, group in zip(prompts, out) for s in group)
+    assert worst < 1e-5
+
+    block, up = ("block_sparse_moe", "w3") if family == "mixtral" else ("mlp", "up_proj")
+    dropped = f"model.layers.0.{block}.experts.3.{up}.weight"
+    assert dropped in sent
+    with pytest.raises(RolloutEngineError, match=rf"missing 1\b.*{re.escape(dropped)}"):
+        stream_to_engine([(n, t) for n, t in sent.items() if n != dropped], engine, bucket_mb=1)
+    with pytest.raises(RolloutEngineError, match="no complete weight sync"):
+        engine.generate(prompts, SamplingParams(n=1, max_new_tokens=2))
+    fused = "model.layers.0.mlp.experts.gate_up_proj"
+    with pytest.raises(RolloutEngineError, match=rf"unknown weight {re.escape(repr(fused))}"):
+        stream_to_engine([(fused, reference.state_dict()[fused])], engine, bucket_mb=1)

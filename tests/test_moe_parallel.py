@@ -79,6 +79,19 @@ def test_ep2_weight_sync_streams_every_expert_in_small_buckets(run, family):
     assert r[f"ep2_{family}_sync_buckets"] > 10
 
 
+@pytest.mark.parametrize("layout", ("ep1", "ep2"))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_weight_sync_into_the_embedded_engine_is_exact_and_its_logprobs_are_the_trainers(run, layout, family):
+    """A Megatron MoE policy synced into the real embedded engine (transformers 5, experts
+    fused in memory): every tensor equals from_pretrained's, the checksums agree, and the
+    policy's log-probs of the engine's samples equal the engine's."""
+    r, tag = run[0], f"{layout}_{family}"
+    assert r[f"{tag}_engine_not_exact"] == 0.0
+    assert r[f"{tag}_engine_checksum_mismatch"] == 0.0
+    assert r[f"{tag}_engine_tokens"] >= 10
+    assert r[f"{tag}_engine_vs_megatron"] < TOL
+
+
 def test_checkpoint_converted_at_ep2_exports_bit_exact_at_world_one(run):
     work = run[1]
     family = "mixtral"

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import torch
 
+from megappo.models.spec import ModelSpec
 from megappo.rollout.engine import (
     PAUSE_MODES,
     Bucket,
@@ -46,6 +47,7 @@ from megappo.rollout.engine import (
     checksum_of,
 )
 from megappo.rollout.sampling import choose_tokens, row_seed
+from megappo.weights.moe import fused_expert_keys, fused_expert_views
 
 if TYPE_CHECKING:
     from megappo.parallel.state import ParallelLayout
@@ -111,7 +113,12 @@ class EmbeddedEngine(RolloutEngine):
         # pass it by the name this model's forward takes.
         params = inspect.signature(type(self.model).forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        self._expected = frozenset(n for n, _ in self.model.named_parameters())
+        # transformers 5 fuses a routed layer's experts in memory; weight sync streams them
+        # per expert under their on-disk names (``_targets``).
+        fused = any(n.endswith(".mlp.experts.gate_up_proj") for n, _ in self.model.named_parameters())
+        self._moe_spec = ModelSpec.from_hf_config(self.model.config.to_dict()) if fused else None
+        buffers = {n for n, _ in self.model.named_buffers()}
+        self._expected = frozenset(c for _, c in self._targets().values() if c not in buffers)
         self._ready = False
         self._offloaded = False
         self._closed = False
@@ -149,9 +156,20 @@ class EmbeddedEngine(RolloutEngine):
     # ---------------------------------------------------------------- weights
 
     def _targets(self) -> dict[str, tuple[torch.Tensor, str]]:
-        """Every state-dict key (a tied head's alias included) -> (tensor, parameter name)."""
+        """Every name the engine takes -> (tensor, the name it counts as when received): each
+        state-dict key (a tied head's alias counts as the parameter it aliases) and, for a
+        mixture-of-experts model, each expert projection and router of a routed layer under
+        its on-disk name, a view into transformers' fused tensors
+        (``weights.moe.fused_expert_views``) counted on its own, so that a sync is complete
+        only when every expert arrived. The fused in-memory keys are not taken."""
         by_id = {id(p): n for n, p in self.model.named_parameters()}
-        return {k: (t, by_id.get(id(t), k)) for k, t in self.model.state_dict(keep_vars=True).items()}
+        state = self.model.state_dict(keep_vars=True)
+        targets = {k: (t, by_id.get(id(t), k)) for k, t in state.items()}
+        if self._moe_spec is not None:
+            for key in fused_expert_keys(self._moe_spec):
+                del targets[key]
+            targets.update((n, (v, n)) for n, v in fused_expert_views(state, self._moe_spec).items())
+        return targets
 
     @torch.no_grad()
     def update_weights(self, buckets: Iterable[Bucket]) -> None:
@@ -185,10 +203,11 @@ class EmbeddedEngine(RolloutEngine):
         self._ready = True
 
     def weights_checksum(self) -> float:
-        """Over the model's own parameters as they are now (HF names; a tied head once, as
-        the embedding, as the trainer sends it)."""
+        """Over the model's own parameters as they are now, under the names the trainer sends
+        (a tied head once, as the embedding; a mixture-of-experts model's experts one by one)."""
         self._check_open()
-        return checksum_of(self.model.named_parameters())
+        held = {c: t for t, c in self._targets().values() if c in self._expected}
+        return checksum_of(held.items())
 
     # ------------------------------------------------------------- generation
 

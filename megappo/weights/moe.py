@@ -65,27 +65,40 @@ def shared_expert_rules() -> tuple[TensorRule, ...]:
     )
 
 
+def fused_expert_keys(spec) -> list[str]:
+    """The in-memory keys of transformers 5's routed layers that ``fused_expert_views``
+    replaces: each routed layer's fused experts (``mlp.experts.gate_up_proj``,
+    ``mlp.experts.down_proj``) and its router (``mlp.gate.weight``, the on-disk name for
+    Qwen3-MoE and Qwen2-MoE, ``block_sparse_moe.gate.weight`` on disk for Mixtral)."""
+    keys = []
+    for layer in spec.moe_layers:
+        prefix = f"model.layers.{layer}.mlp."
+        keys += [prefix + "experts.gate_up_proj", prefix + "experts.down_proj", prefix + "gate.weight"]
+    return keys
+
+
 def fused_expert_views(state: dict, spec) -> dict:
     """The on-disk per-expert HF names of ``spec``'s routed layers, each a view into
     transformers 5's fused in-memory expert tensors (``mlp.experts.gate_up_proj`` [E, 2F, H],
-    gate rows first; ``mlp.experts.down_proj`` [E, H, F]) or its router (``mlp.gate.weight``).
+    gate rows first; ``mlp.experts.down_proj`` [E, H, F]) or its router (``mlp.gate.weight``);
+    ``fused_expert_keys`` lists the in-memory keys they stand for.
 
-    For an engine that holds a transformers model (the embedded engine): adding these to its
-    name -> tensor targets lets it take the per-expert tensors weight sync streams (the
-    names SGLang and the checkpoints use) with an in-place copy into the views. The names
-    come from the family's rules, the one place they are spelled."""
+    For an engine that holds a transformers model (the embedded engine): these names in
+    place of those keys let it take the per-expert tensors weight sync streams (the names
+    SGLang and the checkpoints use) with an in-place copy into the views. The names come
+    from the family's rules, the one place they are spelled."""
     rules = {r.megatron: r for r in table_for(spec).rules if r.layer_kind == "moe"}
     fc1 = rules["mlp.experts.local_experts.{expert}.linear_fc1.weight"]
     fc2 = rules["mlp.experts.local_experts.{expert}.linear_fc2.weight"]
     router = rules["mlp.router.weight"]
+    keys = iter(fused_expert_keys(spec))
     out = {}
     for layer in spec.moe_layers:
-        prefix = f"model.layers.{layer}.mlp."
-        gate_up, down = state[prefix + "experts.gate_up_proj"], state[prefix + "experts.down_proj"]
+        gate_up, down, gate_weight = (state[k] for k in (next(keys), next(keys), next(keys)))
         half = gate_up.shape[1] // 2
         for e in range(spec.num_experts):
             gate, up = (n.format(layer=layer, expert=e) for n in fc1.hf)
             out[gate], out[up] = gate_up[e, :half], gate_up[e, half:]
             out[fc2.hf[0].format(layer=layer, expert=e)] = down[e]
-        out[router.hf[0].format(layer=layer)] = state[prefix + "gate.weight"]
+        out[router.hf[0].format(layer=layer)] = gate_weight
     return out

@@ -13,6 +13,8 @@ same two processes:
         all-to-all) equal ep1's gradients of those experts. HF -> Megatron -> HF through
         ``load_hf_into_model`` and ``iter_hf_tensors`` (experts gathered over EP) is bit exact;
         ``sync_weights`` to a recording engine delivers every expert in 16 KiB buckets, bit exact.
+        At ep1 and ep2 the policy is also synced into the real embedded engine (transformers 5,
+        experts fused in memory): bit exact, checksum equal, its log-probs the policy's.
   tp2   TP=2 and pp2 PP=2: log-probs against transformers.
   convert  ``convert_hf_to_megatron(..., ep=2)`` writes a checkpoint for the test to export at world 1.
 
@@ -32,12 +34,14 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from hf_fixtures import make_tiny_hf_model, read_hf_state  # noqa: E402
+from hf_fixtures import make_tiny_hf_model, read_config, read_hf_state  # noqa: E402
 
 from megappo.models import BuildOptions, MegatronPolicy, ModelSpec, TokenBatch  # noqa: E402
 from megappo.models.builder import build_model_chunks  # noqa: E402
 from megappo.parallel import destroy_parallel, init_parallel  # noqa: E402
 from megappo.parallel.state import get_layout  # noqa: E402
+from megappo.rollout import SamplingParams, checksums_match  # noqa: E402
+from megappo.rollout.embedded import EmbeddedEngine  # noqa: E402
 from megappo.rollout.weight_sync import sync_weights  # noqa: E402
 from megappo.toolkit.compare import fixed_sequences, hf_logprobs_NT  # noqa: E402
 from megappo.weights.base import plan, table_for  # noqa: E402
@@ -53,7 +57,7 @@ def record(name: str, value: float) -> None:
     RESULTS[name] = float(t)
 
 
-def logprob_parity(tag: str, dirs: dict, ids_NS: torch.Tensor, hf_NT: dict, tp: int, pp: int, ep: int) -> None:
+def logprob_parity(tag: str, dirs: dict, ids_NS: torch.Tensor, hf_NT: dict, tp: int, pp: int, ep: int, engine: bool = False) -> None:
     init_parallel(tp, pp, seed=3, device="cpu", ep=ep)
     N, S = ids_NS.shape
     batch = TokenBatch(ids_NS, torch.ones(N, dtype=torch.long), torch.full((N,), S - 1))
@@ -62,7 +66,40 @@ def logprob_parity(tag: str, dirs: dict, ids_NS: torch.Tensor, hf_NT: dict, tp: 
         load_hf_into_model(policy.models, d)
         mg_NT = policy.forward_logprobs(batch, temperature=1.0)["logprobs_BT"]
         record(f"{tag}_{fam}_logprobs_vs_hf", (mg_NT - hf_NT[fam]).abs().max())
+        if engine:
+            sync_into_embedded_engine(f"{tag}_{fam}", d, policy, ids_NS[:, :5])
     destroy_parallel(keep_process_group=True)
+
+
+def sync_into_embedded_engine(tag: str, d: str, policy, prompts_NP: torch.Tensor) -> None:
+    """Weight sync from the Megatron policy into this rank's embedded engine (transformers 5,
+    experts fused in memory) in 16 KiB buckets: every tensor equals ``from_pretrained``'s, the
+    engine's checksum the trainer's; then the engine samples and the policy scores the same
+    tokens (trainer vs engine log-probs)."""
+    from transformers import AutoModelForCausalLM
+
+    engine = EmbeddedEngine(read_config(d), eos_token_ids=())
+    stats = sync_weights(policy.models, engine, get_layout(), bucket_mb=1 / 64, checksum=True)
+    ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).state_dict()
+    held = engine.model.state_dict()
+    exact = sorted(held) == sorted(ref) and all(torch.equal(t, ref[k]) for k, t in held.items())
+    record(f"{tag}_engine_not_exact", 0.0 if exact else 1.0)
+    record(f"{tag}_engine_checksum_mismatch", 0.0 if checksums_match(stats.checksum, engine.weights_checksum()) else 1.0)
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=dist.get_rank())
+    samples = [s for group in engine.generate(prompts_NP.tolist(), params) for s in group]
+    N, P = len(samples), prompts_NP.shape[1]
+    T = max(len(s.token_ids) for s in samples)
+    ids_NS = prompts_NP.repeat_interleave(2, dim=0).new_zeros(N, P + T)
+    ids_NS[:, :P] = prompts_NP.repeat_interleave(2, dim=0)
+    engine_NT = torch.zeros(N, T)
+    for i, s in enumerate(samples):
+        ids_NS[i, P : P + len(s.token_ids)] = torch.tensor(s.token_ids)
+        engine_NT[i, : len(s.logprobs)] = torch.tensor(s.logprobs)
+    batch = TokenBatch(ids_NS, torch.full((N,), P), torch.tensor([len(s.token_ids) for s in samples]))
+    mg_NT = policy.forward_logprobs(batch, temperature=1.0)["logprobs_BT"]
+    record(f"{tag}_engine_vs_megatron", ((mg_NT - engine_NT) * batch.response_mask_BT).abs().max())
+    RESULTS[f"{tag}_engine_tokens"] = int(batch.response_mask_BT.sum())
+    engine.shutdown()
 
 
 def hf_grads(model, spec) -> dict[str, torch.Tensor]:
@@ -118,8 +155,8 @@ def main() -> None:
     ids_NS = fixed_sequences(101, 4, 12, seed=0)
     hf_NT = {fam: hf_logprobs_NT(d, ids_NS) for fam, d in dirs.items()}
 
-    logprob_parity("ep1", dirs, ids_NS, hf_NT, 1, 1, 1)
-    logprob_parity("ep2", dirs, ids_NS, hf_NT, 1, 1, 2)
+    logprob_parity("ep1", dirs, ids_NS, hf_NT, 1, 1, 1, engine=True)
+    logprob_parity("ep2", dirs, ids_NS, hf_NT, 1, 1, 2, engine=True)
     logprob_parity("tp2", dirs, ids_NS, hf_NT, 2, 1, 1)
     logprob_parity("pp2", dirs, ids_NS, hf_NT, 1, 2, 1)
 
