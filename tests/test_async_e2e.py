@@ -135,11 +135,11 @@ if os.environ.get("LOCAL_RANK") is not None and os.environ.get("MEGAPPO_TEST_PAR
     from megappo import trainer
     from megappo.rollout import embedded
 
-    may_go_on = embedded.EmbeddedEngine._may_go_on
+    choose_tokens = embedded.choose_tokens
 
-    def slow_may_go_on(self, aborts):  # slow decoding: a weight sync lands while a batch is generated
-        time.sleep(0.3)
-        return may_go_on(self, aborts)
+    def slow_choose_tokens(*args, **kwargs):  # slow decoding: a weight sync lands while a batch is generated
+        time.sleep(0.4)
+        return choose_tokens(*args, **kwargs)
 
     score = trainer.Trainer.score_with_models
 
@@ -156,7 +156,7 @@ if os.environ.get("LOCAL_RANK") is not None and os.environ.get("MEGAPPO_TEST_PAR
         with open(os.environ["MEGAPPO_TEST_PARTIAL_LOG"] + "." + os.environ["RANK"], "a") as f:
             f.write(json.dumps(row) + "\\n")
 
-    embedded.EmbeddedEngine._may_go_on = slow_may_go_on
+    embedded.choose_tokens = slow_choose_tokens
     trainer.Trainer.score_with_models = recorded_score
 """
 
