@@ -10,6 +10,7 @@ before and after and writes ``<out>/metrics.jsonl``, TensorBoard logs and ``<out
     python -m megappo.demo [--out runs/demo] [--steps N] [--prepare-only]
     python -m megappo.demo --recipe recipes/toy_grpo_cpu.yaml --out runs/demo_grpo   # or toy_ppo_cpu
     python -m megappo.demo --engine sglang --out runs/demo_sglang   # SGLang on CPU: make sglang-env first
+    python -m megappo.demo --moe --out runs/demo_moe   # a tiny Qwen3-MoE at EP=2 with routing replay
 
 ``--engine sglang`` trains with the real SGLang engine (``rollout.engine=sglang``) on the
 CPU; the trainer then runs under the CPU SGLang environment's python (.venv-sglang), which
@@ -36,20 +37,21 @@ from megappo.toolkit.toy import make_toy_dataset, toy_problems, toy_sft_pairs
 DEMO_KIND = "add20"
 ALPHABET = "0123456789+-="
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "toy_liteppo_cpu.yaml"
+MOE_RECIPE = RECIPE.parent / "toy_liteppo_moe_cpu.yaml"
 TARGET_GAIN = 0.30
 """The demo's promise: held-out accuracy at least 30 points above the warm-up level."""
 
 
-def build_tiny_model(tokenizer, *, seed: int, hidden: int = 64, layers: int = 2):
-    """A random Llama-shaped model over the char vocabulary (heads divisible by TP=2)."""
+def build_tiny_model(tokenizer, *, seed: int, hidden: int = 64, layers: int = 2, moe: bool = False):
+    """A random Llama-shaped model over the char vocabulary (heads divisible by TP=2), or with
+    ``moe`` a Qwen3-MoE-shaped one (4 experts of width 2 x hidden, top-2, every layer routed)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    common = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
-        intermediate_size=4 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -59,7 +61,12 @@ def build_tiny_model(tokenizer, *, seed: int, hidden: int = 64, layers: int = 2)
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    return LlamaForCausalLM(config).float()
+    if moe:
+        config = Qwen3MoeConfig(**common, head_dim=hidden // 4, intermediate_size=4 * hidden, moe_intermediate_size=2 * hidden,
+                                num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+                                mlp_only_layers=[], router_aux_loss_coef=0.001)
+        return Qwen3MoeForCausalLM(config).float()
+    return LlamaForCausalLM(LlamaConfig(**common, intermediate_size=4 * hidden)).float()
 
 
 def warm_up(model, tokenizer, pairs: list[tuple[str, str]], *, steps: int, batch: int, lr: float, seed: int) -> float:
@@ -91,7 +98,7 @@ def warm_up(model, tokenizer, pairs: list[tuple[str, str]], *, steps: int, batch
     return float(loss.detach())
 
 
-def prepare(out: Path, *, seed: int, sft_steps: int) -> dict[str, str]:
+def prepare(out: Path, *, seed: int, sft_steps: int, moe: bool = False) -> dict[str, str]:
     """Tokenizer, data and warmed-up model under ``out``; returns their paths."""
 
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +106,7 @@ def prepare(out: Path, *, seed: int, sft_steps: int) -> dict[str, str]:
     tokenizer = build_char_tokenizer(ALPHABET)
     train_path = make_toy_dataset(out / "data" / "train.jsonl", n=len(toy_problems(DEMO_KIND, "train")), seed=seed, kind=DEMO_KIND)
     eval_path = make_toy_dataset(out / "data" / "eval.jsonl", n=len(toy_problems(DEMO_KIND, "eval")), seed=seed, kind=DEMO_KIND, split="eval")
-    model = build_tiny_model(tokenizer, seed=seed)
+    model = build_tiny_model(tokenizer, seed=seed, moe=moe)
     t0 = time.time()
     loss = warm_up(model, tokenizer, toy_sft_pairs(4096, seed, kind=DEMO_KIND), steps=sft_steps, batch=64, lr=3e-3, seed=seed)
     print(f"[demo] supervised warm-up: {sft_steps} steps, final loss {loss:.3f}, {time.time() - t0:.0f} s", flush=True)
@@ -163,13 +170,15 @@ def summarize(run_dir: Path) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m megappo.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
-    ap.add_argument("--recipe", type=Path, default=RECIPE, help=f"the RL recipe (default {RECIPE.relative_to(RECIPE.parent.parent)})")
+    ap.add_argument("--recipe", type=Path, default=None, help=f"the RL recipe (default {RECIPE.relative_to(RECIPE.parent.parent)})")
     ap.add_argument("--steps", type=int, default=None, help="RL steps (default: the recipe's)")
     ap.add_argument("--sft-steps", type=int, default=100, help="supervised warm-up steps")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--prepare-only", action="store_true", help="build tokenizer, data and warmed-up model, then stop")
+    ap.add_argument("--moe", action="store_true", help=f"a tiny Qwen3-MoE model and (by default) {MOE_RECIPE.name} (EP=2)")
     ap.add_argument("--engine", choices=("embedded", "sglang"), default="embedded", help="rollout engine (sglang: make sglang-env)")
     args, extra = ap.parse_known_args(argv)
+    args.recipe = args.recipe or (MOE_RECIPE if args.moe else RECIPE)
     try:
         python = trainer_python(args.engine)
     except ValueError as e:
@@ -182,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     if (out / "checkpoints").exists() and not args.prepare_only:
         shutil.rmtree(out / "checkpoints")
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    paths = prepare(out, seed=args.seed, sft_steps=args.sft_steps)
+    paths = prepare(out, seed=args.seed, sft_steps=args.sft_steps, moe=args.moe)
     print(f"[demo] model {paths['model']}; data {paths['train']} (train), {paths['eval']} (held out)")
     if args.prepare_only:
         return 0

@@ -33,3 +33,14 @@ def test_gsm8k_recipes_fit_one_8_gpu_node(name: str, preset: str) -> None:
     assert cfg.algo.preset == preset
     assert (cfg.data.prompt_key, cfg.data.answer_key, cfg.rollout.engine) == ("question", "answer", "sglang")
     assert cfg.rollout.sglang == {"mem_fraction_static": 0.6}
+
+
+def test_toy_moe_recipe_runs_at_ep2_with_routing_replay() -> None:
+    """`python -m megappo.demo --moe`'s recipe: validated for its two processes, experts split
+    over both (EP=2), routing replay on, right-padded micro-batches as replay needs."""
+    from megappo.demo import MOE_RECIPE
+
+    cfg = load_config(MOE_RECIPE, world_size=2)
+    assert cfg.parallel.expert_model_parallel_size == 2
+    assert cfg.algo.routing_replay is True and cfg.train.packed_sequences is False
+    assert cfg.rollout.engine == "embedded" and cfg.parallel.device == "cpu"

@@ -93,9 +93,18 @@ def check_loss_scaling(policy: "MegatronPolicy", *, tolerance: Optional[float] =
     layout = policy.layout
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state() if policy.device.type == "cuda" else None
+    # A mixture-of-experts model's router losses are statistics of each micro-batch's tokens,
+    # so they change with the split by design: the check runs without them.
+    configs = {id(m.config): m.config for c in policy.chunks for m in c.modules() if getattr(m, "config", None) is not None
+               and getattr(m.config, "num_moe_experts", None)}
+    saved = {k: (c.moe_aux_loss_coeff, c.moe_z_loss_coeff) for k, c in configs.items()}
     try:
+        for c in configs.values():
+            c.moe_aux_loss_coeff, c.moe_z_loss_coeff = 0.0, None
         report = _run(policy, layout, tol)
     finally:
+        for k, c in configs.items():
+            c.moe_aux_loss_coeff, c.moe_z_loss_coeff = saved[k]
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state(cuda_rng)
@@ -157,8 +166,9 @@ def _run(policy: "MegatronPolicy", layout, tol: float) -> LossScalingReport:
     ref_grad = None
     ddp_config = getattr(policy.chunks[0], "ddp_config", None)
     sharded = dp > 1 and bool(getattr(ddp_config, "use_distributed_optimizer", False))
-    if pp == 1 and len(policy.models) == 1 and not policy.opts.sequence_parallel and not sharded:
+    if pp == 1 and len(policy.models) == 1 and not policy.opts.sequence_parallel and not sharded and layout.ep == 1:
         # The batch loss is the mean over DP ranks of identical local losses: the local loss.
+        # (Not with EP: a rank's experts take tokens of every rank of its EP group.)
         ref_grad = _autograd_grads(policy, batch, weights_BT * mask_BT, num_tokens, key)
     reduce = _max_over_world
     norm = reduce(float(grads[1].norm()))

@@ -141,9 +141,12 @@ def save_hf(
 
     weight_map: dict[str, str] = {}
     total = 0
-    if mpu.get_data_parallel_rank() == 0:
+    # Data-parallel rank 0 writes; with expert parallelism the other ranks of its EP group
+    # (expert-data-parallel rank 0) take part in gathering the experts.
+    writes = mpu.get_data_parallel_rank() == 0
+    if writes or mpu.get_expert_data_parallel_rank() == 0:
         writer = None
-        if mpu.get_tensor_model_parallel_rank() == 0:
+        if writes and mpu.get_tensor_model_parallel_rank() == 0:
             writer = ShardWriter(tmp, f"stage{mpu.get_pipeline_model_parallel_rank():03d}", max_shard_bytes)
         for name, tensor in iter_hf_tensors(chunks, dtype=dtype, dst=0):  # only the writer needs them
             if writer is not None:
