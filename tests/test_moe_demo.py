@@ -33,6 +33,10 @@ def test_toy_moe_demo_runs_at_ep2_and_logs_routing_metrics(tmp_path):
     assert all(0 < r["actor/moe/router_entropy"] <= 1.3863 + 1e-6 for r in trained)  # <= ln(4 experts)
     assert all(r["actor/moe/expert_load_max_over_mean"] >= 1.0 for r in trained)
     assert all(r["actor/moe/load_balancing_loss"] > 0 for r in trained)
+    # Replay engaged on every update micro-batch: each row found the old-log-prob pass's
+    # recording (the trainer records mini-batch by mini-batch), and the flip metric is there.
+    assert not any("actor/moe/replay_missing_rows" in r for r in trained)
+    assert all(0.0 <= r["actor/moe/routing_changed_frac"] <= 1.0 for r in trained)
 
     from transformers import AutoModelForCausalLM
 

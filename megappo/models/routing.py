@@ -82,6 +82,7 @@ class RoutingReplay:
         self.replay = replay
         self.stats: dict = {}
         self.missing_rows = 0
+        self._last_mode: Optional[str] = None
         self.routers: dict[int, list[_LayerRouting]] = {}
         self.store: dict[bytes, list[Tensor]] = {}
         offset = 0
@@ -98,12 +99,15 @@ class RoutingReplay:
 
     @contextlib.contextmanager
     def pass_(self, mode: Optional[str]):
-        """Routers record (``record``, replacing the store), replay (``replay``) or route
-        freely (None) for the passes inside."""
+        """Routers record (``record``), replay (``replay``) or route freely (None) for the
+        passes inside. Consecutive record passes add to one store (the trainer scores a step
+        mini-batch by mini-batch); the first record pass after a replay starts a new one."""
         if not self.replay and mode is not None:
             mode = "observe" if mode == "replay" else None
-        if mode == "record":
+        if mode == "record" and self._last_mode != "record":
             self.store = {}
+        if mode is not None:
+            self._last_mode = mode
         if mode in ("replay", "observe"):
             from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
