@@ -202,7 +202,8 @@ def check_loop_reward_model(ctx, res: dict) -> None:
     truncated_B = torch.tensor(trunc)
     # "same": the policy's tokenizer named as the reward model's (reward.model.tokenizer_path).
     for name, key, tok_path in (("same", "rm-qwen2-untied", ctx.policy_tok), ("other", "rm-llama-othertok", None)):
-        cfg = SimpleNamespace(hf_path=ctx.zoo[key], tokenizer_path=tok_path, on_cpu=False)
+        cfg = SimpleNamespace(hf_path=ctx.zoo[key], tokenizer_path=tok_path, on_cpu=False,
+                              tensor_model_parallel_size=None, pipeline_model_parallel_size=None)  # the actor's layout
         loop_rm = LoopRewardModel(cfg, get_layout(), policy, max_tokens_per_microbatch=24)
         got = loop_rm.score(tokens, truncated_B)
         rm_tok = AutoTokenizer.from_pretrained(tok_path or ctx.zoo[key])
