@@ -311,6 +311,13 @@ def test_reward_model_layout_defaults_to_the_actors_and_a_misfit_names_the_field
         load_config(None, [*base, "reward.model.tensor_model_parallel_size=3"], world_size=4)
     with pytest.raises(ConfigError, match=r"reward.model.pipeline_model_parallel_size must be >= 1, got 0"):
         load_config(None, [*base, "reward.model.pipeline_model_parallel_size=0"])
+    # The actor's layout is named first, and without a reward model only the actor's is checked
+    # (the reward model's fields default to the actor's, so its message had come first: CI stop 21).
+    with pytest.raises(ConfigError, match=r"^world size 4 is not divisible by parallel.tensor_model_parallel_size"):
+        load_config(None, [*base, "parallel.tensor_model_parallel_size=3"], world_size=4)
+    no_rm = [b for b in base if not b.startswith("reward.model.hf_path")]
+    with pytest.raises(ConfigError, match=r"^world size 3 is not divisible by parallel.tensor_model_parallel_size"):
+        load_config(None, [*no_rm, "parallel.tensor_model_parallel_size=2", "reward.model.tensor_model_parallel_size=2"], world_size=3)
 
 
 @pytest.mark.slow

@@ -193,10 +193,11 @@ def _check_parallel(cfg: Config, world_size: Optional[int]) -> None:
         if isinstance(layers, int) and layers % (pp * (vpp or 1)):
             what_pp = f"pipeline_model_parallel_size={pp}" + (f" x virtual_pipeline_model_parallel_size={vpp}" if vpp else "")
             raise ConfigError(f"parallel.{what_pp} = {pp * (vpp or 1)} does not divide num_hidden_layers={layers} {where}")
-    _check_reward_model_layout(cfg.reward.model, tp, pp, world_size)
-    if world_size is None:
+    dp = None if world_size is None else data_parallel_size(cfg, world_size)  # the actor's layout is named first
+    if cfg.reward.model.hf_path is not None:
+        _check_reward_model_layout(cfg.reward.model, tp, pp, world_size)
+    if dp is None:
         return
-    dp = data_parallel_size(cfg, world_size)
     n = cfg.rollout.num_return_sequences_in_group
     layout = f"world size {world_size} / (TP {tp} x PP {pp})"
     if dp % par.expert_model_parallel_size:
