@@ -160,16 +160,15 @@ class Trainer:
         in the loss function's outputs), or None."""
         per_step: list[dict[str, float]] = []
         entropy_grad = self.cfg.algo.entropy_coef != 0  # else entropy is a metric only: no [tokens x vocab] graph
-        epochs = self.cfg.algo.ppo_epochs
-        with self.rollout.progress(epochs * len(self.minibatches(len(batch), step=step, epoch=0)), f"train {role}", leave=False) as bar:
-            for epoch in range(epochs):
-                for rows in self.minibatches(len(batch), step=step, epoch=epoch):
-                    mini = batch.select(rows)
-                    den = self.objective.denominators(mini)
-                    out = policy.train_step(mini.tokens, make_loss_fn(mini, den), temperature=self.cfg.rollout.temperature, ref=ref,
-                                            entropy_grad=entropy_grad)
-                    per_step.append({k: float(v) for k, v in out.items()})
-                    bar.update(1)
+        plan = [rows for epoch in range(self.cfg.algo.ppo_epochs) for rows in self.minibatches(len(batch), step=step, epoch=epoch)]
+        with self.rollout.progress(len(plan), f"train {role}", leave=False) as bar:
+            for rows in plan:
+                mini = batch.select(rows)
+                den = self.objective.denominators(mini)
+                out = policy.train_step(mini.tokens, make_loss_fn(mini, den), temperature=self.cfg.rollout.temperature, ref=ref,
+                                        entropy_grad=entropy_grad)
+                per_step.append({k: float(v) for k, v in out.items()})
+                bar.update(1)
         # train_step already reduced over micro-batches and data-parallel ranks; over the
         # optimizer steps of this RL step: min of *_min, max of *_max, mean of the rest.
         merged = {}
