@@ -135,3 +135,26 @@ class AlgoConfig:
     in the update's forward passes, so the ratio's two log-probs come from the same experts
     (``megappo.models.routing``; needs ``train.packed_sequences=false``). Router metrics
     (``moe/*``) are logged either way."""
+    routing_replay_source: Literal["old", "rollout"] = "old"
+    """With ``routing_replay``, whose experts are replayed: ``old`` (the trainer's old-log-prob
+    pass, replayed in the update) or ``rollout`` (the experts the rollout engine routed each
+    token to, replayed in the old-log-prob pass and the update, "R3"): the embedded engine
+    reports them for MoE models; ``rollout.engine: sglang`` needs
+    ``rollout.sglang.enable_return_routed_experts: true``; ``sglang_server`` servers need
+    ``--enable-return-routed-experts``."""
+
+
+def check_routing_replay_source(cfg) -> Optional[str]:
+    """The error message of a rollout routing replay the run cannot do, else None (called by
+    ``config.validate``): the rollout source needs replay on and an engine that reports the
+    experts it routed (the colocated SGLang engine only with SGLang's
+    ``enable_return_routed_experts``; servers are asked at start, see ``rollout.sglang_server``)."""
+    algo = cfg.algo
+    if algo.routing_replay_source != "rollout":
+        return None
+    if not algo.routing_replay:
+        return "algo.routing_replay_source=rollout needs algo.routing_replay=true"
+    if cfg.rollout.engine == "sglang" and not dict(cfg.rollout.sglang).get("enable_return_routed_experts"):
+        return ("algo.routing_replay_source=rollout: rollout.engine=sglang reports the experts it routed only with "
+                "rollout.sglang.enable_return_routed_experts=true (SGLang's server argument)")
+    return None

@@ -20,6 +20,7 @@ from megappo.config.model_files import read_hf_config
 from megappo.config.passthrough import check_megatron_passthrough
 from megappo.config.presets import uses_critic
 from megappo.config.schema import Config
+from megappo.config.schema_algo import check_routing_replay_source
 
 log = logging.getLogger("megappo.config")
 _DEFAULTS = Config()
@@ -409,6 +410,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     _check_ranges(cfg)
     _check_parallel(cfg, world_size)
     _check_algo(cfg)
+    if (problem := check_routing_replay_source(cfg)) is not None:
+        raise ConfigError(problem)
     _check_lengths(cfg)
     _check_backends(cfg)
     warnings = ignored_settings(cfg) + check_megatron_passthrough(cfg)
