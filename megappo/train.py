@@ -3,8 +3,9 @@
 The same command runs under ``torchrun --nproc-per-node N -m megappo.train ...`` (one
 process per GPU) and from Slurm (one torchrun per node). ``--dry-run`` loads the recipe,
 expands the preset, prints the resolved config as YAML (rank 0 only) and validates the
-parallel layout against ``--world-size`` or ``$WORLD_SIZE``, and checks the files the run will
-read and write (``config.preflight``). It builds no model and imports neither torch nor
+parallel layout against ``--world-size`` or ``$WORLD_SIZE`` (the last
+``parallel.rollout_world_size`` ranks of which only serve rollouts: ``megappo.rollout.remote``),
+and checks the files the run will read and write (``config.preflight``). It builds no model and imports neither torch nor
 Megatron, so it is fast and safe on a login node, except to check pass-through dicts against
 their upstream classes: ``model.megatron`` / ``optim.megatron`` / ``optim.ddp`` import
 megatron-core, and ``rollout.sglang`` (with an SGLang engine) imports SGLang where installed.
@@ -104,8 +105,13 @@ def _report_error(message: str) -> None:
 def _layout_comment(cfg: Config, world_size: Optional[int]) -> str:
     par = cfg.parallel
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    rollout = par.rollout_world_size
     if world_size is None:
         layout = f"TP {tp} x PP {pp} x DP ? (world size not given: pass --world-size N or set WORLD_SIZE to check it)"
+    elif rollout:
+        trainers = world_size - rollout
+        layout = (f"world size {world_size} = {trainers} trainer ranks (TP {tp} x PP {pp} x DP "
+                  f"{data_parallel_size(cfg, trainers)}) + {rollout} rollout ranks (the last; parallel.rollout_world_size)")
     else:
         layout = f"world size {world_size} = TP {tp} x PP {pp} x DP {data_parallel_size(cfg, world_size)}"
     critic = "yes (adv_estimator=gae)" if uses_critic(cfg) else f"no (adv_estimator={cfg.algo.adv_estimator})"
@@ -180,9 +186,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 sys.stdout.flush()
             return 0
         _configure_logging(cfg.logging.level)
-        from megappo.trainer import run  # deferred: torch and Megatron, only for real runs (not --dry-run)
-
         try:
+            if cfg.parallel.rollout_world_size:
+                from megappo.parallel.placement import place_ranks  # deferred: torch, only for real runs
+
+                placement = place_ranks(cfg.parallel.rollout_world_size, timeout_s=cfg.parallel.rollout_timeout_s)
+                if placement.is_rollout:
+                    from megappo.rollout.remote import serve  # deferred: torch and the engines, only on rollout ranks
+
+                    return serve(cfg, placement)  # this rank's engine, until the trainer is done
+            from megappo.trainer import run  # deferred: torch and Megatron, only for real runs (not --dry-run)
+
             return int(run(cfg) or 0)  # the trainer's status (e.g. its preemption code)
         except ValueError as err:  # bad input found while building the run: a model dir, data, a shape
             _report_error(str(err))

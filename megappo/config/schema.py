@@ -125,6 +125,14 @@ class ParallelConfig:
     """torch.distributed backend: ``auto`` is NCCL on GPU and gloo on CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the trainer runs: ``auto`` is CUDA when a GPU is visible, else CPU."""
+    rollout_world_size: int = 0
+    """Rollout ranks apart from the trainer's (README "Asynchronous rollouts"): the last
+    ``rollout_world_size`` ranks of the launch each run one engine and nothing else, rollout rank
+    i serving data-parallel replica i (so it must equal DP); TP x PP x DP spans the other ranks.
+    0: colocated, each replica's engine on its first trainer rank."""
+    rollout_timeout_s: float = 60.0
+    """With rollout ranks: a trainer rank raises ``RolloutEngineError`` naming a rollout rank silent
+    (no heartbeat) this long; a rollout rank stops when the trainer is silent this long."""
 
 
 @dataclass(frozen=True)

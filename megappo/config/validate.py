@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 from megappo.config.errors import ConfigError
 from megappo.config.model_files import read_hf_config
 from megappo.config.passthrough import check_megatron_passthrough
+from megappo.config.placement import trainer_world_size
 from megappo.config.presets import uses_critic
 from megappo.config.schema import Config
 from megappo.config.schema_algo import check_routing_replay_source
@@ -167,6 +168,7 @@ def _check_reward_model_layout(rm, tp: int, pp: int, world_size: Optional[int]) 
 
 
 def _check_parallel(cfg: Config, world_size: Optional[int]) -> None:
+    world_size = trainer_world_size(cfg, world_size)  # the ranks that train: every layout check below is theirs
     par = cfg.parallel
     tp, pp, vpp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.virtual_pipeline_model_parallel_size
     if vpp is not None and pp == 1:

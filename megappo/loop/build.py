@@ -28,8 +28,10 @@ from megappo.models import MegatronPolicy, ModelSpec, build_options, build_polic
 from megappo.models.offload import TrainerOffload
 from megappo.objective import Objective
 from megappo.parallel.collectives import dp_sum_reducer
+from megappo.parallel.placement import get_placement
 from megappo.parallel.state import ParallelLayout, init_parallel
 from megappo.rollout import build_engine, holds_engine
+from megappo.rollout.remote import RemoteEngine
 from megappo.rollout.reward_model import LoopRewardModel
 from megappo.weights import load_hf_into_model, load_megatron_model
 
@@ -146,8 +148,13 @@ def build_rollout_side(cfg: Config, layout: ParallelLayout, hf_config: dict, tok
     engine = reward_fn = None
     if holds_engine(layout):
         eos = sorted({tokenizer.eos_token_id} | set(cfg.rollout.stop_token_ids))
-        engine = build_engine(cfg.rollout, hf_dir=cfg.model.hf_path, hf_config=hf_config, layout=layout, eos_token_ids=eos,
-                              seed=cfg.train.seed)
+        placement = get_placement()
+        if placement is not None:  # the engine runs on rollout rank N - R + dp_rank; this is its proxy
+            spec = {"hf_config": hf_config, "hf_dir": cfg.model.hf_path, "eos_token_ids": eos, "seed": cfg.train.seed}
+            engine = RemoteEngine.connect(placement, replica=layout.dp_rank, spec=spec, device=layout.device)
+        else:
+            engine = build_engine(cfg.rollout, hf_dir=cfg.model.hf_path, hf_config=hf_config, layout=layout,
+                                  eos_token_ids=eos, seed=cfg.train.seed)
         reward_fn = RewardFunction.from_config(cfg.reward)
     if cfg.data.train_path is None:
         raise ValueError("data.train_path must name a .jsonl or .parquet file of prompts")

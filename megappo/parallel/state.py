@@ -3,7 +3,9 @@ Megatron's ``parallel_state``.
 
 Under ``torchrun`` the rendezvous comes from the environment (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT). A plain ``python`` process becomes a world of one
-on a private TCP port, so tools and tests run the same code without a launcher.
+on a private TCP port, so tools and tests run the same code without a launcher. With
+rollout ranks apart (``parallel.rollout_world_size``, ``megappo.parallel.placement``) the
+default group spans the trainer ranks only.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from megappo.parallel.placement import get_placement, set_cpu_threads
 
 log = logging.getLogger("megappo")
 
@@ -141,12 +145,18 @@ def init_parallel(
         from megappo.parallel import cpu_patches  # deferred: megatron-core's CPU patches, only on CPU
 
         cpu_patches.apply()
-        # Two cores shared by every rank: more intra-op threads only contend.
-        if "OMP_NUM_THREADS" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["WORLD_SIZE"])))
+        set_cpu_threads()
     else:
         torch.cuda.set_device(dev)
 
+    placement = get_placement()
+    if placement is not None and not dist.is_initialized():
+        assert not placement.is_rollout, "a rollout rank trains nothing"
+        dist.init_process_group(  # over the trainer ranks only, on their own prefix of the launch's store
+            backend=backend, store=placement.prefixed("megappo/trainers/"), rank=placement.rank,
+            world_size=placement.trainer_world_size, timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=dev if dev.type == "cuda" else None,
+        )
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
