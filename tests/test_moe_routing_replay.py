@@ -11,7 +11,16 @@ current scores at the recorded experts, so the router still learns), and with th
 unchanged it is exactly 1. Without replay the same pass routes to the other experts and the
 ratio jumps (measured > 1e-2).
 Rows regrouped between the passes (reversed order, more micro-batches) still find their
-recording (keyed by tokens). Runs as a child process (``CUDA_VISIBLE_DEVICES=``, Megatron's
+recording (keyed by tokens).
+
+Rollout routing replay (``routing_replay_source="rollout"``): a tiny Qwen3-MoE (layer 1 dense)
+with the same kind of tie, nudged apart in opposite directions in the engine (expert 2 ahead
+by 1e-5 of itself) and in the trainer (behind): it stands for the engine-vs-trainer numerics
+that decide a near-tie differently, so the trainer's free routing differs from the engine's
+at every token's second expert. The embedded engine samples and reports its experts; the
+trainer replaying them reproduces the engine's log-probs (up to the nudge's smooth effect on
+the replayed experts' weights), without replay it does not, and the first step's ratio
+(old log-probs and update both replaying the engine's routing) is exactly 1. Runs as a child process (``CUDA_VISIBLE_DEVICES=``, Megatron's
 state out of the pytest process), asserting on its JSON.
 """
 
@@ -66,6 +75,17 @@ def test_without_replay_the_flip_moves_the_ratio(results):
     # Mixtral's router_aux_loss_coef 0.02 is on by default: Megatron's unscaled load-balancing
     # loss (E * sum_i f_i P_i; 1 at perfect balance, top-2 of 4 experts)
     assert 0.5 < r["moe/load_balancing_loss"] < 4.0
+
+
+def test_replaying_the_rollout_routing_gives_the_engines_logprobs(results):
+    r, free = results["rollout_replay"], results["rollout_free"]
+    assert r["max_abs_engine_minus_trainer"] < 1e-5
+    assert free["max_abs_engine_minus_trainer"] > 1e-3  # the trainer's own routing differs from the engine's
+    assert r["max_abs_ratio_minus_1"] == 0.0  # old log-probs and update replay the same experts
+    # the trainer's free routing against the engine's (second experts flip; the first is 0 or 3 alike)
+    assert r["old_pass"]["moe/rollout_routing_changed_frac"] > 0.9 and r["old_pass"]["moe/routing_changed_frac"] > 0.9
+    assert free["old_pass"]["moe/rollout_routing_changed_frac"] > 0.9 and "moe/routing_changed_frac" not in free["old_pass"]
+    assert "moe/replay_missing_rows" not in r
 
 
 def test_replay_follows_rows_regrouped_between_the_passes(results):
@@ -125,8 +145,56 @@ def _child(out: str, workdir: str) -> None:
     run("replay", True)
     run("free", False)
     run("regrouped", True, regroup=True)
+    results.update(_rollout_runs(workdir))
     with open(out, "w") as f:
         json.dump(results, f, indent=1)
+
+
+def _rollout_runs(workdir: str) -> dict:
+    import torch
+
+    from hf_fixtures import read_config, read_hf_state
+    from megappo.models import BuildOptions, MegatronPolicy, ModelSpec, OptimizerSettings
+    from megappo.rollout import SamplingParams
+    from megappo.rollout.batch import RolloutBatch, RolloutStats
+    from megappo.rollout.embedded import EmbeddedEngine
+    from megappo.rollout.weight_sync import stream_to_engine
+    from megappo.weights.model_io import load_hf_into_model
+    from test_rollout_routing import near_tie_moe
+
+    engine_dir = near_tie_moe(workdir, "engine-side", nudge=1e-5)
+    trainer_dir = near_tie_moe(workdir, "trainer-side", nudge=-1e-5)
+    engine = EmbeddedEngine(read_config(engine_dir), eos_token_ids=[])
+    stream_to_engine(sorted(read_hf_state(engine_dir).items()), engine, bucket_mb=1)
+    prompts = [[5 + i, 20 + 3 * i, 7, 40 + i][: 2 + i % 3] for i in range(6)]
+    samples = engine.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=11))
+    B = 12
+    batch = RolloutBatch.from_samples(prompts, samples, scores=[0.0] * B, correct=[False] * B, prompt_texts=[""] * 6,
+                                      response_texts=[""] * B, first_group_id=0, policy_version=0, stats=RolloutStats())
+    tokens, mask = batch.tokens, batch.mask_BT.bool()
+    spec = ModelSpec.from_hf_dir(trainer_dir)
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    get_moe_layer_wise_logging_tracker().clear()  # Megatron's global tracker is sized by the first (2-layer) model
+    out = {}
+    for name, opts in (("rollout_replay", BuildOptions(routing_replay=True, routing_replay_source="rollout")),
+                       ("rollout_free", BuildOptions(routing_replay=True))):
+        policy = MegatronPolicy(spec, "actor", opts, OptimizerSettings(lr=1e-4), max_tokens_per_microbatch=10_000)
+        load_hf_into_model(policy, trainer_dir)
+        old = policy.forward_logprobs(tokens, temperature=1.0)["logprobs_BT"]
+        first_metrics = policy.routing.metrics()
+        seen = []
+
+        def loss_fn(outputs, rows):
+            ratio = torch.exp(outputs["logprobs_BT"] - old[rows])
+            seen.append(float((ratio - 1).abs()[mask[rows]].max()))
+            return -(ratio * mask[rows]).sum(), {}
+
+        metrics = policy.forward_backward(tokens, loss_fn)
+        out[name] = {"max_abs_engine_minus_trainer": float((old - batch.rollout_logprobs_BT).abs()[mask].max()),
+                     "max_abs_ratio_minus_1": max(seen), "old_pass": first_metrics,
+                     **{k: v for k, v in metrics.items() if k.startswith("moe/")}}
+    return out
 
 
 if __name__ == "__main__":

@@ -39,6 +39,11 @@ class TokenBatch:
     """Response tokens of each row (0 allowed: the row contributes no token)."""
     response_width: Optional[int] = None
     """Width T of the per-token tensors; None is the longest response of the batch."""
+    routed_experts_BSLK: Optional[Tensor] = None
+    """Mixture-of-experts: int [B, S, L, K], the experts the rollout engine routed each
+    position's token to at each routed layer (L, in layer order; K = top-k), -1 where it did
+    not report (padding, each row's last token, rows of an engine that reports none); None:
+    no rollout routing (``megappo.models.routing``, ``algo.routing_replay_source: rollout``)."""
 
     def __post_init__(self):
         ids, p, r = self.input_ids_BS, self.prompt_lens_B, self.response_lens_B
@@ -53,6 +58,9 @@ class TokenBatch:
             raise ValueError("every prompt needs at least one token (prompt_lens_B >= 1)")
         if b and (int(r.min()) < 0 or int((p + r).max()) > s):
             raise ValueError(f"prompt_lens_B + response_lens_B must lie in [1, S={s}]")
+        routed = self.routed_experts_BSLK
+        if routed is not None and (routed.dim() != 4 or tuple(routed.shape[:2]) != (b, s) or routed.is_floating_point()):
+            raise ValueError(f"routed_experts_BSLK must be an integer [B, S, L, K] = [{b}, {s}, L, K], got {tuple(routed.shape)}")
         longest = int(r.max()) if b else 0
         if self.response_width is not None and self.response_width < longest:
             raise ValueError(f"response_width {self.response_width} is shorter than the longest response {longest}")
@@ -102,15 +110,19 @@ class TokenBatch:
         sequence, the response width becoming theirs (the caller pads outputs back); else
         the batch's widths are kept (e.g. one data-parallel rank's share of a batch)."""
         rows = rows.to(self.input_ids_BS.device)
+        routed = self.routed_experts_BSLK
         if not trim:
-            return TokenBatch(self.input_ids_BS[rows], self.prompt_lens_B[rows], self.response_lens_B[rows], response_width=self.T)
+            return TokenBatch(self.input_ids_BS[rows], self.prompt_lens_B[rows], self.response_lens_B[rows], response_width=self.T,
+                              routed_experts_BSLK=None if routed is None else routed[rows.to(routed.device)])
         seq = self.seq_lens_B[rows]
         width = int(seq.max()) if rows.numel() else self.S
-        return TokenBatch(self.input_ids_BS[rows, :width], self.prompt_lens_B[rows], self.response_lens_B[rows])
+        return TokenBatch(self.input_ids_BS[rows, :width], self.prompt_lens_B[rows], self.response_lens_B[rows],
+                          routed_experts_BSLK=None if routed is None else routed[rows.to(routed.device), :width])
 
     def to(self, device) -> "TokenBatch":
         ids, p, r = self.input_ids_BS.to(device), self.prompt_lens_B.to(device), self.response_lens_B.to(device)
-        return TokenBatch(ids, p, r, self.response_width)
+        routed = None if self.routed_experts_BSLK is None else self.routed_experts_BSLK.to(device)
+        return TokenBatch(ids, p, r, self.response_width, routed)
 
 
 def interleaved_schedule_accepts(num_microbatches: int, pp: int, group_size: int) -> bool:

@@ -61,6 +61,9 @@ class BuildOptions:
     """None: dropless (every token reaches its experts)."""
     routing_replay: bool = False
     """MoE actor: replay the forward-only pass's experts in training passes (``models.routing``)."""
+    routing_replay_source: str = "old"
+    """``old``: replay the forward-only pass's recording; ``rollout``: the rollout engine's
+    routing (``TokenBatch.routed_experts_BSLK``) in every pass (``algo.routing_replay_source``)."""
     megatron: Mapping[str, Any] = field(default_factory=dict)
     """Extra ``TransformerConfig`` fields (``model.megatron``), laid over megappo's defaults
     (``config.passthrough.TRANSFORMER_DEFAULTS``: no dropout, fusions off, CPU initialization);

@@ -54,6 +54,7 @@ def build_options(cfg, layout: ParallelLayout) -> BuildOptions:
         moe_z_loss_coeff=m.moe.z_loss_coeff,
         moe_capacity_factor=m.moe.capacity_factor,
         routing_replay=cfg.algo.routing_replay,
+        routing_replay_source=cfg.algo.routing_replay_source,
         megatron=dict(m.megatron),
     )
 

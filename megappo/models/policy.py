@@ -157,7 +157,8 @@ class MegatronPolicy:
                 sync = [c.no_sync for c in chunks]
                 config.no_sync_func = sync[0] if len(sync) == 1 else sync
         self.chunks = chunks
-        self.routing = RoutingReplay(self._models, opts.routing_replay) if spec.is_moe and role == "actor" else None
+        self.routing = (RoutingReplay(self._models, opts.routing_replay, opts.routing_replay_source, spec.moe_layers)
+                        if spec.is_moe and role == "actor" else None)
         if opts.routing_replay and self.routing is not None and self.packing != "padded":
             raise ValueError("algo.routing_replay needs train.packed_sequences=false (replay follows right-padded rows)")
         # (PP, micro-batches per virtual-stage group) of the interleaved schedule, whose count rule
@@ -389,7 +390,7 @@ class MegatronPolicy:
         args, kwargs = mbatch.inputs.forward_args()
         lens_b = mbatch.batch.prompt_lens_B + mbatch.batch.response_lens_B
         if self.routing is not None:
-            self.routing.before(model, args[0], lens_b)
+            self.routing.before(model, args[0], lens_b, mbatch.batch.routed_experts_BSLK)
         out = model(*args, **kwargs)
         if self.routing is not None:
             self.routing.after(model, args[0], lens_b)

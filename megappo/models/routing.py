@@ -20,9 +20,25 @@ GEMMs, ~1e-6). Right-padded micro-batches only (``packed_sequences``
 concatenates rows, which this keying does not follow). A row without a recording routes
 freely and is counted in ``moe/replay_missing_rows``.
 
-Without replay (``RoutingReplay(replay=False)``) the routers are only observed. Metrics of the training passes (means over routed layers and micro-batches, padding tokens
-included): ``moe/routing_changed_frac`` (tokens whose free top-k differs from the replayed
-one), ``moe/router_entropy`` (nats, of the softmax over all experts), ``moe/expert_load_max_over_mean``
+Rollout routing replay (``source="rollout"``; slime / verl's "R3", Ma et al. 2025, "Stabilizing
+MoE RL by aligning training and inference routers", arXiv 2510.11370): the rollout engine
+reports the experts it routed every token to (``Sample.routed_experts``, carried by
+``TokenBatch.routed_experts_BSLK``) and both training passes, the old log-probs and the
+update, replay those, so the trainer's log-probs come from the sub-network that sampled the
+tokens. Each router finds its column of the batch by its global layer number
+(``TopKRouter.layer_number``, 1-based, PP stages included) among the routed HF layers
+(``moe_layers``); expert ids are global, so under EP each rank's router replays them before
+the dispatcher sends tokens to the experts' ranks. Positions the engine did not report (a
+row's last token, padding) route freely. A micro-batch without rollout routing falls back
+to the recording above.
+
+Without replay (``RoutingReplay(replay=False)``) the routers are only observed. Metrics of the
+training passes (means over routed layers and micro-batches, padding tokens included):
+``moe/routing_changed_frac`` (tokens whose free top-k differs from the replayed one; with the
+rollout source, from the engine's, counted over the positions it reported),
+``moe/rollout_routing_changed_frac`` (whenever the batch carries the engine's routing: tokens
+whose free top-k in the trainer differs from the engine's, replayed or not),
+``moe/router_entropy`` (nats, of the softmax over all experts), ``moe/expert_load_max_over_mean``
 (tokens per expert, max / mean, per layer).
 """
 
@@ -38,11 +54,16 @@ from torch import Tensor
 class _LayerRouting:
     """One router's replay state (the ``router_replay`` protocol of megatron-core 0.16)."""
 
-    def __init__(self, pre_softmax: bool, stats: dict):
+    def __init__(self, pre_softmax: bool, stats: dict, moe_index: int):
         self.pre_softmax = pre_softmax
+        self.moe_index = moe_index
+        """This router's column of ``routed_experts_BSLK`` (its rank among the routed HF layers)."""
         self.mode: Optional[str] = None
         self.recorded: Optional[Tensor] = None
         self.target: Optional[Tensor] = None
+        """[tokens, k] experts to replay; -1 rows route freely."""
+        self.rollout: Optional[Tensor] = None
+        """[tokens, k] the engine's experts (-1: unreported), for ``rollout_routing_changed_frac``."""
         self.stats = stats
 
     def get_replay_topk(self, scores, topk, num_groups=None, group_topk=None, default_compute_topk=None):
@@ -51,16 +72,26 @@ class _LayerRouting:
             return probs, idx
         with torch.no_grad():
             self._observe(scores, idx)
+            if self.rollout is not None:
+                self._changed("rollout_routing_changed_frac", idx, self.rollout.to(idx.device))
         if self.mode == "record":
             self.recorded = idx.detach()
-            return probs, idx
-        if self.mode != "replay" or self.target is None:
+        if self.target is None:
             return probs, idx
         target = self.target.to(scores.device)
+        if target.shape[0] != idx.shape[0]:
+            raise ValueError(f"routing replay: {target.shape[0]} replayed tokens for a router that sees {idx.shape[0]} "
+                             "(sequence parallelism or context parallelism split the tokens; replay does not follow them)")
         with torch.no_grad():
-            changed = (idx.sort(dim=-1).values != target.sort(dim=-1).values).any(dim=-1)
-            self._add("routing_changed_frac", changed.float().mean())
+            self._changed("routing_changed_frac", idx, target)
+        target = torch.where(target >= 0, target, idx)
         return scores.gather(1, target), target
+
+    def _changed(self, name: str, idx: Tensor, target: Tensor) -> None:
+        known = target[:, 0] >= 0
+        if bool(known.any()):
+            changed = (idx.sort(dim=-1).values != target.sort(dim=-1).values).any(dim=-1)
+            self._add(name, changed[known].float().mean())
 
     def _observe(self, scores: Tensor, idx: Tensor) -> None:
         p = scores.float() if self.pre_softmax else torch.softmax(scores.float(), dim=-1)
@@ -76,10 +107,13 @@ class _LayerRouting:
 class RoutingReplay:
     """The routers of one policy's model chunks, their recordings and metrics."""
 
-    def __init__(self, chunks: list, replay: bool = True):
+    def __init__(self, chunks: list, replay: bool = True, source: str = "old", moe_layers: tuple[int, ...] = ()):
         from megatron.core.transformer.moe.router import TopKRouter
 
+        if source not in ("old", "rollout"):
+            raise ValueError(f"algo.routing_replay_source must be old or rollout, got {source!r}")
         self.replay = replay
+        self.source = source
         self.stats: dict = {}
         self.missing_rows = 0
         self._last_mode: Optional[str] = None
@@ -91,7 +125,9 @@ class RoutingReplay:
             layers = []
             for m in chunk.modules():
                 if isinstance(m, TopKRouter):
-                    m.router_replay = _LayerRouting(m.config.moe_router_pre_softmax, self.stats)
+                    hf_layer = m.layer_number - 1 if m.layer_number is not None else None
+                    moe_index = list(moe_layers).index(hf_layer) if hf_layer in moe_layers else len(layers)
+                    m.router_replay = _LayerRouting(m.config.moe_router_pre_softmax, self.stats, moe_index)
                     layers.append(m.router_replay)
             self.routers[id(chunk)] = layers
             self._offsets[id(chunk)] = offset
@@ -121,12 +157,28 @@ class RoutingReplay:
     def _set(self, mode: Optional[str]) -> None:
         for layers in self.routers.values():
             for r in layers:
-                r.mode, r.recorded, r.target = mode, None, None
+                r.mode, r.recorded, r.target, r.rollout = mode, None, None, None
 
-    def before(self, model, input_ids_bS: Tensor, seq_lens_b: Tensor) -> None:
-        """Replay pass: give this chunk's routers the recorded experts of the micro-batch."""
+    def before(self, model, input_ids_bS: Tensor, seq_lens_b: Tensor, routed_bSLK: Optional[Tensor] = None) -> None:
+        """Replay pass: give this chunk's routers the recorded experts of the micro-batch; with
+        the rollout source and the engine's routing (``routed_bSLK``), those, in any pass."""
         layers = self._layers(model)
-        if not layers or layers[0].mode != "replay":
+        if not layers or layers[0].mode is None:
+            return
+        for r in layers:
+            r.target = r.rollout = None
+        if routed_bSLK is not None:
+            b, S = input_ids_bS.shape
+            per_layer = _rollout_targets(routed_bSLK, S, [r.moe_index for r in layers])
+            use = self.source == "rollout" and self.replay
+            if use and layers[0].mode == "replay":
+                self.missing_rows += int((routed_bSLK[:, 0, 0, 0] < 0).sum())
+            for r, target in zip(layers, per_layer):
+                r.rollout = target
+                r.target = target if use else None
+            if use:
+                return
+        if layers[0].mode != "replay":
             return
         keys = _keys(input_ids_bS, seq_lens_b)
         if any(k not in self.store for k in keys):
@@ -183,6 +235,19 @@ def _unwrap_id(model, known: dict) -> int:
     while id(model) not in known and hasattr(model, "module"):
         model = model.module
     return id(model)
+
+
+def _rollout_targets(routed_bSLK: Tensor, S: int, columns: list[int]) -> list[Tensor]:
+    """Per router: the engine's experts of its column as [S * b, K] in Megatron's token order
+    (sequence-major), -1 beyond the reported positions (``S`` may exceed the batch's width:
+    padding to a multiple)."""
+    b, width, _, K = routed_bSLK.shape
+    out = []
+    for col in columns:
+        t = torch.full((S, b, K), -1, dtype=torch.long, device=routed_bSLK.device)
+        t[: min(S, width)] = routed_bSLK[:, :S, col].transpose(0, 1)
+        out.append(t.reshape(S * b, K))
+    return out
 
 
 def _keys(input_ids_bS: Tensor, seq_lens_b: Tensor) -> list[bytes]:

@@ -13,6 +13,10 @@ it is a picklable dataclass of CPU tensors, no string-keyed payload).
 of actor updates the engine's weights had seen (the synchronous loop samples step k with
 version k - 1, so its staleness is always 0; off-policy modes record their lag here); with
 partial rollouts the oldest version among its tokens, and ``token_versions_BT`` each token's.
+
+``tokens.routed_experts_BSLK`` (L = routed layers, K = top-k): the experts the engine routed
+each token to, from ``Sample.routed_experts``, int16, -1 where unreported (padding, each
+row's last token, samples without them); None when no sample of the batch has them.
 """
 
 from __future__ import annotations
@@ -139,11 +143,13 @@ class RolloutBatch:
             token_versions_BT = row_version_B[:, None].repeat(1, T)
             for b, v in enumerate(versions):
                 token_versions_BT[b, : len(v)] = torch.tensor(v, dtype=torch.long)
+        S = max((len(s) for s in seqs), default=1)
         return cls(
             tokens=TokenBatch(
-                input_ids_BS=_pad_right(seqs, max((len(s) for s in seqs), default=1), 0, torch.long),
+                input_ids_BS=_pad_right(seqs, S, 0, torch.long),
                 prompt_lens_B=torch.tensor([len(p) for p in prompts], dtype=torch.long),
                 response_lens_B=torch.tensor([len(r) for r in responses], dtype=torch.long),
+                routed_experts_BSLK=_routed_experts([s.routed_experts for group in samples for s in group], S),
             ),
             rollout_logprobs_BT=_pad_right(logprobs, T, 0.0, torch.float32),
             scores_B=torch.tensor(list(scores), dtype=torch.float32),
@@ -180,8 +186,15 @@ class RolloutBatch:
         response_lens_B = torch.cat([p.tokens.response_lens_B for p in parts])
         S = int((prompt_lens_B + response_lens_B).max()) if len(prompt_lens_B) else 1
         T = max(1, int(response_lens_B.max()) if len(response_lens_B) else 1)
+        routed = [p.tokens.routed_experts_BSLK for p in parts]
+        shape = next((r.shape[2:] for r in routed if r is not None), None)
+        routed_BSLK = None if shape is None else torch.cat([
+            torch.full((len(p), S, *shape), -1, dtype=torch.int16) if r is None
+            else torch.nn.functional.pad(r, (0, 0, 0, 0, 0, S - r.shape[1]), value=-1) if r.shape[1] < S else r[:, :S]
+            for p, r in zip(parts, routed)])
         return cls(
-            tokens=TokenBatch(torch.cat([_fit(p.tokens.input_ids_BS, S) for p in parts]), prompt_lens_B, response_lens_B),
+            tokens=TokenBatch(torch.cat([_fit(p.tokens.input_ids_BS, S) for p in parts]), prompt_lens_B, response_lens_B,
+                              routed_experts_BSLK=routed_BSLK),
             rollout_logprobs_BT=torch.cat([_fit(p.rollout_logprobs_BT, T) for p in parts]),
             scores_B=torch.cat([p.scores_B for p in parts]),
             correct_B=torch.cat([p.correct_B for p in parts]),
@@ -204,6 +217,20 @@ def _pad_right(rows: Sequence[Sequence], width: int, value, dtype) -> Tensor:
     for i, row in enumerate(rows):
         if row:
             out[i, : len(row)] = torch.tensor(list(row), dtype=dtype)
+    return out
+
+
+def _routed_experts(per_row: Sequence[Optional[Tensor]], width: int) -> Optional[Tensor]:
+    """``Sample.routed_experts`` of each row ([n_b, L, K] or None) as int16 [B, width, L, K], -1 where absent."""
+    shape = next((tuple(r.shape[1:]) for r in per_row if r is not None), None)
+    if shape is None:
+        return None
+    out = torch.full((len(per_row), width, *shape), -1, dtype=torch.int16)
+    for b, r in enumerate(per_row):
+        if r is not None:
+            assert tuple(r.shape[1:]) == shape and r.shape[0] < width + 1, (tuple(r.shape), shape, width)
+            assert r.numel() == 0 or int(r.max()) < 2**15, "expert ids beyond int16"
+            out[b, : r.shape[0]] = r.to(torch.int16)
     return out
 
 

@@ -17,6 +17,13 @@ from; greedy at T = 0 with T = 1 log-probs). Sample j of prompt i (counted over 
 call) draws from its own generator seeded by ``row_seed(seed, i, j)``, so a call is
 deterministic under ``SamplingParams.seed`` whatever ``max_batch_rows`` is.
 
+Mixture-of-experts models: a forward hook on each routed layer's router (transformers 5's
+``*TopKRouter``, ``model.layers.N.mlp.gate``, whose output is ``(logits, weights, top-k
+indices)``) keeps the experts every token was routed to, prefill and decode alike, and each
+``Sample`` carries them (``Sample.routed_experts``: [prompt + response - 1, routed layers,
+top-k], what SGLang's routed-experts return holds) for rollout routing replay
+(``algo.routing_replay_source: rollout``).
+
 Pause / continue / abort (another thread calls them while ``generate`` runs): decoding
 checks before each forward pass; a paused call waits there, holding its KV cache (a weight
 update made meanwhile applies to later forward passes; the cached keys and values of earlier
@@ -28,6 +35,7 @@ tokens drawn so far; calls started later are not affected.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import threading
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
@@ -87,6 +95,29 @@ def _build_model(hf_config: Any, dtype: torch.dtype, attn_implementation: str) -
     return model.eval().requires_grad_(False)
 
 
+class _RoutingTap:
+    """Forward hooks on a transformers MoE model's routers (in layer order) that keep the
+    top-k expert indices of the last forward pass, one [tokens, k] tensor per routed layer."""
+
+    def __init__(self, model: torch.nn.Module):
+        found = [(int(name.split(".layers.")[1].split(".")[0]), m) for name, m in model.named_modules()
+                 if type(m).__name__.endswith("TopKRouter") and ".layers." in name]
+        self.routers = [m for _, m in sorted(found, key=lambda x: x[0])]
+        self._last: list[Optional[torch.Tensor]] = [None] * len(self.routers)
+        for i, router in enumerate(self.routers):
+            router.register_forward_hook(functools.partial(self._keep, i))
+
+    def _keep(self, i: int, module, args, output) -> None:
+        self._last[i] = output[2]
+
+    def take(self) -> torch.Tensor:
+        """int32 [tokens, routed layers, k] of the last forward pass (batch-major tokens), on the CPU."""
+        assert all(t is not None for t in self._last), "a router did not run"
+        out = torch.stack(self._last, dim=1).to(device="cpu", dtype=torch.int32)
+        self._last = [None] * len(self.routers)
+        return out
+
+
 class EmbeddedEngine(RolloutEngine):
     """Batched KV-cached generation with a ``transformers`` causal LM (see module docstring).
 
@@ -119,6 +150,7 @@ class EmbeddedEngine(RolloutEngine):
         self._moe_spec = ModelSpec.from_hf_config(self.model.config.to_dict()) if fused else None
         buffers = {n for n, _ in self.model.named_buffers()}
         self._expected = frozenset(c for _, c in self._targets().values() if c not in buffers)
+        self._tap = _RoutingTap(self.model)
         self._ready = False
         self._offloaded = False
         self._closed = False
@@ -278,6 +310,10 @@ class EmbeddedEngine(RolloutEngine):
             **{self._cache_arg: cache},
         )
         logits_rV = out.logits[:, -1, :]
+        prompt_routes = None
+        if self._tap.routers:  # [B, L, layers, k] -> each prompt's real positions
+            routes_BL = self._tap.take().view(B, L, len(self._tap.routers), -1)
+            prompt_routes = [routes_BL[i, L - len(p) :] for i, p in enumerate(prompts)]
         mask_rS, next_pos_r = mask_BL, pos_BL[:, -1] + 1
         if n > 1:
             cache.batch_repeat_interleave(n)
@@ -291,6 +327,7 @@ class EmbeddedEngine(RolloutEngine):
             gens.append(g)
         stop = set(self.eos_token_ids) | set(params.stop_token_ids)
         tokens: list[list[int]] = [[] for _ in rows]
+        routes: list[list[torch.Tensor]] = [[] for _ in rows]  # per row: [layers, k] of each decoded token
         logps: list[list[float]] = [[] for _ in rows]
         reasons: list[str] = ["length"] * len(rows)
         unfinished = [n] * B  # rows of each prompt still decoding
@@ -329,8 +366,12 @@ class EmbeddedEngine(RolloutEngine):
                 use_cache=True, **{self._cache_arg: cache},
             )
             logits_rV = out.logits[:, -1, :]
+            if prompt_routes is not None:
+                for r, step_routes in zip(rows, self._tap.take()):
+                    routes[r].append(step_routes)
             next_pos_r = next_pos_r + 1
-        samples = [Sample(tokens[r], logps[r], reasons[r]) for r in range(B * n)]
+        samples = [Sample(tokens[r], logps[r], reasons[r], routed_experts=None if prompt_routes is None else
+                          torch.cat([prompt_routes[r // n], *[x[None] for x in routes[r]]])) for r in range(B * n)]
         return [samples[i * n : (i + 1) * n] for i in range(B)]
 
     # ------------------------------------------------------- memory, lifecycle

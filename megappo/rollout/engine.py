@@ -123,6 +123,11 @@ class Sample:
     """The policy version each token was sampled under, for a response that a weight
     update interrupted and the new weights continued (``megappo.rollout.partial``); empty:
     every token is of the version of the call that returned it (engines leave it empty)."""
+    routed_experts: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
+    """Mixture-of-experts models: int32 [prompt + response - 1, routed layers, top-k], the
+    experts the engine routed each token it ran through the model to, prompt first, at each
+    routed layer in layer order (the last response token is never run). SGLang's
+    routed-experts return has this row count. None: the engine did not report them."""
 
     def __post_init__(self):
         assert len(self.token_ids) == len(self.logprobs), (len(self.token_ids), len(self.logprobs))

@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable, Optional, Sequence
 
+import torch
+
 from megappo.rollout.engine import Progress, RolloutEngine, Sample, SamplingParams
 
 
@@ -80,4 +82,16 @@ def _extend(prefix: Sample, more: Sample, version: int, budget: int) -> Sample:
     if len(more.token_ids) > budget or (len(more.token_ids) == budget and reason != "stop"):
         reason = "length"  # it used up its tokens (a stop token is always a response's last)
     return Sample(prefix.token_ids + tokens, prefix.logprobs + logprobs, reason,
-                  prefix.token_versions + [version] * len(tokens))
+                  prefix.token_versions + [version] * len(tokens), _spliced_routing(prefix, more, len(tokens)))
+
+
+def _spliced_routing(prefix: Sample, more: Sample, kept: int) -> Optional[torch.Tensor]:
+    """``Sample.routed_experts`` of the joined sample: each position as the engine routed it when
+    it drew the next token (the prefix's rows, then the continuation's rows past them: the
+    continuation re-ran the prefix under the new weights), cut to the ``kept`` new tokens."""
+    if more.routed_experts is None:
+        return None
+    cont = more.routed_experts[: more.routed_experts.shape[0] - (len(more.token_ids) - kept)]
+    if prefix.routed_experts is None:
+        return cont
+    return torch.cat([prefix.routed_experts, cont[prefix.routed_experts.shape[0]:]])
