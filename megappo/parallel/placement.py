@@ -185,14 +185,17 @@ def poll(store: dist.Store, key: str, watch: Watch, *, cancelled: Callable[[], b
     """The value of ``key`` once set (and delete it), checking ``watch`` while waiting; None
     when ``cancelled()`` turns true first. Polls with a growing pause (0.5 to 20 ms)."""
     pause = 0.0005
-    while not store.check([key]):
-        watch.check()
-        if cancelled():
-            return None
-        time.sleep(pause)
-        pause = min(pause * 2, 0.02)
-    value = store.get(key)
-    store.delete_key(key)
+    try:
+        while not store.check([key]):
+            watch.check()
+            if cancelled():
+                return None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+        value = store.get(key)
+        store.delete_key(key)
+    except dist.DistError as e:  # the store's host (rank 0, or torchrun's agent) is gone
+        raise PeerLost(f"the launch's store is unreachable (its host exited?): {type(e).__name__}: {e}") from e
     return value
 
 

@@ -153,7 +153,7 @@ class RemoteEngine(RolloutEngine):
         try:
             status, value = self.link.recv(f"res/{seq}")
         except PeerLost as e:
-            self._lost = f"{self.name}: {e}"
+            self._lost = f"rollout {e} ({self.name})"
             raise RolloutEngineError(self._lost) from e
         if status == "error":
             raise RolloutEngineError(f"{self.name}: {value}")
@@ -193,10 +193,9 @@ class RemoteEngine(RolloutEngine):
                 except RuntimeError as e:  # the group's error (peer closed, timed out): say who and why
                     try:
                         self.link.watch.check()
-                        why = f"sending weights failed: {e}"
+                        self._lost = f"{self.name}: sending weights failed: {e}"
                     except PeerLost as lost:
-                        why = str(lost)
-                    self._lost = f"{self.name}: {why}"
+                        self._lost = f"rollout {lost} ({self.name})"
                     raise RolloutEngineError(self._lost) from e
             k += 1
         self._result(seq)
