@@ -9,7 +9,8 @@ data-parallel replica i, whose engine holder talks to it over a link of its own.
 Every process meets the others through the launch's TCP store: torchrun's agent store
 (``TORCHELASTIC_USE_AGENT_STORE``), or the one rank 0 hosts at MASTER_ADDR:MASTER_PORT under
 another launcher, as ``torch.distributed``'s ``env://`` rendezvous does it. The trainers'
-default group lives under the store prefix ``megappo/trainers/``; the links under their own.
+default group lives under the store prefix ``megappo/attempt{k}/trainers/`` (k: torchrun's restart
+count); the links under their own.
 
 Liveness: each process adds to its heartbeat counter in the store every
 ``timeout_s / 10`` seconds (a thread, so a rank busy generating or training still beats)
@@ -53,6 +54,7 @@ class Placement:
     """The launch's store (prefixed by callers; shared, so only non-blocking operations)."""
     address: tuple[str, int] = ("127.0.0.1", 0)
     """Where the store listens: a further client (``new_client``) connects there."""
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
     def trainer_world_size(self) -> int:
@@ -71,21 +73,50 @@ class Placement:
     def rollout_rank(self, replica: int) -> int:
         return self.trainer_world_size + replica
 
+    @property
+    def _attempt(self) -> str:
+        # torchrun reuses its agent store when it restarts the workers: keys of an earlier
+        # attempt (its exit marks above all) must not be read as this one's.
+        return f"megappo/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+
     def prefixed(self, prefix: str) -> dist.Store:
-        return dist.PrefixStore(prefix, self.store)
+        return dist.PrefixStore(self._attempt + prefix, self.store)
 
     def new_client(self, prefix: str) -> dist.Store:
         """A connection of its own to the launch's store (for a blocking rendezvous that must
         not hold the shared client, e.g. a process group's construction)."""
         client = dist.TCPStore(self.address[0], self.address[1], is_master=False,
                                timeout=datetime.timedelta(seconds=self.timeout_s))
-        return dist.PrefixStore(prefix, client)
+        return dist.PrefixStore(self._attempt + prefix, client)
 
     def watch(self, ranks: Sequence[int]) -> "Watch":
         return Watch(self.prefixed(_HEARTBEATS), list(ranks), self.timeout_s)
 
+    def start_heartbeat(self) -> None:
+        """Name this process in the store and beat every ``timeout_s / 10`` s (a thread)."""
+        beats, rank, interval = self.prefixed(_HEARTBEATS), self.rank, max(0.05, self.timeout_s / 10)
+        beats.set(f"host/{rank}", f"{socket.gethostname()} (pid {os.getpid()})")
+        beats.add(f"beat/{rank}", 1)
 
-_HEARTBEATS = "megappo/heartbeat/"
+        def beat():
+            while not self._stop.wait(interval):
+                try:
+                    beats.add(f"beat/{rank}", 1)
+                except Exception:  # noqa: BLE001 - the store is gone: nobody is left to watch us
+                    return
+
+        threading.Thread(target=beat, name=f"megappo-heartbeat-{rank}", daemon=True).start()
+
+    def mark_exit(self) -> None:
+        """Stop beating and tell the watchers this rank is gone (at exit; best effort)."""
+        self._stop.set()
+        try:
+            self.prefixed(_HEARTBEATS).set(f"exit/{self.rank}", "1")
+        except Exception:  # noqa: BLE001 - the store may be gone already
+            pass
+
+
+_HEARTBEATS = "heartbeat/"
 _PLACEMENT: Optional[Placement] = None
 
 
@@ -111,33 +142,10 @@ def place_ranks(rollout_world_size: int, *, timeout_s: float) -> Placement:
     store, _, _ = next(dist.rendezvous("env://", timeout=datetime.timedelta(seconds=max(timeout_s, 300))))
     address = (os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
     placement = Placement(rank, world, rollout_world_size, int(os.environ.get("LOCAL_RANK", "0")), timeout_s, store, address)
-    beats = placement.prefixed(_HEARTBEATS)
-    beats.set(f"host/{rank}", f"{socket.gethostname()} (pid {os.getpid()})")
-    _start_heartbeat(beats, rank, max(0.05, timeout_s / 10))
+    placement.start_heartbeat()
+    atexit.register(placement.mark_exit)
     _PLACEMENT = placement
     return placement
-
-
-def _start_heartbeat(store: dist.Store, rank: int, interval_s: float) -> None:
-    stop = threading.Event()
-
-    def beat():
-        while not stop.wait(interval_s):
-            try:
-                store.add(f"beat/{rank}", 1)
-            except Exception:  # noqa: BLE001 - the store is gone: nobody is left to watch us
-                return
-
-    def mark_exit():
-        stop.set()
-        try:
-            store.set(f"exit/{rank}", "1")
-        except Exception:  # noqa: BLE001 - best effort at exit
-            pass
-
-    store.add(f"beat/{rank}", 1)
-    threading.Thread(target=beat, name=f"megappo-heartbeat-{rank}", daemon=True).start()
-    atexit.register(mark_exit)
 
 
 class Watch:

@@ -153,7 +153,7 @@ def init_parallel(
     if placement is not None and not dist.is_initialized():
         assert not placement.is_rollout, "a rollout rank trains nothing"
         dist.init_process_group(  # over the trainer ranks only, on their own prefix of the launch's store
-            backend=backend, store=placement.prefixed("megappo/trainers/"), rank=placement.rank,
+            backend=backend, store=placement.prefixed("trainers/"), rank=placement.rank,
             world_size=placement.trainer_world_size, timeout=datetime.timedelta(minutes=timeout_minutes),
             device_id=dev if dev.type == "cuda" else None,
         )

@@ -11,7 +11,7 @@ trainer trains, on hardware of its own.
 
 The link of one replica (``_Link``) has two channels:
   - commands and results, pickled, through keys of the launch's store under
-    ``megappo/rollout/{replica}/`` (``cmd/{seq}`` -> ``res/{seq}``): small, and any number may
+    ``rollout/{replica}/`` (``cmd/{seq}`` -> ``res/{seq}``): small, and any number may
     be outstanding, so a partial rollout's ``abort_requests`` from the trainer's main thread
     is answered while the producer thread's ``generate`` runs (the server runs each
     ``generate`` in a thread of its own and every other command in order);
@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, S
 import torch
 import torch.distributed as dist
 
-from megappo.parallel.placement import Placement, PeerLost, poll
+from megappo.parallel.placement import Placement, PeerLost, poll, set_cpu_threads
 from megappo.parallel.state import ParallelLayout, resolve_device
 from megappo.rollout.engine import (
     Bucket,
@@ -72,7 +72,7 @@ class _Link:
 
     def __init__(self, placement: Placement, replica: int, watched: Sequence[int]):
         self.placement, self.replica = placement, replica
-        self.prefix = f"megappo/rollout/{replica}/"
+        self.prefix = f"rollout/{replica}/"
         self.store = placement.prefixed(self.prefix)
         self.watch = placement.watch(watched)
         self.group = None
@@ -263,6 +263,8 @@ def _rollout_layout(placement: Placement, device: torch.device) -> ParallelLayou
     if device.type == "cuda":
         device = torch.device("cuda", placement.local_rank)
         torch.cuda.set_device(device)
+    else:
+        set_cpu_threads()  # its share of the cores, as a trainer rank takes its own
     return ParallelLayout(rank=placement.rank, world_size=placement.rollout_world_size, local_rank=placement.local_rank,
                           tp=1, pp=1, dp=placement.rollout_world_size, tp_rank=0, pp_rank=0, dp_rank=placement.replica,
                           vpp=None, device=device)
