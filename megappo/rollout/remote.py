@@ -27,7 +27,8 @@ rollout rank that was killed or hangs becomes, within ``parallel.rollout_timeout
 side's failure flags on every trainer rank; later calls fail at once. An engine error on
 the rollout rank comes back as a ``RolloutEngineError`` quoting it. The server exits when
 the trainer says ``shutdown`` (the end of the run), and when the trainer ranks it watches
-(rank 0 and its replica's holder) exit or stop beating.
+(rank 0 and its replica's holder) exit or stop beating; a preemption signal (SIGTERM,
+SIGUSR1) it only logs, since the trainer finishes its step and checkpoints before it ends.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import datetime
 import logging
 import os
 import pickle
+import signal
 import socket
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence
@@ -252,6 +254,10 @@ def serve(cfg: "Config", placement: Placement) -> int:
     except Exception as e:  # noqa: BLE001 - reported to the holder, which raises it
         link.send("ready", {"error": f"{type(e).__name__}: {e}", "host": host})
         raise
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGUSR1, signal.SIGTERM):  # preemption: the trainer checkpoints, then says shutdown
+            signal.signal(sig, lambda signum, frame: log.warning(
+                "rollout rank %d: signal %d; serving until the trainer has checkpointed and shuts it down", rank, signum))
     link.send("ready", {"engine": engine.name, "host": host, "spot_checked": engine.spot_checked})
     link.open_group(ROLLOUT, layout.device if layout.device.type == "cuda" else torch.device("cpu"))
     log.info("rollout rank %d serves data-parallel replica %d with %s", rank, replica, engine.name)
