@@ -12,7 +12,11 @@ Per run, from ``metrics.jsonl`` after ``warmup`` steps: samples/s (responses tra
 of step time), the trainer's busy fraction (the step's time not spent waiting for a batch or
 for the engine before a weight sync) and the rollout's busy fraction (generation seconds per
 step second; above 1 - trainer's busy fraction means generation overlapped training), each
-also as a ratio against ``sync`` of the same mix.
+also as a ratio against colocated ``sync`` of the same mix.
+
+``disaggregated``: each mode also with the engines on rollout ranks of their own
+(``parallel.rollout_world_size`` = the trainer processes, so twice as many processes): the
+engine then generates in another process, on a core the trainer's ops do not hold.
 """
 
 from __future__ import annotations
@@ -60,21 +64,24 @@ def summarize(rows: list[dict], *, warmup: int, samples_per_step: int) -> dict[s
 
 
 def bench(out: Path, *, prepare: Callable[..., dict], recipe: Path, steps: int, warmup: int, nproc: int,
-          prompts: int) -> list[dict]:
+          prompts: int, disaggregated: bool = False) -> list[dict]:
     """``prepare`` and ``recipe``: the demo's (``megappo.demo``), passed in by the tool (the demo
     imports this package, so this module does not import it back)."""
     paths = prepare(out / "demo", seed=1234, sft_steps=100)
     samples = prompts * 8
     results = []
+    placements = [("colocated", [], nproc)] + ([("disaggregated", [f"parallel.rollout_world_size={nproc}"], 2 * nproc)]
+                                               if disaggregated else [])
     for mix, mix_overrides in MIXES:
         base = None
-        for mode, mode_overrides in MODES:
-            rows = run_mode(paths, out / f"{mix}_{mode}", [f"train.rollout_batch_size={prompts}",
-                                                           f"train.mini_batch_size={prompts // 4}", *mix_overrides, *mode_overrides],
-                            recipe=recipe, steps=steps, nproc=nproc)
-            s = summarize(rows, warmup=warmup, samples_per_step=samples)
-            base = base or s
-            s |= {f"{k}_vs_sync": s[k] / base[k] for k in ("samples_per_s", "trainer_busy", "rollout_busy")}
-            results.append({"mix": mix, "mode": mode, **{k: round(v, 4) for k, v in s.items()}})
-            print(json.dumps(results[-1]), flush=True)
+        for placement, placement_overrides, world in placements:
+            for mode, mode_overrides in MODES:
+                rows = run_mode(paths, out / f"{mix}_{placement}_{mode}",
+                                [f"train.rollout_batch_size={prompts}", f"train.mini_batch_size={prompts // 4}", *mix_overrides,
+                                 *mode_overrides, *placement_overrides], recipe=recipe, steps=steps, nproc=world)
+                s = summarize(rows, warmup=warmup, samples_per_step=samples)
+                base = base or s
+                s |= {f"{k}_vs_sync": s[k] / base[k] for k in ("samples_per_s", "trainer_busy", "rollout_busy")}
+                results.append({"mix": mix, "placement": placement, "mode": mode, **{k: round(v, 4) for k, v in s.items()}})
+                print(json.dumps(results[-1]), flush=True)
     return results
