@@ -92,6 +92,19 @@ def test_weight_sync_into_the_embedded_engine_is_exact_and_its_logprobs_are_the_
     assert r[f"{tag}_engine_vs_megatron"] < TOL
 
 
+@pytest.mark.parametrize("tag", ("r3_ep2", "r3_pp2"))
+def test_replaying_the_rollout_routing_gives_a_first_ratio_of_exactly_one(run, tag):
+    """Rollout routing replay at EP=2 (routers replay global expert ids before the all-to-all)
+    and PP=2 (each stage's routers find their layers' columns): the first ratio is exactly 1
+    and the trainer's log-probs are the engine's, though its own routing differs at nearly
+    every token (without replay they differ by far more)."""
+    r = run[0]
+    assert r[f"{tag}_ratio_minus_1"] == 0.0
+    assert r[f"{tag}_engine_vs_trainer"] < 1e-5
+    assert r[f"{tag}_rollout_routing_changed_frac"] > 0.9
+    assert r["r3_ep2_free_engine_vs_trainer"] > 1e-3
+
+
 def test_checkpoint_converted_at_ep2_exports_bit_exact_at_world_one(run):
     work = run[1]
     family = "mixtral"

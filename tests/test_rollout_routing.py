@@ -24,8 +24,8 @@ def test_rollout_source_needs_replay_and_an_engine_that_reports():
         validate(config_from_dict({"algo": {"routing_replay_source": "engine"}}))
 
 
-def near_tie_moe(tmp_path, name: str = "qwen3-moe-tie", nudge: float = 0.0):
-    """A tiny Qwen3-MoE (3 layers, layer 1 dense, 4 experts, top-2) whose router rows are
+def near_tie_moe(tmp_path, name: str = "qwen3-moe-tie", nudge: float = 0.0, layers: int = 3):
+    """A tiny Qwen3-MoE (``layers`` layers, layer 1 dense, 4 experts, top-2) whose router rows are
     2v, v, v * (1 + nudge), -v: every token's second expert sits on a tie (nudge 0) or a near-tie
     between experts 1 and 2. Returns its directory."""
     import torch
@@ -33,7 +33,7 @@ def near_tie_moe(tmp_path, name: str = "qwen3-moe-tie", nudge: float = 0.0):
 
     from hf_fixtures import make_tiny_hf_model
 
-    d = make_tiny_hf_model(tmp_path, "qwen3_moe", layers=3, mlp_only_layers=[1], name=name)
+    d = make_tiny_hf_model(tmp_path, "qwen3_moe", layers=layers, mlp_only_layers=[1], name=name)
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
     with torch.no_grad():
         for name_, w in model.named_parameters():
@@ -140,3 +140,30 @@ def test_a_continued_partial_rollout_keeps_each_positions_routing_from_when_it_w
     joined = _extend(prefix, more, version=1, budget=2)
     assert joined.token_ids == [7, 8, 9, 10] and joined.routed_experts[:, 0, 0].tolist() == [0, 0, 0, 0, 4, 5]
     assert _extend(prefix, Sample([9], [-2.0], "stop"), version=1, budget=2).routed_experts is None
+
+
+def test_sglang_routed_experts_decode_to_the_routed_layers():
+    """SGLang's encoding (base64 of int32 [prompt + output - 1, num_hidden_layers, top-k], every
+    layer a slot) read back as ``Sample.routed_experts`` of the routed layers; checked against
+    SGLang's own encoder and decoder in tests/mp/rollout_sglang_probe.py ("routed_experts")."""
+    import base64
+
+    import torch
+
+    from hf_fixtures import tiny_hf_config
+    from megappo.rollout import RolloutEngineError, SamplingParams
+    from megappo.rollout.sglang_protocol import decode_routed_experts, generate_request, parse_samples, routing_layout
+
+    layout = routing_layout(tiny_hf_config("qwen3_moe", layers=3, mlp_only_layers=[1]))
+    assert (layout.num_layers, layout.moe_layers, layout.topk) == (3, (0, 2), 2)
+    assert routing_layout(tiny_hf_config("qwen3")) is None
+    held = torch.arange(6 * 3 * 2, dtype=torch.int32).view(6, 3, 2)
+    encoded = base64.b64encode(held.numpy().tobytes()).decode()
+    assert torch.equal(decode_routed_experts(encoded, layout, 6, "e"), held[:, [0, 2]])
+    with pytest.raises(RolloutEngineError, match="routed experts hold 36 ids, expected 5 positions"):
+        decode_routed_experts(encoded, layout, 5, "e")
+    assert generate_request([[1]], SamplingParams(), [2], routed_experts=True)["return_routed_experts"] is True
+    answers = [{"meta_info": {"finish_reason": {"type": "stop"}, "output_token_logprobs": [[-0.1, 7, None]] * k,
+                              **({"routed_experts": encoded} if k == 3 else {})}} for k in (3, 2)]
+    (a, b), = parse_samples(answers, 1, 2, "e", prompts=[[1, 2, 3, 4]], routing=layout)
+    assert torch.equal(a.routed_experts, held[:, [0, 2]]) and b.routed_experts is None  # a server without the flag

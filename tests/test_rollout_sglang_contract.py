@@ -90,7 +90,7 @@ def probe(request, tmp_path_factory):
 CHECKS = [
     "version", "server_args", "generate_request", "control_requests", "flattened_bucket_roundtrip",
     "engine_api", "http_routes", "weights_read_back", "bucketed_distributed_receive", "logprobs_after_temperature",
-    "update_group_interop",
+    "update_group_interop", "routed_experts",
 ]
 
 

@@ -212,6 +212,8 @@ class MegatronPolicy:
         if self.role == "critic":
             raise ValueError("forward_logprobs needs an actor or reference model, not the critic")
         ctx = _Pass(T=batch.T, temperature=temperature, with_entropy=with_entropy, ref=self._check_ref(ref), routing="record")
+        if self.routing is not None:
+            self.routing.check_batch(batch.routed_experts_BSLK)
         names = ["logprobs_BT"] + (["entropy_BT"] if with_entropy else []) + (["kl_BT"] if ref is not None else [])
         return self._forward(batch, ctx, names, min_microbatches)
 

@@ -159,6 +159,14 @@ class RoutingReplay:
             for r in layers:
                 r.mode, r.recorded, r.target, r.rollout = mode, None, None, None
 
+    def check_batch(self, routed_BSLK: Optional[Tensor]) -> None:
+        """An old-log-prob pass with the rollout source needs the engine's routing."""
+        if self.source == "rollout" and self.replay and routed_BSLK is None:
+            raise ValueError(
+                "algo.routing_replay_source=rollout, but the rollout batch carries no routed experts: the engine did not "
+                "report them (SGLang servers need --enable-return-routed-experts; SGLang on CPU cannot return them: "
+                "its routed-experts buffer registers CUDA host memory); use algo.routing_replay_source=old")
+
     def before(self, model, input_ids_bS: Tensor, seq_lens_b: Tensor, routed_bSLK: Optional[Tensor] = None) -> None:
         """Replay pass: give this chunk's routers the recorded experts of the micro-batch; with
         the rollout source and the engine's routing (``routed_bSLK``), those, in any pass."""

@@ -299,6 +299,7 @@ def build_engine(
         return EmbeddedEngine(hf_config, device=device, eos_token_ids=eos)
     if rollout.engine == "sglang":
         from megappo.rollout.sglang_engine import SGLangEngine  # deferred: SGLang, only when asked for
+        from megappo.rollout.sglang_protocol import routing_layout  # deferred: implements this interface
 
         _warn_ignored(rollout, ("server_urls",))
         if hf_dir is None:
@@ -311,8 +312,10 @@ def build_engine(
             gpu_id=layout.local_rank if layout is not None else 0,
             seed=seed,
             timeout_s=rollout.server_timeout_s,
+            routing=routing_layout(hf_config),
         )
     if rollout.engine == "sglang_server":
+        from megappo.rollout.sglang_protocol import routing_layout  # deferred: implements this interface
         from megappo.rollout.sglang_server import SGLangServerEngine  # deferred: SGLang's protocol, only when asked for
 
         _warn_ignored(rollout, ("sglang",))
@@ -323,6 +326,7 @@ def build_engine(
             timeout_s=rollout.server_timeout_s,
             eos_token_ids=eos,
             owns_weight_updates=layout is None or layout.dp_rank == 0,
+            routing=routing_layout(hf_config),
         )
     raise ValueError(f"rollout.engine must be one of embedded, sglang, sglang_server; got {rollout.engine!r}")
 

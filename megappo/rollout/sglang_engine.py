@@ -78,6 +78,7 @@ from megappo.rollout.sglang_protocol import (
     check_result,
     check_server_args,
     choose_spots,
+    RoutingLayout,
     generate_request,
     import_sglang,
     parse_samples,
@@ -199,6 +200,7 @@ class SGLangEngine(RolloutEngine):
         seed: int = 0,
         slot: int | None = None,
         timeout_s: float = 600.0,
+        routing: RoutingLayout | None = None,
     ):
 
         on_cpu = sglang_cpu.sglang_runs_on_cpu(server_args)
@@ -218,6 +220,8 @@ class SGLangEngine(RolloutEngine):
         self.name = f"sglang engine ({where}, tp_size {args['tp_size']}, port {args['port']})"
         self.server_args = args
         self.eos_token_ids = tuple(eos_token_ids)
+        # A mixture-of-experts model's routed experts, when SGLang was asked to keep them.
+        self._routing = routing if args.get("enable_return_routed_experts") else None
         self.timeout_s = float(timeout_s)
         self._tp_size = int(args["tp_size"])
         self._device = torch.device("cpu") if on_cpu else torch.device("cuda", int(args["base_gpu_id"]))
@@ -295,8 +299,10 @@ class SGLangEngine(RolloutEngine):
             raise RolloutEngineError(f"{self.name}: no complete weight sync yet (or the last one failed); cannot generate")
         self.resume_memory()
         aborts = self._aborts
-        out = self._call("generate", "generate", **generate_request(prompts, params, self.eos_token_ids))
-        samples = parse_samples(out, len(prompts), params.n, self.name, aborted=self._aborts != aborts)
+        request = generate_request(prompts, params, self.eos_token_ids, routed_experts=self._routing is not None)
+        out = self._call("generate", "generate", **request)
+        samples = parse_samples(out, len(prompts), params.n, self.name, aborted=self._aborts != aborts, prompts=prompts,
+                                routing=self._routing)
         if on_progress is not None:
             on_progress(len(prompts))
         return samples

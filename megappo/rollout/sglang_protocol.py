@@ -21,6 +21,18 @@ for the colocated engine) and, greedy, those of T = 1: the contract of
 ``n`` samples of a prompt the same draws and is unsupported by its FlashInfer top-p/top-k
 kernels, so it is not sent; SGLang sampling is not reproducible per call.
 
+Routed experts (rollout routing replay; SGLang >= 0.5.18, server argument
+``enable_return_routed_experts``): ``return_routed_experts`` in the request; the answer's
+``meta_info["routed_experts"]`` is base64 of int32 [prompt + output - 1, num_hidden_layers,
+num_experts_per_tok] in C order (``state_capturer/routed_experts.py``: the host buffer rows of
+positions ``[routed_experts_start_len, seqlen - 1)``, encoded by the detokenizer's
+``_b64_encode_per_request``, or the tokenizer manager when ``skip_tokenizer_init``; SGLang's
+``extract_routed_experts_from_meta_info`` decodes it flat). Every layer has a slot, dense
+ones included; ``decode_routed_experts`` keeps the routed layers'. A server without the
+argument answers without the key. On CPU SGLang cannot return them: the capturer's host
+buffer is pinned with ``cudaHostRegister`` (0.5.23: the engine dies at start with "Torch
+not compiled with CUDA enabled").
+
 Weights read back (the engines' ``weights_checksum``, a spot-check): ``get_weights_by_name``
 (``Engine.get_weights_by_name(name, truncate_size)``, ``POST /get_weights_by_name`` with
 ``{"name", "truncate_size"}``) answers ``param.cpu().float().tolist()[:truncate_size]``:
@@ -36,6 +48,7 @@ tensors.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import difflib
 import math
@@ -43,6 +56,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from megappo.models.spec import ModelSpec
 from megappo.rollout.engine import SPOT_ROWS, RolloutEngineError, Sample, SamplingParams, combine_checksums, spot_checksum
 
 SUPPORTED_VERSIONS = (">=0.5.18", "<=0.5.23")
@@ -113,26 +127,69 @@ def sampling_params_dict(params: SamplingParams, eos_token_ids: Sequence[int]) -
     }
 
 
-def generate_request(prompts: Sequence[Sequence[int]], params: SamplingParams, eos_token_ids: Sequence[int]) -> dict[str, Any]:
-    """Keyword arguments of ``Engine.generate`` = JSON body of ``POST /generate``."""
-    return {
+@dataclasses.dataclass(frozen=True)
+class RoutingLayout:
+    """What decoding SGLang's routed experts needs of the model."""
+
+    num_layers: int
+    """``num_hidden_layers``: SGLang's slots per token."""
+    moe_layers: tuple[int, ...]
+    """The routed layers (HF indices), whose slots ``Sample.routed_experts`` keeps, in order."""
+    topk: int
+
+
+def routing_layout(hf_config: dict) -> "RoutingLayout | None":
+    """The layout of a mixture-of-experts model's config; None for a dense one."""
+    if not any(hf_config.get(k) for k in ("num_experts", "num_local_experts")):
+        return None
+    spec = ModelSpec.from_hf_config(dict(hf_config))
+    return RoutingLayout(spec.num_layers, tuple(spec.moe_layers), spec.moe_topk) if spec.is_moe else None
+
+
+def decode_routed_experts(encoded: str, layout: RoutingLayout, rows: int, engine_name: str) -> torch.Tensor:
+    """``meta_info["routed_experts"]`` -> int32 [rows, routed layers, top-k] (module doc)."""
+    raw = base64.b64decode(encoded)
+    width = layout.num_layers * layout.topk
+    if len(raw) != 4 * rows * width:
+        raise RolloutEngineError(f"{engine_name}: routed experts hold {len(raw) // 4} ids, expected {rows} positions x "
+                                 f"{layout.num_layers} layers x top-{layout.topk} = {rows * width}")
+    per_layer = torch.frombuffer(bytearray(raw), dtype=torch.int32).view(rows, layout.num_layers, layout.topk)
+    return per_layer[:, list(layout.moe_layers)].contiguous()
+
+
+def generate_request(prompts: Sequence[Sequence[int]], params: SamplingParams, eos_token_ids: Sequence[int], *,
+                     routed_experts: bool = False) -> dict[str, Any]:
+    """Keyword arguments of ``Engine.generate`` = JSON body of ``POST /generate``
+    (``routed_experts``: ask for each token's experts, ``return_routed_experts``)."""
+    body = {
         "input_ids": [list(map(int, p)) for p in prompts],
         "sampling_params": sampling_params_dict(params, eos_token_ids),
         "return_logprob": True,
     }
+    if routed_experts:
+        body["return_routed_experts"] = True
+    return body
 
 
-def parse_samples(outputs: Any, num_prompts: int, n: int, engine_name: str, *, aborted: bool = False) -> list[list[Sample]]:
+def parse_samples(outputs: Any, num_prompts: int, n: int, engine_name: str, *, aborted: bool = False,
+                  prompts: "Sequence[Sequence[int]] | None" = None, routing: "RoutingLayout | None" = None) -> list[list[Sample]]:
     """SGLang's answer to ``generate_request`` -> ``n`` samples per prompt. ``aborted``: the
     engine asked for an abort during the call, so finish reason ``abort`` is a sample with
     its tokens so far; otherwise it is SGLang giving up on the request (out of memory, a
-    rejected input) and raises."""
+    rejected input) and raises. ``routing`` (with ``prompts``): decode the routed experts
+    an answer carries into ``Sample.routed_experts``."""
     if isinstance(outputs, dict):
         outputs = [outputs]
     if not isinstance(outputs, list) or len(outputs) != num_prompts * n:
         got = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
         raise RolloutEngineError(f"{engine_name}: expected {num_prompts * n} outputs, got {got}")
     samples = [_sample(o, engine_name, aborted) for o in outputs]
+    if routing is not None and prompts is not None:
+        for k, (o, s) in enumerate(zip(outputs, samples)):
+            encoded = o.get("meta_info", {}).get("routed_experts")
+            if encoded is not None and s.token_ids:
+                rows = len(prompts[k // n]) + len(s.token_ids) - 1
+                samples[k] = dataclasses.replace(s, routed_experts=decode_routed_experts(encoded, routing, rows, engine_name))
     return [samples[i * n : (i + 1) * n] for i in range(num_prompts)]
 
 

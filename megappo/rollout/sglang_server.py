@@ -74,6 +74,7 @@ from megappo.rollout.sglang_protocol import (
     GROUP_NAME,
     choose_spots,
     flatten_bucket,
+    RoutingLayout,
     generate_request,
     init_group_request,
     parse_samples,
@@ -128,6 +129,7 @@ class SGLangServerEngine(RolloutEngine):
         eos_token_ids: Sequence[int],
         owns_weight_updates: bool = True,
         backend: Optional[str] = None,
+        routing: Optional[RoutingLayout] = None,
     ):
         if not urls:
             raise ValueError("rollout.server_urls is empty")
@@ -144,6 +146,8 @@ class SGLangServerEngine(RolloutEngine):
         self._group_name = GROUP_NAME
         self._sessions = True
         self._spots: Optional[dict[str, tuple[int, ...]]] = None
+        self._routing = routing
+        self._servers_report_routing: Optional[bool] = None  # asked at the first generate
 
     # ------------------------------------------------------------------- HTTP
 
@@ -188,6 +192,9 @@ class SGLangServerEngine(RolloutEngine):
     ) -> list[list[Sample]]:
         S = len(self.urls)
         shares = [list(range(s, len(prompts), S)) for s in range(S)]
+        if self._routing is not None and self._servers_report_routing is None:
+            infos = self._on_all("/get_server_info", [None] * S, method="GET")
+            self._servers_report_routing = all(isinstance(i, dict) and bool(i.get("enable_return_routed_experts")) for i in infos)
         futures = {
             self._generation_pool.submit(self._generate_on, s, [prompts[i] for i in rows], params): s
             for s, rows in enumerate(shares) if rows
@@ -203,8 +210,10 @@ class SGLangServerEngine(RolloutEngine):
 
     def _generate_on(self, s: int, prompts: list, params: SamplingParams) -> list[list[Sample]]:
         aborts = self._aborts
-        answer = self._http(self.urls[s], "/generate", generate_request(prompts, params, self.eos_token_ids))
-        return parse_samples(answer, len(prompts), params.n, f"SGLang server {self.urls[s]}", aborted=self._aborts != aborts)
+        routing = self._routing if self._servers_report_routing else None  # servers without --enable-return-routed-experts: none
+        answer = self._http(self.urls[s], "/generate", generate_request(prompts, params, self.eos_token_ids, routed_experts=routing is not None))
+        return parse_samples(answer, len(prompts), params.n, f"SGLang server {self.urls[s]}", aborted=self._aborts != aborts,
+                             prompts=prompts, routing=routing)
 
     def health(self) -> None:
         self._on_all("/health", [None] * len(self.urls), method="GET")

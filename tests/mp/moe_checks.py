@@ -17,6 +17,11 @@ same two processes:
         experts fused in memory): bit exact, checksum equal, its log-probs the policy's.
   tp2   TP=2 and pp2 PP=2: log-probs against transformers.
   convert  ``convert_hf_to_megatron(..., ep=2)`` writes a checkpoint for the test to export at world 1.
+  r3    rollout routing replay at EP=2 (each rank half the batch) and PP=2: a 4-layer Qwen3-MoE
+        (layer 1 dense) whose routers tie, nudged one way in the embedded engine and the other
+        in the trainer (``test_rollout_routing.near_tie_moe``); the engine's samples and
+        routed experts; the actor replaying them: first ratio, engine-vs-trainer log-probs
+        (and, at EP=2, the same without replay).
 
 The load-balancing loss is off in the gradient check (``moe_aux_loss_coeff=0``): it is a
 per-rank statistic, so halving the batch changes it by design.
@@ -35,6 +40,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from hf_fixtures import make_tiny_hf_model, read_config, read_hf_state  # noqa: E402
+from test_rollout_routing import near_tie_moe  # noqa: E402
 
 from megappo.models import BuildOptions, MegatronPolicy, ModelSpec, TokenBatch  # noqa: E402
 from megappo.models.builder import build_model_chunks  # noqa: E402
@@ -138,6 +144,43 @@ class _Recorder:
         return None
 
 
+def rollout_replay(tag: str, workdir: str, *, ep: int, pp: int, source: str = "rollout") -> None:
+    from megappo.models import OptimizerSettings
+    from megappo.rollout.batch import RolloutBatch, RolloutStats
+    from megappo.rollout.weight_sync import stream_to_engine
+
+    engine_dir, trainer_dir = os.path.join(workdir, "r3-engine"), os.path.join(workdir, "r3-trainer")
+    engine = EmbeddedEngine(read_config(engine_dir), eos_token_ids=[])
+    stream_to_engine(sorted(read_hf_state(engine_dir).items()), engine, bucket_mb=1)
+    prompts = [[5 + i, 20 + 3 * i, 7, 40 + i][: 2 + i % 3] for i in range(4)]
+    samples = engine.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=11))
+    B = 8
+    batch = RolloutBatch.from_samples(prompts, samples, scores=[0.0] * B, correct=[False] * B, prompt_texts=[""] * 4,
+                                      response_texts=[""] * B, first_group_id=0, policy_version=0, stats=RolloutStats())
+    init_parallel(1, pp, seed=3, device="cpu", ep=ep)
+    layout = get_layout()
+    if layout.dp > 1:
+        batch = batch.select(torch.arange(B).chunk(layout.dp)[layout.dp_rank])
+    tokens, mask = batch.tokens, batch.mask_BT.bool()
+    policy = MegatronPolicy(ModelSpec.from_hf_dir(trainer_dir), "actor",
+                            BuildOptions(pp=pp, ep=ep, routing_replay=True, routing_replay_source=source),
+                            OptimizerSettings(lr=1e-4), max_tokens_per_microbatch=10_000)
+    load_hf_into_model(policy, trainer_dir)
+    old = policy.forward_logprobs(tokens, temperature=1.0)["logprobs_BT"]
+    seen = [0.0]
+
+    def loss_fn(outputs, rows):
+        ratio = torch.exp(outputs["logprobs_BT"] - old[rows])
+        seen.append(float((ratio - 1).abs()[mask[rows]].max()))
+        return -(ratio * mask[rows]).sum(), {}
+
+    metrics = policy.forward_backward(tokens, loss_fn)
+    record(f"{tag}_ratio_minus_1", max(seen))
+    record(f"{tag}_engine_vs_trainer", float((old - batch.rollout_logprobs_BT).abs()[mask].max()))
+    record(f"{tag}_rollout_routing_changed_frac", metrics.get("moe/rollout_routing_changed_frac", -1.0))
+    destroy_parallel(keep_process_group=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -198,6 +241,14 @@ def main() -> None:
         record(f"ep2_{fam}_sync_peak_over_bound", stats.peak_bucket_bytes / max(2**14, largest))
         RESULTS[f"ep2_{fam}_sync_buckets"] = stats.num_buckets
         destroy_parallel(keep_process_group=True)
+
+    if rank == 0:
+        near_tie_moe(args.workdir, "r3-engine", nudge=1e-5, layers=4)
+        near_tie_moe(args.workdir, "r3-trainer", nudge=-1e-5, layers=4)
+    dist.barrier()
+    rollout_replay("r3_ep2", args.workdir, ep=2, pp=1)
+    rollout_replay("r3_ep2_free", args.workdir, ep=2, pp=1, source="old")
+    rollout_replay("r3_pp2", args.workdir, ep=1, pp=2)
 
     from megappo.toolkit.convert import convert_hf_to_megatron
 

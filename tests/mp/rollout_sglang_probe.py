@@ -113,6 +113,33 @@ def method_params(source: Path, cls: str) -> dict[str, list[str]]:
     raise AssertionError(f"class {cls} not found in {source}")
 
 
+def sglang_encoder(path: Path):
+    """The detokenizer's ``_b64_encode_per_request``, SGLang's own code: imported, or (where the
+    detokenizer's other imports are missing, as in the 0.5.18 folder) compiled from its source."""
+    try:
+        from sglang.srt.managers.detokenizer_manager import DetokenizerManager
+
+        return DetokenizerManager._b64_encode_per_request
+    except ImportError:
+        import typing
+
+        import pybase64
+
+        tree = ast.parse(path.read_text())
+        fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "_b64_encode_per_request")
+        fn.decorator_list = []
+        space = {"pybase64": pybase64, "torch": __import__("torch"), **{k: getattr(typing, k) for k in ("Optional", "List")}}
+        exec(compile(ast.Module([fn], type_ignores=[]), str(path), "exec"), space)
+        return space["_b64_encode_per_request"]
+
+
+def pybase64_of(t) -> str:
+    """What SGLang's tokenizer manager writes into ``meta_info["routed_experts"]`` itself."""
+    import pybase64
+
+    return pybase64.b64encode(t.numpy().tobytes()).decode("utf-8")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -279,6 +306,41 @@ def main() -> None:
     def _():
         text = (root / "layers/sampler.py").read_text()
         assert "SGLANG_RETURN_ORIGINAL_LOGPROB" in text and "logits.div_(sampling_info.temperatures)" in text
+
+    @check("routed_experts")
+    def _():
+        # Rollout routing replay: the request flag, the server argument, and the answer's
+        # encoding, produced by SGLang's own encoder and read back by its own decoder and ours.
+        from sglang.srt.managers.io_struct import GenerateReqInput
+        from sglang.srt.server_args import ServerArgs
+        from sglang.srt.state_capturer.routed_experts import extract_routed_experts_from_meta_info
+
+        from megappo.rollout.sglang_protocol import RoutingLayout, decode_routed_experts, parse_samples, server_arg_names
+
+        assert "enable_return_routed_experts" in server_arg_names(ServerArgs)
+        req = GenerateReqInput(**generate_request([[1, 2, 3]], SamplingParams(n=2), [2], routed_experts=True))
+        assert req.return_routed_experts is True and "return_routed_experts" not in generate_request([[1]], SamplingParams(), [2])
+        assert "return_routed_experts" in method_params(root / "entrypoints/engine.py", "Engine")["generate"]
+        # The capturer's layout: int32 [seqlen - 1 - start_len, num_hidden_layers, num_experts_per_tok].
+        capturer = (root / "state_capturer/routed_experts.py").read_text()
+        base = (root / "state_capturer/base.py").read_text()
+        assert "topk_size = model_config.hf_text_config.num_experts_per_tok" in capturer
+        assert "num_layers = model_config.hf_text_config.num_hidden_layers" in capturer
+        assert "dtype=torch.int32" in base and "[start_len : seqlen - 1]" in base
+        prompt, tokens, layout = [1, 5, 6, 7], [9, 10, 11], RoutingLayout(num_layers=3, moe_layers=(0, 2), topk=2)
+        rows = len(prompt) + len(tokens) - 1
+        held = torch.randint(0, 4, (rows, 3, 2), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+        (encoded,) = sglang_encoder(root / "managers/detokenizer_manager.py")([held])
+        assert encoded == pybase64_of(held)  # the tokenizer manager's own encoding (skip_tokenizer_init)
+        flat = extract_routed_experts_from_meta_info({"meta_info": {"routed_experts": encoded}})
+        assert flat.tolist() == held.flatten().tolist()
+        ours = decode_routed_experts(encoded, layout, rows, "probe")
+        assert ours.dtype == torch.int32 and torch.equal(ours, held[:, [0, 2]])
+        answer = {"meta_info": {"finish_reason": {"type": "length"}, "routed_experts": encoded,
+                                "output_token_logprobs": [[-0.5, t, None] for t in tokens]}}
+        (sample,), = parse_samples([answer], 1, 1, "probe", prompts=[prompt], routing=layout)
+        assert torch.equal(sample.routed_experts, held[:, [0, 2]])
+        return {"rows": rows}
 
     if args.group_port:
 

@@ -85,10 +85,10 @@ def load_hf(path, state=None):
     return model.eval()
 
 
-def start(path, **kw):
+def start(path, extra=None, **kw):
     from megappo.rollout.sglang_engine import SGLangEngine
 
-    args = {"dtype": "float32", "log_level": "error", "max_total_tokens": 4096}
+    args = {"dtype": "float32", "log_level": "error", "max_total_tokens": 4096, **(extra or {})}
     return SGLangEngine(str(path), server_args=args, eos_token_ids=[EOS], tp_size=1, gpu_id=0, seed=0, **kw)
 
 
