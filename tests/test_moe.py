@@ -161,27 +161,30 @@ def test_per_expert_tensors_load_into_transformers_fused_experts(tmp_path, famil
 
 @pytest.mark.parametrize("family, module", (("qwen3_moe", "qwen3_moe.py"), ("mixtral", "mixtral.py"), ("qwen2_moe", "qwen2_moe.py")))
 def test_streamed_expert_names_are_the_ones_sglang_loads(family, module):
-    """SGLang cannot serve MoE models on this CPU (its fused-MoE kernels are CUDA/Triton), so
-    the contract is checked on its source: the checkpoint names its ``load_weights`` maps
+    """The contract on SGLang's source, 0.5.18 and 0.5.23 (the real 0.5.23 engine takes a tiny
+    Qwen3-MoE's streamed names for real: tests/test_rollout_sglang_moe_real.py): the checkpoint names its ``load_weights`` maps
     into ``FusedMoE`` (``experts.{id}.{gate|up|down}.`` from ``make_expert_params_mapping``)
     and its router module must match what weight sync streams."""
     import re
     from pathlib import Path
 
-    found = sorted(Path(__file__).resolve().parent.parent.glob(f".venv-sglang/lib/python*/site-packages/sglang/srt/models/{module}"))
+    root = Path(__file__).resolve().parent.parent
+    found = sorted(root.glob(f".venv-sglang/lib/python*/site-packages/sglang/srt/models/{module}"))  # 0.5.23
+    found += sorted(root.glob(f".venv/sglang-0.5.18/sglang/srt/models/{module}"))  # the oldest supported
     if not found:
         pytest.skip("no SGLang environment (make sglang-env)")
-    src = found[0].read_text()
-    m = re.search(r'make_expert_params_mapping\(\s*ckpt_gate_proj_name="(\w+)",\s*ckpt_down_proj_name="(\w+)",\s*ckpt_up_proj_name="(\w+)"', src)
-    assert m, f"{found[0]}: no make_expert_params_mapping call"
-    gate, down, up = m.groups()
     spec = spec_of(family)
     names = {n for e in plan(table_for(spec), spec, Placement()) if e.expert == 3 and e.layer == 0 for n in e.hf}
     block = "block_sparse_moe" if family == "mixtral" else "mlp"
-    assert names == {f"model.layers.0.{block}.experts.3.{w}.weight" for w in (gate, up, down)}
-    assert re.search(rf'add_prefix\("{block}"|self\.{block} =', src) and re.search(r'self\.gate = ', src)
     router = [e.hf[0] for e in plan(table_for(spec), spec, Placement()) if e.rule.megatron == "mlp.router.weight" and e.layer == 0]
     assert router == [f"model.layers.0.{block}.gate.weight"]
+    for path in found:
+        src = path.read_text()
+        m = re.search(r'make_expert_params_mapping\(\s*ckpt_gate_proj_name="(\w+)",\s*ckpt_down_proj_name="(\w+)",\s*ckpt_up_proj_name="(\w+)"', src)
+        assert m, f"{path}: no make_expert_params_mapping call"
+        gate, down, up = m.groups()
+        assert names == {f"model.layers.0.{block}.experts.3.{w}.weight" for w in (gate, up, down)}, path
+        assert re.search(rf'add_prefix\("{block}"|self\.{block} =', src) and re.search(r'self\.gate = ', src), path
 
 
 def _teacher_forced(model, prompt, response) -> torch.Tensor:
