@@ -102,7 +102,7 @@ class AlgoConfig:
     reward_scale: bool = False
     """With ``reward_norm``: only divide by the standard deviation (exclusive with ``reward_shift``)."""
     overlong_filter: bool = False
-    """Zero the loss of truncated responses (finish reason ``length``)."""
+    """Zero the loss of truncated responses (finish reason ``length``, or ``abort``: cut off without a stop token)."""
     overlong_buffer_len: Optional[int] = None
     """DAPO soft overlong penalty: penalize linearly within this many tokens before
     ``rollout.response_length``; None disables."""
