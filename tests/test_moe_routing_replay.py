@@ -153,24 +153,13 @@ def _child(out: str, workdir: str) -> None:
 def _rollout_runs(workdir: str) -> dict:
     import torch
 
-    from hf_fixtures import read_config, read_hf_state
     from megappo.models import BuildOptions, MegatronPolicy, ModelSpec, OptimizerSettings
-    from megappo.rollout import SamplingParams
-    from megappo.rollout.batch import RolloutBatch, RolloutStats
-    from megappo.rollout.embedded import EmbeddedEngine
-    from megappo.rollout.weight_sync import stream_to_engine
     from megappo.weights.model_io import load_hf_into_model
-    from test_rollout_routing import near_tie_moe
+    from test_rollout_routing import engine_rollout_batch, near_tie_moe
 
     engine_dir = near_tie_moe(workdir, "engine-side", nudge=1e-5)
     trainer_dir = near_tie_moe(workdir, "trainer-side", nudge=-1e-5)
-    engine = EmbeddedEngine(read_config(engine_dir), eos_token_ids=[])
-    stream_to_engine(sorted(read_hf_state(engine_dir).items()), engine, bucket_mb=1)
-    prompts = [[5 + i, 20 + 3 * i, 7, 40 + i][: 2 + i % 3] for i in range(6)]
-    samples = engine.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=11))
-    B = 12
-    batch = RolloutBatch.from_samples(prompts, samples, scores=[0.0] * B, correct=[False] * B, prompt_texts=[""] * 6,
-                                      response_texts=[""] * B, first_group_id=0, policy_version=0, stats=RolloutStats())
+    batch = engine_rollout_batch(engine_dir, 6)
     tokens, mask = batch.tokens, batch.mask_BT.bool()
     spec = ModelSpec.from_hf_dir(trainer_dir)
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker

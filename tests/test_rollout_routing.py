@@ -44,6 +44,26 @@ def near_tie_moe(tmp_path, name: str = "qwen3-moe-tie", nudge: float = 0.0, laye
     return d
 
 
+def engine_rollout_batch(engine_dir, num_prompts: int):
+    """The embedded engine on ``engine_dir``'s weights samples two 8-token responses (T = 1,
+    seed 11) to each of ``num_prompts`` short prompts; their ``RolloutBatch`` (scores 0), whose
+    ``routed_experts_BSLK`` are the engine's routing and ``rollout_logprobs_BT`` its log-probs."""
+    from hf_fixtures import read_config, read_hf_state
+    from megappo.rollout import SamplingParams
+    from megappo.rollout.batch import RolloutBatch, RolloutStats
+    from megappo.rollout.embedded import EmbeddedEngine
+    from megappo.rollout.weight_sync import stream_to_engine
+
+    engine = EmbeddedEngine(read_config(engine_dir), eos_token_ids=[])
+    stream_to_engine(sorted(read_hf_state(engine_dir).items()), engine, bucket_mb=1)
+    prompts = [[5 + i, 20 + 3 * i, 7, 40 + i][: 2 + i % 3] for i in range(num_prompts)]
+    samples = engine.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=11))
+    rows = 2 * num_prompts
+    return RolloutBatch.from_samples(prompts, samples, scores=[0.0] * rows, correct=[False] * rows,
+                                     prompt_texts=[""] * num_prompts, response_texts=[""] * rows, first_group_id=0,
+                                     policy_version=0, stats=RolloutStats())
+
+
 def teacher_forced_routing(model, ids: list[int]):
     """int [len(ids), routed layers, k]: transformers' own top-k of each routed layer's router
     (``*TopKRouter`` output 2) on one forward pass over ``ids``."""

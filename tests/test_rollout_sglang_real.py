@@ -15,11 +15,9 @@ here: each engine start costs 20-80 s).
 
 from __future__ import annotations
 
-import json
-import subprocess
 
 import pytest
-from sglang_env import REPO, SKIP_REASON, sglang_env, sglang_python
+from sglang_env import REPO, SKIP_REASON, run_sglang_worker, sglang_python
 
 WORKER = REPO / "tests/mp/sglang_real_engine.py"
 PY = sglang_python()
@@ -29,16 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(PY is None, reason=SKIP_REASO
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    work = tmp_path_factory.mktemp("sglang_real")
-    out = work / "result.json"
-    proc = subprocess.run(
-        [str(PY), str(WORKER), "--out", str(out), "--work", str(work)],
-        env=sglang_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=840,
-    )
-    assert out.exists(), f"the SGLang worker wrote no result (exit {proc.returncode}):\n{proc.stdout[-6000:]}"
-    data = json.loads(out.read_text())
-    assert "fatal" not in data, data["fatal"]["error"] + "\n" + proc.stdout[-4000:]
-    return data
+    return run_sglang_worker(WORKER, tmp_path_factory.mktemp("sglang_real"), timeout=840)
 
 
 LLAMA = [

@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from hf_fixtures import make_tiny_hf_model, read_config, read_hf_state  # noqa: E402
-from test_rollout_routing import near_tie_moe  # noqa: E402
+from test_rollout_routing import engine_rollout_batch, near_tie_moe  # noqa: E402
 
 from megappo.models import BuildOptions, MegatronPolicy, ModelSpec, TokenBatch  # noqa: E402
 from megappo.models.builder import build_model_chunks  # noqa: E402
@@ -146,17 +146,10 @@ class _Recorder:
 
 def rollout_replay(tag: str, workdir: str, *, ep: int, pp: int, source: str = "rollout") -> None:
     from megappo.models import OptimizerSettings
-    from megappo.rollout.batch import RolloutBatch, RolloutStats
-    from megappo.rollout.weight_sync import stream_to_engine
 
     engine_dir, trainer_dir = os.path.join(workdir, "r3-engine"), os.path.join(workdir, "r3-trainer")
-    engine = EmbeddedEngine(read_config(engine_dir), eos_token_ids=[])
-    stream_to_engine(sorted(read_hf_state(engine_dir).items()), engine, bucket_mb=1)
-    prompts = [[5 + i, 20 + 3 * i, 7, 40 + i][: 2 + i % 3] for i in range(4)]
-    samples = engine.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=11))
     B = 8
-    batch = RolloutBatch.from_samples(prompts, samples, scores=[0.0] * B, correct=[False] * B, prompt_texts=[""] * 4,
-                                      response_texts=[""] * B, first_group_id=0, policy_version=0, stats=RolloutStats())
+    batch = engine_rollout_batch(engine_dir, B // 2)
     init_parallel(1, pp, seed=3, device="cpu", ep=ep)
     layout = get_layout()
     if layout.dp > 1:
