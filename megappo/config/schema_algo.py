@@ -143,18 +143,3 @@ class AlgoConfig:
     ``rollout.sglang.enable_return_routed_experts: true``; ``sglang_server`` servers need
     ``--enable-return-routed-experts``."""
 
-
-def check_routing_replay_source(cfg) -> Optional[str]:
-    """The error message of a rollout routing replay the run cannot do, else None (called by
-    ``config.validate``): the rollout source needs replay on and an engine that reports the
-    experts it routed (the colocated SGLang engine only with SGLang's
-    ``enable_return_routed_experts``; servers are asked at start, see ``rollout.sglang_server``)."""
-    algo = cfg.algo
-    if algo.routing_replay_source != "rollout":
-        return None
-    if not algo.routing_replay:
-        return "algo.routing_replay_source=rollout needs algo.routing_replay=true"
-    if cfg.rollout.engine == "sglang" and not dict(cfg.rollout.sglang).get("enable_return_routed_experts"):
-        return ("algo.routing_replay_source=rollout: rollout.engine=sglang reports the experts it routed only with "
-                "rollout.sglang.enable_return_routed_experts=true (SGLang's server argument)")
-    return None

@@ -21,7 +21,6 @@ from megappo.config.passthrough import check_megatron_passthrough
 from megappo.config.placement import trainer_world_size
 from megappo.config.presets import uses_critic
 from megappo.config.schema import Config
-from megappo.config.schema_algo import check_routing_replay_source
 
 log = logging.getLogger("megappo.config")
 _DEFAULTS = Config()
@@ -228,6 +227,12 @@ def _check_algo(cfg: Config) -> None:
         raise ConfigError(f"train.mini_batch_size={mini} does not divide train.rollout_batch_size={rollout_bs}")
     if algo.dual_clip_loss and algo.dual_clip_c <= 1:
         raise ConfigError(f"algo.dual_clip_c must be > 1 with algo.dual_clip_loss=true, got {algo.dual_clip_c}")
+    if algo.routing_replay_source == "rollout":  # an engine that reports the experts it routed (servers: asked at start)
+        if not algo.routing_replay:
+            raise ConfigError("algo.routing_replay_source=rollout needs algo.routing_replay=true")
+        if cfg.rollout.engine == "sglang" and not dict(cfg.rollout.sglang).get("enable_return_routed_experts"):
+            raise ConfigError("algo.routing_replay_source=rollout: rollout.engine=sglang reports the experts it routed only "
+                              "with rollout.sglang.enable_return_routed_experts=true (SGLang's server argument)")
     if n == 1:
         group_levels = [
             f"algo.adv_norm.{name}=group" for name in ("mean_level", "std_level") if getattr(algo.adv_norm, name) == "group"
@@ -412,8 +417,6 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     _check_ranges(cfg)
     _check_parallel(cfg, world_size)
     _check_algo(cfg)
-    if (problem := check_routing_replay_source(cfg)) is not None:
-        raise ConfigError(problem)
     _check_lengths(cfg)
     _check_backends(cfg)
     warnings = ignored_settings(cfg) + check_megatron_passthrough(cfg)

@@ -189,8 +189,7 @@ class RolloutBatch:
         routed = [p.tokens.routed_experts_BSLK for p in parts]
         shape = next((r.shape[2:] for r in routed if r is not None), None)
         routed_BSLK = None if shape is None else torch.cat([
-            torch.full((len(p), S, *shape), -1, dtype=torch.int16) if r is None
-            else torch.nn.functional.pad(r, (0, 0, 0, 0, 0, S - r.shape[1]), value=-1) if r.shape[1] < S else r[:, :S]
+            torch.full((len(p), S, *shape), -1, dtype=torch.int16) if r is None else _fit(r, S, -1)
             for p, r in zip(parts, routed)])
         return cls(
             tokens=TokenBatch(torch.cat([_fit(p.tokens.input_ids_BS, S) for p in parts]), prompt_lens_B, response_lens_B,
@@ -241,6 +240,8 @@ def _fit_versions(part: "RolloutBatch", width: int) -> Tensor:
     return torch.cat([versions_BT[:, :width], pad_BT], dim=1)
 
 
-def _fit(x: Tensor, width: int) -> Tensor:
-    """Cut or right-pad (zeros) the last dimension to ``width``."""
-    return torch.nn.functional.pad(x, (0, width - x.shape[1])) if x.shape[1] < width else x[:, :width]
+def _fit(x: Tensor, width: int, value: float = 0) -> Tensor:
+    """Cut or right-pad (with ``value``) dimension 1 to ``width``."""
+    if x.shape[1] >= width:
+        return x[:, :width]
+    return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, width - x.shape[1]), value=value)
